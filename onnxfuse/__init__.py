@@ -1,0 +1,10 @@
+"""onnxfuse: fuse several trained networks of one architecture, given as ONNX files, into one model of the
+original size by Neuron Transplantation."""
+__version__ = "0.1.0"
+
+from .api import Fusion, concat, fuse, inspect, merge, prune  # noqa: E402
+from .errors import (IncompatibleMembersError, InputError, OnnxFuseError, OutputError,  # noqa: E402
+                     UnsupportedGraphError)
+
+__all__ = ["merge", "concat", "prune", "inspect", "fuse", "Fusion", "OnnxFuseError", "InputError",
+           "IncompatibleMembersError", "UnsupportedGraphError", "OutputError", "__version__"]

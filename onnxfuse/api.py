@@ -1,0 +1,155 @@
+"""The public Python API. Every function takes paths or onnx.ModelProto objects; inputs are never modified."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .errors import IncompatibleMembersError, OnnxFuseError, UnsupportedGraphError
+from .groups import Analysis, analyze, output_exactness
+from .model_io import Member, check_compatible, check_output_path, load_member, save_model
+from .select import channel_scores, kept_count, top_k
+from .transplant import MemberTensors, transplant
+
+
+@dataclass
+class Fusion:
+    """A fused (or wide, or pruned) model and what was done to make it."""
+    model: onnx.ModelProto
+    summary: dict = field(default_factory=dict)
+
+
+def load_members(sources) -> list[Member]:
+    if isinstance(sources, (str, Path, onnx.ModelProto)):
+        sources = [sources]
+    return [load_member(s, i) for i, s in enumerate(sources)]
+
+
+def _analyze_members(members: list[Member]) -> tuple[Analysis, list[dict[str, str]]]:
+    maps = check_compatible(members)
+    a = analyze(members[0].model, members[0].tensors, members[0].name)
+    return a, maps
+
+
+def _require_fusable(a: Analysis, source: str) -> None:
+    if a.problems:
+        raise UnsupportedGraphError(f"{source}: {a.problems[0]}"
+                                    + (f" (and {len(a.problems) - 1} more; see `onnxfuse inspect`)"
+                                       if len(a.problems) > 1 else ""))
+    if not any(g.prunable for g in a.groups()):
+        raise UnsupportedGraphError(f"{source}: no layer has channels that can be fused (every channel group "
+                                    f"touches a graph input or output)")
+
+
+def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = False,
+         progress: bool = False) -> Fusion:
+    """Fuse N models of one architecture. method: 'nt' (transplant the top-k neurons), 'concat' (the wide
+    ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required)."""
+    start = time.perf_counter()
+    sources = [sources] if isinstance(sources, (str, Path, onnx.ModelProto)) else list(sources)
+    if output is not None:
+        check_output_path(output, sources, force)
+    if method == "nt" and len(sources) < 2:
+        raise OnnxFuseError(f"merge needs at least 2 models, got {len(sources)}")
+    if method == "prune" and (len(sources) != 1 or keep is None):
+        raise OnnxFuseError("prune takes one model and a --keep fraction")
+    members = load_members(sources)
+    a, maps = _analyze_members(members)
+    label = members[0].name
+    _require_fusable(a, label)
+    n = len(members)
+    load = MemberTensors(members, maps)
+    widened = a.widened_touches()
+    groups = [g for g in a.groups() if g.prunable]
+    if method == "concat":
+        kept = {g.id: np.arange(n * g.width) for g in groups}
+    else:
+        scores = channel_scores(a, load, n, widened)
+        kept = {g.id: top_k(scores[g.id], kept_count(g.width, n, keep)) for g in groups}
+    exactness = output_exactness(a, load.differing()) if method == "concat" else None
+    names = [m.name for m in members]
+    member_params = _count_params(members[0].model)
+    model = transplant(members, load, a, kept, in_place=all(m.path is not None for m in members))
+    _stamp(model, method, keep, members)
+    summary = {
+        "method": method, "members": names, "keep": keep,
+        "groups": [{"id": g.id, "width": g.width, "kept": int(len(kept[g.id])),
+                    "kept_per_member": np.bincount(kept[g.id] // g.width, minlength=n).tolist(),
+                    "layers": g.layers} for g in groups],
+        "fixed_groups": [{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
+                         for g in a.groups() if not g.prunable],
+        "parameters": {"member": member_params, "output": _count_params(model)},
+    }
+    if exactness is not None:
+        summary["exact"] = all(v is None for v in exactness.values())
+        summary["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
+                              for k, v in exactness.items()}
+    if output is not None:
+        save_model(model, output, force)
+        summary["output"] = str(output)
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return Fusion(model, summary)
+
+
+def _count_params(model: onnx.ModelProto) -> int:
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
+
+
+def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> None:
+    """Record provenance in metadata_props (no time stamps: same inputs give the same bytes)."""
+    ours = {
+        "onnxfuse.version": __version__,
+        "onnxfuse.method": {"nt": "neuron-transplantation", "concat": "concatenation (wide ensemble)",
+                            "prune": "structured magnitude pruning"}[method],
+        "onnxfuse.options": json.dumps({"keep": keep}, sort_keys=True),
+        "onnxfuse.members": json.dumps([{"file": Path(m.name).name, "sha256": m.sha256} for m in members]),
+    }
+    kept = [p for p in model.metadata_props if p.key not in ours]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in ours.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def merge(models, output=None, keep=None, force: bool = False) -> onnx.ModelProto:
+    """Neuron Transplantation: fuse N >= 2 models into one of the original width (or `keep` * N * width)."""
+    return fuse(models, "nt", keep, output, force).model
+
+
+def concat(models, output=None, force: bool = False) -> onnx.ModelProto:
+    """The wide model: all members side by side; its output is the mean of the members' outputs."""
+    return fuse(models, "concat", None, output, force).model
+
+
+def prune(model, keep: float, output=None, force: bool = False) -> onnx.ModelProto:
+    """Structured magnitude pruning of one model: keep round(keep * width) neurons of every group."""
+    return fuse([model], "prune", keep, output, force).model
+
+
+def inspect(models) -> dict:
+    """The channel groups of the first model, and whether all the given models can be fused together."""
+    members = load_members(models)
+    report = {"models": [m.name for m in members]}
+    a = analyze(members[0].model, members[0].tensors, members[0].name)
+    report["groups"] = [{"id": g.id, "width": g.width, "layers": g.layers, "prunable": g.prunable,
+                         "why_fixed": g.frozen + g.blocked} for g in a.groups()]
+    report["problems"] = a.problems
+    if len(members) > 1:
+        try:
+            maps = check_compatible(members)
+            report["compatible"] = True
+            exactness = output_exactness(a, MemberTensors(members, maps).differing())
+            report["exact"] = all(v is None for v in exactness.values())
+            report["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
+                                 for k, v in exactness.items()}
+        except IncompatibleMembersError as exc:
+            report["compatible"] = False
+            report["incompatibility"] = str(exc)
+    report["fusable"] = not a.problems and any(g["prunable"] for g in report["groups"]) and \
+        report.get("compatible", True)
+    return report

@@ -1,0 +1,155 @@
+"""Command line: click commands that parse options, call the API and print. Nothing else lives here."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from . import __version__, api
+from .errors import OnnxFuseError
+
+
+def _reports_errors(fn):
+    """OnnxFuseError -> one line on stderr and exit 2; Ctrl-C -> exit 130 (outputs are written atomically)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxFuseError as exc:
+            click.echo(f"onnxfuse: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("onnxfuse: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if os.environ.get("ONNXFUSE_DEBUG"):
+                raise
+            click.echo(f"onnxfuse: internal error: {type(exc).__name__}: {exc} "
+                       f"(set ONNXFUSE_DEBUG=1 for a traceback, and please report it)", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def _common(fn):
+    fn = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(fn)
+    return fn
+
+
+def _output_options(fn):
+    fn = click.option("--force", "-f", is_flag=True, help="Overwrite OUTPUT if it exists.")(fn)
+    fn = click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+                      help="Where to write the model (written atomically).")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="onnxfuse")
+def main():
+    """Fuse several trained ONNX models of one architecture into one model of the original size.
+
+    \b
+    Neuron Transplantation: the members are concatenated into a wide model (exactly their
+    ensemble), the highest-magnitude neurons of every layer are kept, and the result is
+    written as an ONNX model of one member's size and latency.
+
+    \b
+    Typical use:
+      onnxfuse inspect a.onnx b.onnx           # what will be fused, and can it be
+      onnxfuse merge a.onnx b.onnx -o fused.onnx
+      onnxfuse concat a.onnx b.onnx -o wide.onnx   # the ensemble as one graph
+      onnxfuse prune model.onnx --keep 0.5 -o small.onnx
+    """
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_output_options
+@click.option("--keep", type=float, default=None, metavar="FRACTION",
+              help="Fraction of the wide model's neurons to keep in every layer (default 1/N: the "
+                   "original width).")
+@_common
+@_reports_errors
+def merge(models, output, keep, force, quiet, as_json):
+    """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation.
+
+    The result has the members' inputs, outputs and (by default) layer widths. It is not
+    fine-tuned: expect it to need a short fine-tuning to beat the best member.
+    """
+    _finish(api.fuse(models, "nt", keep, output, force), quiet, as_json)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_output_options
+@_common
+@_reports_errors
+def concat(models, output, force, quiet, as_json):
+    """Write the wide model: MODELS side by side in one graph.
+
+    Its output is the mean of the members' outputs (logit averaging) wherever the report says
+    'exact'; it costs as much to run as the whole ensemble.
+    """
+    _finish(api.fuse(models, "concat", None, output, force), quiet, as_json)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@_output_options
+@click.option("--keep", type=float, required=True, metavar="FRACTION",
+              help="Fraction of every layer's neurons to keep, e.g. 0.5.")
+@_common
+@_reports_errors
+def prune(model, output, keep, force, quiet, as_json):
+    """Structured magnitude pruning of one MODEL: keep the top neurons of every layer."""
+    _finish(api.fuse([model], "prune", keep, output, force), quiet, as_json)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_reports_errors
+def inspect(models, as_json):
+    """Show the channel groups of MODELS and whether they can be fused together."""
+    report = api.inspect(models)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['models'][0]}: {len(report['groups'])} channel groups")
+    for g in report["groups"]:
+        state = "prunable" if g["prunable"] else "fixed: " + "; ".join(g["why_fixed"])
+        click.echo(f"  group {g['id']:<3} width {g['width']:<6} {state}")
+        click.echo(f"            layers: {', '.join(g['layers'])}")
+    for problem in report["problems"]:
+        click.echo(f"  unsupported: {problem}")
+    if "compatible" in report:
+        click.echo("members: " + ("compatible" if report["compatible"] else
+                                  f"NOT compatible: {report['incompatibility']}"))
+        for name, verdict in report.get("outputs", {}).items():
+            click.echo(f"  wide output '{name}': {verdict}")
+    click.echo("can be fused: " + ("yes" if report["fusable"] else "no"))
+
+
+def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
+    s = result.summary
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    if quiet:
+        return
+    what = {"nt": "fused by neuron transplantation", "concat": "concatenated (wide ensemble)",
+            "prune": "pruned"}[s["method"]]
+    click.echo(f"{what}: {', '.join(s['members'])} -> {s.get('output', '(not written)')}")
+    for g in s["groups"]:
+        per = ", ".join(f"m{i}: {k}" for i, k in enumerate(g["kept_per_member"]))
+        click.echo(f"  group {g['id']:<3} kept {g['kept']:>5} of {g['width'] * len(s['members']):<6} ({per})"
+                   f"  {', '.join(g['layers'])}")
+    for g in s["fixed_groups"]:
+        click.echo(f"  group {g['id']:<3} fixed at width {g['width']}: {'; '.join(g['why'])}")
+    for name, verdict in s.get("outputs", {}).items():
+        click.echo(f"  output '{name}': {verdict}")
+    p = s["parameters"]
+    click.echo(f"  parameters: {p['output']:,} (one member: {p['member']:,}); {s['seconds']:.2f} s")

@@ -1,0 +1,546 @@
+"""Channel-group analysis: a union-find over the channel spaces of an ONNX graph.
+
+Every Gemm/MatMul/Conv output channel axis opens a *space*. Ops that act channel by channel pass a
+space through, ops that combine two activations element-wise unify their spaces, and Flatten/Reshape
+turn a channel axis into runs of `inner` consecutive columns. A *group* is a set of unified spaces:
+one neuron index of a group is one row of every producer, one column block of every consumer and one
+entry of every per-channel parameter it touches. Each op has one rule in RULES; an op without a rule
+that touches a channel axis blocks its group and is reported, never guessed at.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from .errors import UnsupportedGraphError
+from .model_io import FLOAT_TYPES, TensorTable
+
+
+@dataclass(frozen=True)
+class Seg:
+    """A run of one axis that belongs to one space: channel c covers indices c*inner .. c*inner+inner-1."""
+    space: int
+    inner: int = 1
+
+
+@dataclass
+class Touch:
+    """An axis of a constant tensor that is indexed by channels: role out (producer rows), in (consumer
+    columns), norm (normalization scale: scored) or param (bias, BN statistics: not scored)."""
+    tensor: str
+    axis: int
+    segs: tuple[Seg, ...]
+    role: str
+    node: str
+
+
+@dataclass
+class ShapeConst:
+    """An element of a shape constant (e.g. a Reshape target) that equals the width of a channel axis."""
+    tensor: str
+    index: int
+    segs: tuple[Seg, ...]
+
+
+@dataclass
+class Group:
+    id: int
+    width: int
+    spaces: list[int]
+    layers: list[str]
+    frozen: list[str]          # why the group keeps its width (graph input/output, Softmax over channels, ...)
+    blocked: list[str]         # ops without a rule that touch the group
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and not self.blocked
+
+
+# Ops that treat every channel independently and keep the layout. "linear" ones commute with averaging.
+LINEAR_UNARY = {"Identity", "Dropout", "Neg", "Cast", "CastLike"}
+UNARY = LINEAR_UNARY | {
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu", "HardSwish", "HardSigmoid", "Softplus",
+    "Softsign", "Mish", "ThresholdedRelu", "Clip", "Abs", "Exp", "Log", "Sqrt", "Erf", "Reciprocal", "Floor",
+    "Ceil", "Round", "Sin", "Cos", "Sign", "Swish", "Not", "IsNaN", "IsInf", "Shrink"}
+POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+LINEAR_POOLS = {"AveragePool", "GlobalAveragePool"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean", "PRelu"}
+CHANNEL_REDUCERS = {"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "TopK"}
+SHAPE_READERS = {"Shape", "Size"}
+LINEAR_LAYERS = {"Gemm", "MatMul", "Conv"}
+
+RULES: dict[str, callable] = {}
+
+
+def rule(*op_types):
+    def register(fn):
+        for op in op_types:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+@dataclass
+class Analysis:
+    """The result of analysing one member graph; read by stack, select and slice."""
+    model: onnx.ModelProto
+    tensors: TensorTable
+    shapes: dict[str, list]
+    chan: dict[str, tuple[int, tuple[Seg, ...]]] = field(default_factory=dict)   # value -> (axis, segments)
+    parent: dict[int, int] = field(default_factory=dict)
+    space_width: dict[int, int] = field(default_factory=dict)
+    space_layer: dict[int, str] = field(default_factory=dict)
+    touches: list[Touch] = field(default_factory=list)
+    shape_consts: list[ShapeConst] = field(default_factory=list)
+    frozen: dict[int, list[str]] = field(default_factory=dict)
+    blocked: dict[int, list[str]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)    # unsupported ops touching channels
+
+    # -- union-find
+    def new_space(self, width: int, layer: str) -> int:
+        space = len(self.parent)
+        self.parent[space] = space
+        self.space_width[space] = int(width)
+        self.space_layer[space] = layer
+        return space
+
+    def find(self, space: int) -> int:
+        while self.parent[space] != space:
+            self.parent[space] = self.parent[self.parent[space]]
+            space = self.parent[space]
+        return space
+
+    def union(self, a: int, b: int, node: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.space_width[ra] != self.space_width[rb]:
+            raise UnsupportedGraphError(f"node '{node}' combines channel axes of widths "
+                                        f"{self.space_width[ra]} and {self.space_width[rb]}")
+        self.parent[max(ra, rb)] = min(ra, rb)
+
+    def width(self, space: int) -> int:
+        return self.space_width[self.find(space)]
+
+    def freeze(self, segs, reason: str) -> None:
+        for seg in segs:
+            self.frozen.setdefault(seg.space, []).append(reason)
+
+    def block(self, segs, reason: str) -> None:
+        for seg in segs:
+            self.blocked.setdefault(seg.space, []).append(reason)
+
+    def is_widened(self, space: int) -> bool:
+        root = self.find(space)
+        return not any(self.find(s) == root for s in list(self.frozen) + list(self.blocked))
+
+    def axis_size(self, segs, widths) -> int:
+        """Size of an axis laid out as `segs`, given a width per group root."""
+        return sum(widths[self.find(s.space)] * s.inner for s in segs)
+
+    # -- groups, for reports and for selection
+    def groups(self) -> list[Group]:
+        roots = sorted({self.find(s) for s in self.parent})
+        frozen = {r: [] for r in roots}
+        blocked = {r: [] for r in roots}
+        for space, reasons in self.frozen.items():
+            frozen[self.find(space)] += [r for r in reasons if r not in frozen[self.find(space)]]
+        for space, reasons in self.blocked.items():
+            blocked[self.find(space)] += [r for r in reasons if r not in blocked[self.find(space)]]
+        result = []
+        for root in roots:
+            spaces = [s for s in self.parent if self.find(s) == root]
+            result.append(Group(root, self.space_width[root], spaces, [self.space_layer[s] for s in spaces],
+                                frozen[root], blocked[root]))
+        return result
+
+    def widened_touches(self) -> dict[str, dict[int, Touch]]:
+        """tensor -> axis -> touch, for the axes whose channels are concatenated in the wide model."""
+        result: dict[str, dict[int, Touch]] = {}
+        for touch in self.touches:
+            flags = {self.is_widened(s.space) for s in touch.segs}
+            if flags == {True}:
+                axes = result.setdefault(touch.tensor, {})
+                old = axes.get(touch.axis)
+                if old is not None and [self.find(s.space) for s in old.segs] != [self.find(s.space) for s in touch.segs]:
+                    raise UnsupportedGraphError(f"tensor '{touch.tensor}' is shared by layers with different "
+                                                f"channel groups ('{old.node}', '{touch.node}')")
+                if old is None or touch.role != "param":
+                    axes[touch.axis] = touch
+            elif flags == {True, False}:
+                raise UnsupportedGraphError(f"tensor '{touch.tensor}' of node '{touch.node}' mixes fused and "
+                                            f"fixed-width channels on one axis")
+        return result
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Shapes of every value (ints, or None/str for unknown/symbolic dims), inferred on a weight-less copy."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES:
+            stub = graph.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+        else:
+            graph.initializer.add().CopyFrom(t)
+    try:
+        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = light
+    shapes = {}
+    for v in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
+        tt = v.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in tt.shape.dim]
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+def analyze(model: onnx.ModelProto, tensors: TensorTable | None = None, source: str = "model") -> Analysis:
+    """Find the channel groups of a graph. Ops must be in topological order (an ONNX requirement)."""
+    tensors = tensors or TensorTable(model.graph)
+    a = Analysis(model, tensors, infer_shapes(model))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        touching = [x for x in node.input if x in a.chan]
+        fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else _rule_ml if node.domain == "ai.onnx.ml" else None
+        if not touching and node.op_type not in LINEAR_LAYERS:
+            continue          # the op never sees a channel axis: nothing to do
+        if fn is None:
+            _unsupported(a, node, f"op {node.op_type}{' (domain ' + node.domain + ')' if node.domain else ''} "
+                                  f"has no channel rule")
+            continue
+        fn(a, node)
+    for out in model.graph.output:
+        if out.name in a.chan:
+            a.freeze(a.chan[out.name][1], f"reaches graph output '{out.name}'")
+    return a
+
+
+def _unsupported(a: Analysis, node, why: str) -> None:
+    label = f"node '{node.name}' ({node.op_type}): {why}"
+    a.problems.append(label)
+    for x in node.input:
+        if x in a.chan:
+            a.block(a.chan[x][1], label)
+
+
+def _rank(a: Analysis, name: str) -> int | None:
+    shape = a.shapes.get(name)
+    return len(shape) if shape is not None else None
+
+
+def _attr(node, name, default=None):
+    for at in node.attribute:
+        if at.name == name:
+            return helper.get_attribute_value(at)
+    return default
+
+
+def _const(a: Analysis, name: str):
+    return a.tensors.array(name) if name and name in a.tensors else None
+
+
+def _open_space(a: Analysis, node, width: int, out: str, axis: int) -> tuple[Seg, ...]:
+    segs = (Seg(a.new_space(width, node.name or node.output[0])),)
+    a.chan[out] = (axis, segs)
+    return segs
+
+
+def _weight_layer(a, node, x: str, w: str, in_axis: int, out_axis: int, x_axis: int, out_chan_axis: int):
+    """Shared by Gemm, MatMul and Conv: weight `w` consumes x's channels on in_axis, opens a space on out_axis."""
+    if w not in a.tensors:
+        return _unsupported(a, node, "weight is not a constant")
+    if x in a.chan:
+        axis, segs = a.chan[x]
+        if axis != x_axis:
+            return _unsupported(a, node, f"channels on axis {axis} of its input, expected axis {x_axis}")
+        if a.tensors.shape(w)[in_axis] != a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs}):
+            return _unsupported(a, node, "weight does not match its input's channel count")
+        a.touches.append(Touch(w, in_axis, segs, "in", node.name))
+    out_segs = _open_space(a, node, a.tensors.shape(w)[out_axis], node.output[0], out_chan_axis)
+    a.touches.append(Touch(w, out_axis, out_segs, "out", node.name))
+    return out_segs
+
+
+@rule("Gemm")
+def _rule_gemm(a, node):
+    trans_a, trans_b = _attr(node, "transA", 0), _attr(node, "transB", 0)
+    segs = _weight_layer(a, node, node.input[0], node.input[1], in_axis=1 if trans_b else 0,
+                         out_axis=0 if trans_b else 1, x_axis=0 if trans_a else 1, out_chan_axis=1)
+    if segs and len(node.input) > 2:
+        _bias(a, node, node.input[2], node.output[0])
+
+
+@rule("MatMul")
+def _rule_matmul(a, node):
+    x, w = node.input
+    rank = _rank(a, x)
+    if w not in a.tensors or len(a.tensors.shape(w)) != 2 or rank is None:
+        return _unsupported(a, node, "MatMul of two activations (or an unknown rank) touching a channel axis")
+    _weight_layer(a, node, x, w, in_axis=0, out_axis=1, x_axis=rank - 1, out_chan_axis=rank - 1)
+
+
+@rule("Conv")
+def _rule_conv(a, node):
+    if _attr(node, "group", 1) != 1:
+        return _unsupported(a, node, f"grouped convolution (group={_attr(node, 'group')}) is not supported yet")
+    segs = _weight_layer(a, node, node.input[0], node.input[1], in_axis=1, out_axis=0, x_axis=1, out_chan_axis=1)
+    if segs and len(node.input) > 2 and node.input[2]:
+        a.touches.append(Touch(node.input[2], 0, segs, "param", node.name))
+
+
+def _bias(a, node, b: str, y: str):
+    """A constant added to (or multiplying) y: touches its channel axis unless it broadcasts over it."""
+    if b not in a.tensors:
+        return
+    axis, segs = a.chan[y]
+    shape = a.tensors.shape(b)
+    rank = _rank(a, y) or axis + 1
+    b_axis = axis - (rank - len(shape))
+    if b_axis >= 0 and shape[b_axis] != 1:
+        a.touches.append(Touch(b, b_axis, segs, "param", node.name))
+
+
+@rule(*UNARY, *POOLS)
+def _rule_pass(a, node):
+    x = node.input[0]
+    axis, segs = a.chan[x]
+    if node.op_type in POOLS and axis != 1:
+        return _unsupported(a, node, f"pooling over channels on axis {axis}")
+    a.chan[node.output[0]] = (axis, segs)
+
+
+@rule("BatchNormalization", "InstanceNormalization")
+def _rule_norm(a, node):
+    axis, segs = a.chan[node.input[0]]
+    if axis != 1:
+        return _unsupported(a, node, f"normalization of axis 1, but channels are on axis {axis}")
+    for i, x in enumerate(node.input[1:], start=1):
+        if x and x in a.tensors:
+            a.touches.append(Touch(x, 0, segs, "norm" if i == 1 else "param", node.name))
+    a.chan[node.output[0]] = (axis, segs)
+
+
+@rule(*BINARY)
+def _rule_binary(a, node):
+    y = node.output[0]
+    out_rank = _rank(a, y)
+    laid = [(x, a.chan[x]) for x in node.input if x in a.chan]
+    # align channel axes from the right (numpy broadcasting)
+    ref_x, (ref_axis, ref_segs) = laid[0]
+    ref_from_end = (_rank(a, ref_x) or ref_axis + 1) - ref_axis
+    for x, (axis, segs) in laid[1:]:
+        if (_rank(a, x) or axis + 1) - axis != ref_from_end or len(segs) != len(ref_segs) or \
+                any(s.inner != r.inner for s, r in zip(segs, ref_segs)):
+            return _unsupported(a, node, "combines tensors whose channels are laid out differently")
+        for s, r in zip(segs, ref_segs):
+            a.union(s.space, r.space, node.name)
+    out_axis = (out_rank or ref_from_end) - ref_from_end
+    a.chan[y] = (out_axis, ref_segs)
+    for x in node.input:
+        if x in a.chan or not x:
+            continue
+        if x in a.tensors:
+            _bias(a, node, x, y)
+        else:
+            shape = a.shapes.get(x)
+            b_axis = None if shape is None else out_axis - ((out_rank or 0) - len(shape))
+            if shape is None or (b_axis is not None and b_axis >= 0 and shape[b_axis] != 1):
+                return _unsupported(a, node, f"input '{x}' has no channel layout but spans the channel axis")
+
+
+@rule("Flatten", "Reshape")
+def _rule_reshape(a, node):
+    x, y = node.input[0], node.output[0]
+    axis, segs = a.chan[x]
+    dims_in = a.shapes.get(x)
+    target = _const(a, node.input[1]) if node.op_type == "Reshape" else None
+    if node.op_type == "Flatten":
+        f = _attr(node, "axis", 1)
+        f = f + len(dims_in) if dims_in is not None and f < 0 else f
+        dims_out = None if dims_in is None else [_prod(dims_in[:f]), _prod(dims_in[f:])]
+    else:
+        dims_out = _resolve_target(dims_in, target) if target is not None else a.shapes.get(y)
+    if dims_in is None or dims_out is None:
+        return _unsupported(a, node, "cannot tell where the channel axis goes (unknown shapes)")
+    if not all(isinstance(d, int) and d > 0 for d in dims_in[axis + 1:]):
+        return _unsupported(a, node, "needs static sizes after the channel axis")
+    if _same_dims(dims_in[:axis + 1], dims_out[:axis + 1]):        # channel axis untouched
+        a.chan[y] = (axis, segs)
+        return
+    inner = prod(dims_in[axis + 1:])
+    if len(dims_out) == axis + 1 and _same_dims(dims_in[:axis], dims_out[:axis]) and \
+            dims_out[axis] in (None, _prod(dims_in[axis:])):
+        new_segs = tuple(Seg(s.space, s.inner * inner) for s in segs)
+        a.chan[y] = (axis, new_segs)
+        if target is not None and len(target) > axis and target[axis] > 0:
+            a.shape_consts.append(ShapeConst(node.input[1], axis, new_segs))
+        return
+    _unsupported(a, node, f"reshapes the channel axis ({dims_in} -> {dims_out})")
+
+
+def _prod(dims):
+    return prod(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _same_dims(d1, d2) -> bool:
+    return len(d1) == len(d2) and all(p == q and p is not None for p, q in zip(d1, d2))
+
+
+def _resolve_target(dims_in, target):
+    if dims_in is None:
+        return None
+    out = [dims_in[i] if t == 0 else int(t) for i, t in enumerate(target.tolist())]
+    if -1 in out:
+        known = _prod([d for d in out if d != -1])
+        static = prod(d for d in dims_in if isinstance(d, int))
+        symbolic = [d for d in dims_in if not isinstance(d, int)]
+        if not known:
+            inferred = None
+        elif not symbolic:
+            inferred = static // known
+        else:  # e.g. [batch, 16, 2, 2] -> [-1, 64]: -1 is the symbolic batch
+            inferred = symbolic[0] if len(symbolic) == 1 and static == known else None
+        out[out.index(-1)] = inferred
+    return out
+
+
+@rule("Transpose")
+def _rule_transpose(a, node):
+    axis, segs = a.chan[node.input[0]]
+    rank = _rank(a, node.input[0])
+    perm = _attr(node, "perm") or list(reversed(range(rank)))
+    a.chan[node.output[0]] = (list(perm).index(axis), segs)
+
+
+@rule("Squeeze", "Unsqueeze")
+def _rule_squeeze(a, node):
+    axis, segs = a.chan[node.input[0]]
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1:
+        axes = _const(a, node.input[1])
+    in_rank, out_rank = _rank(a, node.input[0]), _rank(a, node.output[0])
+    if axes is None or in_rank is None or out_rank is None:
+        return _unsupported(a, node, "axes or ranks unknown")
+    if node.op_type == "Squeeze":
+        axes = [int(x) % in_rank for x in axes]
+        if axis in axes:
+            return _unsupported(a, node, "squeezes the channel axis")
+        new = axis - sum(x < axis for x in axes)
+    else:
+        axes = {int(x) % out_rank for x in axes}
+        new = [p for p in range(out_rank) if p not in axes][axis]
+    a.chan[node.output[0]] = (new, segs)
+
+
+@rule("Concat")
+def _rule_concat(a, node):
+    rank = _rank(a, node.output[0])
+    cat = _attr(node, "axis") % rank if rank else _attr(node, "axis")
+    laid = [a.chan.get(x) for x in node.input]
+    axes = {c[0] for c in laid if c}
+    if len(axes) != 1:
+        return _unsupported(a, node, "inputs carry channels on different axes")
+    axis = axes.pop()
+    if cat != axis:      # stacking along another axis: channels must coincide
+        return _rule_binary(a, node)
+    segs = []
+    for x, c in zip(node.input, laid):
+        if c is None:      # a part without channel layout keeps its width: its own frozen space
+            size = (a.shapes.get(x) or [None] * (axis + 1))[axis]
+            if not isinstance(size, int):
+                return _unsupported(a, node, f"input '{x}' has an unknown size on the concat axis")
+            own = (Seg(a.new_space(size, x)),)
+            a.freeze(own, f"part of Concat '{node.name}' without a channel layout")
+            segs.extend(own)
+        else:
+            segs.extend(c[1])
+    a.chan[node.output[0]] = (axis, tuple(segs))
+
+
+@rule(*CHANNEL_REDUCERS)
+def _rule_reducer(a, node):
+    axis, segs = a.chan[node.input[0]]
+    rank = _rank(a, node.input[0]) or axis + 1
+    op_axis = _attr(node, "axis", -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax", "TopK") else 0)
+    if op_axis % rank == axis:
+        a.freeze(segs, f"{node.op_type} over channels at node '{node.name}'")
+        if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
+            a.chan[node.output[0]] = (axis, segs)
+        return
+    if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
+        a.chan[node.output[0]] = (axis, segs)
+    else:
+        _unsupported(a, node, "reduces an axis next to the channel axis")
+
+
+@rule(*SHAPE_READERS)
+def _rule_shape(a, node):
+    """Reading a shape is allowed: the result carries no channels."""
+
+
+def _rule_ml(a, node):
+    """ai.onnx.ml ops (ZipMap, LabelEncoder, ...) after a classifier: their inputs keep their width."""
+    for x in node.input:
+        if x in a.chan:
+            a.freeze(a.chan[x][1], f"{node.op_type} (ai.onnx.ml) at node '{node.name}'")
+
+
+def is_linear(node) -> bool:
+    """Ops that commute with averaging over members (used to tell whether a wide model is exact)."""
+    return node.op_type in LINEAR_UNARY | LINEAR_POOLS | {"Flatten", "Reshape", "Transpose", "Squeeze",
+                                                          "Unsqueeze", "Add", "Sub", "Concat", "Shape", "Size"}
+
+
+def output_exactness(a: Analysis, differing: set[str]) -> dict[str, str | None]:
+    """For each graph output: None if the wide model's output is exactly the mean of the members' outputs
+    (or identical to them), else the reason why not.
+
+    A value is 'wide' (widened channels: the members side by side), 'mean' (the members' mean), 'same'
+    (identical in every member) or derived (a function of averaged values that is not their mean).
+    """
+    state: dict[str, tuple[str, str | None]] = {}
+    for node in a.model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        ins = [state.get(x, ("same", None)) for x in node.input if x]
+        derived = next((s for s in ins if s[0] == "derived"), None)
+        out_wide = node.output[0] in a.chan and all(a.is_widened(s.space) for s in a.chan[node.output[0]][1])
+        in_wide = node.input[0] in a.chan and all(a.is_widened(s.space) for s in a.chan[node.input[0]][1])
+        averaged = [x for x in node.input if x in differing]
+        if derived:
+            result = derived
+        elif out_wide:
+            result = ("wide", None)
+        elif node.op_type in LINEAR_LAYERS and in_wide:
+            result = ("mean", None)
+        elif any(s[0] in ("mean", "wide") for s in ins) or averaged:
+            linear = is_linear(node) and (not averaged or node.op_type in ("Add", "Sub"))
+            why = (f"{node.op_type} at node '{node.name}' is applied to averaged values" if not averaged else
+                   f"tensor '{averaged[0]}' of node '{node.name}' differs between members and is averaged")
+            result = ("mean", None) if linear else ("derived", why)
+        else:
+            result = ("same", None)
+        for y in node.output:
+            state[y] = result
+    return {o.name: (None if state.get(o.name, ("same", None))[0] in ("mean", "same")
+                     else state[o.name][1]) for o in a.model.graph.output}

@@ -1,0 +1,275 @@
+"""Loading members, checking that they share one architecture, tensor access, atomic saving."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+from .errors import IncompatibleMembersError, InputError, OutputError
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul"}
+# Protobuf cannot serialize a message over 2 GiB: larger outputs go to one external data file.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass
+class Member:
+    """One input model. `model` is private to onnxfuse (a copy when the caller passed a ModelProto)."""
+    name: str
+    model: onnx.ModelProto
+    sha256: str
+    path: Path | None = None
+    tensors: "TensorTable" = field(init=False)
+
+    def __post_init__(self):
+        self.tensors = TensorTable(self.model.graph)
+
+
+def load_member(source, index: int = 0) -> Member:
+    """Load a path or ModelProto, with external data, and refuse what onnxfuse cannot fuse."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        name = source.graph.name or f"<model {index}>"
+        digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        member = Member(name, model, digest)
+    else:
+        path = Path(source)
+        member = Member(str(path), _read_model_file(path), _sha256(path), path)
+    _refuse_unsupported(member)
+    return member
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_model_file(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... on garbage
+        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not model.graph.node:
+        raise InputError(f"{path}: not an ONNX model (the graph has no nodes)")
+    _load_external_data(model, path)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Load external tensors, refusing locations outside the model's folder (never read them)."""
+    base = path.resolve().parent
+    tensors = [t for t in external_data_helper._get_all_tensors(model)
+               if t.data_location == TensorProto.EXTERNAL]
+    for tensor in tensors:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or base not in target.parents:
+            raise InputError(f"{path}: tensor '{tensor.name}' points to external data '{location}' "
+                             f"outside the model's folder; refused")
+        if not target.is_file():
+            raise InputError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+    if tensors:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base))
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read external data ({str(exc)[:200]})") from None
+
+
+def _refuse_unsupported(member: Member) -> None:
+    try:
+        onnx.checker.check_model(member.model)
+    except Exception as exc:
+        raise InputError(f"{member.name}: invalid ONNX model ({str(exc).splitlines()[0][:300]})") from None
+    for node in member.model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            raise InputError(f"{member.name}: quantized model (node '{node.name}', op {node.op_type}) is not "
+                             f"supported; fuse the float model, then quantize the result")
+    if not any(member.tensors.dtype(n) in FLOAT_TYPES for n in member.tensors.names()):
+        raise InputError(f"{member.name}: the model has no floating-point weights; integer-only models "
+                         f"cannot be fused")
+
+
+class TensorTable:
+    """Every constant tensor of a graph by value name: initializers and outputs of Constant nodes."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self._init = {t.name: t for t in graph.initializer}
+        self._const = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+
+    def names(self):
+        return list(self._init) + list(self._const)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._init or name in self._const
+
+    def proto(self, name: str) -> TensorProto | None:
+        if name in self._init:
+            return self._init[name]
+        attr = self._const[name].attribute[0]
+        return attr.t if attr.name == "value" else None
+
+    def dtype(self, name: str) -> int:
+        proto = self.proto(name)
+        if proto is not None:
+            return proto.data_type
+        attr = self._const[name].attribute[0]
+        return TensorProto.FLOAT if attr.name.startswith("value_float") else TensorProto.INT64
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        proto = self.proto(name)
+        return tuple(proto.dims) if proto is not None else self.array(name).shape
+
+    def array(self, name: str) -> np.ndarray:
+        proto = self.proto(name)
+        if proto is not None:
+            return numpy_helper.to_array(proto)
+        return np.asarray(helper.get_attribute_value(self._const[name].attribute[0]))
+
+    def set(self, name: str, array: np.ndarray) -> None:
+        """Replace a tensor's value, keeping its name and data type."""
+        proto = self.proto(name)
+        if proto is None:  # Constant with value_ints / value_floats
+            attr = self._const[name].attribute[0]
+            values = array.reshape(-1).tolist()
+            if attr.name in ("value_int", "value_float"):
+                setattr(attr, attr.name[6:], values[0])
+            else:
+                field_name = attr.name[6:]
+                del getattr(attr, field_name)[:]
+                getattr(attr, field_name).extend(values)
+            return
+        np_dtype = helper.tensor_dtype_to_np_dtype(proto.data_type)
+        new = numpy_helper.from_array(np.ascontiguousarray(array.astype(np_dtype, copy=False)), proto.name)
+        proto.CopyFrom(new)
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+def _describe(node: onnx.NodeProto, index: int, member: Member) -> str:
+    return f"node {index} ({node.op_type} '{node.name}') in {member.name}"
+
+
+def check_compatible(members: list[Member]) -> list[dict[str, str]]:
+    """Match every member to member 0 by graph structure, not by names.
+
+    Returns, per member, a map from member 0's constant-tensor names to that member's names.
+    """
+    ref = members[0]
+    maps = []
+    for member in members:
+        maps.append(_match(ref, member))
+    return maps
+
+
+def _match(ref: Member, other: Member) -> dict[str, str]:
+    g0, g1 = ref.model.graph, other.model.graph
+    if _opsets(ref.model) != _opsets(other.model):
+        raise IncompatibleMembersError(f"opsets differ: {_opsets(ref.model)} in {ref.name}, "
+                                       f"{_opsets(other.model)} in {other.name}")
+    for kind in ("input", "output"):
+        a = [v for v in getattr(g0, kind) if v.name not in ref.tensors]
+        b = [v for v in getattr(g1, kind) if v.name not in other.tensors]
+        if [v.type.tensor_type.elem_type for v in a] != [v.type.tensor_type.elem_type for v in b] or \
+                [len(v.type.tensor_type.shape.dim) for v in a] != [len(v.type.tensor_type.shape.dim) for v in b]:
+            raise IncompatibleMembersError(f"graph {kind}s differ between {ref.name} and {other.name}")
+    if len(g0.node) != len(g1.node):
+        raise IncompatibleMembersError(f"{ref.name} has {len(g0.node)} nodes, {other.name} has {len(g1.node)}: "
+                                       f"not the same architecture")
+    names: dict[str, str] = {}
+    for v0, v1 in zip(g0.input, g1.input):
+        names[v0.name] = v1.name
+    for i, (n0, n1) in enumerate(zip(g0.node, g1.node)):
+        where = f"{_describe(n0, i, ref)} vs {_describe(n1, i, other)}"
+        if (n0.op_type, n0.domain) != (n1.op_type, n1.domain) or len(n0.input) != len(n1.input) \
+                or len(n0.output) != len(n1.output):
+            raise IncompatibleMembersError(f"members differ at {where}")
+        if n0.op_type != "Constant" and _attrs(n0) != _attrs(n1):
+            raise IncompatibleMembersError(f"members differ in attributes at {where}")
+        for a, b in zip(n0.input, n1.input):
+            if a in ref.tensors and b in other.tensors:
+                s0, s1 = ref.tensors.shape(a), other.tensors.shape(b)
+                if s0 != s1 or ref.tensors.dtype(a) != other.tensors.dtype(b):
+                    raise IncompatibleMembersError(
+                        f"tensor '{a}' of {_describe(n0, i, ref)} has shape {list(s0)} but '{b}' of "
+                        f"{_describe(n1, i, other)} has shape {list(s1)}")
+                names[a] = b
+            elif (a in ref.tensors) != (b in other.tensors) or names.get(a, b) != b:
+                raise IncompatibleMembersError(f"members are wired differently at {where} (input '{a}' vs '{b}')")
+        for a, b in zip(n0.output, n1.output):
+            names[a] = b
+        if n0.op_type == "Constant":
+            a, b = n0.output[0], n1.output[0]
+            if ref.tensors.shape(a) != other.tensors.shape(b):
+                raise IncompatibleMembersError(f"constant shapes differ at {where}")
+    return names
+
+
+def _opsets(model: onnx.ModelProto) -> dict[str, int]:
+    return {o.domain or "ai.onnx": o.version for o in model.opset_import}
+
+
+def _attrs(node: onnx.NodeProto) -> list:
+    return sorted((a.name, helper.get_attribute_value(a)) for a in node.attribute
+                  if a.type != onnx.AttributeProto.TENSOR)
+
+
+# ----------------------------------------------------------------------------- output
+
+def check_output_path(output, inputs=(), force: bool = False) -> Path:
+    """Fail early, before any work, if the output cannot or must not be written."""
+    out = Path(output)
+    resolved = out.resolve()
+    for source in inputs:
+        if not isinstance(source, onnx.ModelProto) and Path(source).resolve() in (resolved, resolved.with_name(
+                resolved.name + ".data")):
+            raise OutputError(f"{out}: the output would overwrite the input {source}")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory")
+    if not resolved.parent.is_dir():
+        raise OutputError(f"{out}: folder {resolved.parent} does not exist")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    return out
+
+
+def save_model(model: onnx.ModelProto, output, force: bool = False) -> Path:
+    """Write atomically: into a temporary folder beside the output, then rename into place.
+
+    Models too large for one protobuf go to `<name>.data` beside the output (relative location).
+    """
+    out = Path(output)
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    try:
+        if large:
+            onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=out.name + ".data", size_threshold=1024)
+            os.replace(tmp / (out.name + ".data"), out.with_name(out.name + ".data"))
+        else:
+            with open(tmp / out.name, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp / out.name, out)
+    finally:
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
+    return out

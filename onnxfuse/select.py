@@ -1,0 +1,59 @@
+"""Neuron importance (Torch-Pruning's MagnitudeImportance, p=2, mean over a group's terms) and top-k."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+
+from .errors import OnnxFuseError
+from .groups import Analysis
+
+
+def channel_scores(a: Analysis, load, n: int, widened: dict) -> dict[int, np.ndarray]:
+    """Score of every channel of every widened group, in wide numbering (member m, channel c -> m*W + c).
+
+    `load(tensor, m)` returns member m's tensor in the compute dtype. The wide model's block-diagonal
+    weights are never built: cross-member blocks are zero and add nothing to a channel's score.
+    """
+    scores: dict[int, np.ndarray] = {}
+    terms: dict[int, int] = {}
+    for tensor, axes in widened.items():
+        scale = tensor_scale(axes, n)
+        for axis, touch in axes.items():
+            if touch.role == "param":
+                continue
+            for m in range(n):
+                arr = load(tensor, m)
+                other = tuple(i for i in range(arr.ndim) if i != axis)
+                per_index = np.square(arr, dtype=np.float64).sum(axis=other) * scale ** 2
+                offset = 0
+                for seg in touch.segs:
+                    root = a.find(seg.space)
+                    width = a.space_width[root]
+                    chunk = per_index[offset:offset + width * seg.inner].reshape(width, seg.inner).sum(axis=1)
+                    scores.setdefault(root, np.zeros(n * width))[m * width:(m + 1) * width] += chunk
+                    terms[root] = terms.get(root, 0) + (m == 0)
+                    offset += width * seg.inner
+    return {root: s / terms[root] for root, s in scores.items()}
+
+
+def tensor_scale(axes: dict, n: int) -> float:
+    """A tensor that only consumes widened channels (the last layer) is divided by N: the wide output is then
+    the mean of the members' outputs."""
+    return 1.0 / n if {t.role for t in axes.values()} == {"in"} else 1.0
+
+
+def kept_count(width: int, n: int, keep) -> int:
+    """How many of a group's N*width channels to keep: the original width by default, else round(keep*N*W)."""
+    if keep is None:
+        return width
+    keep = Fraction(str(keep))
+    if not 0 < keep <= 1:
+        raise OnnxFuseError(f"--keep must be in (0, 1], got {float(keep)}")
+    return max(1, min(n * width, int(keep * n * width + Fraction(1, 2))))
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, ascending (members stay in blocks); ties go to the lower index."""
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:k])

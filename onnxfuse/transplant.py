@@ -1,0 +1,128 @@
+"""Write the wide or fused model: every initializer assembled from the members' tensors by kept indices.
+
+With every channel kept this is the wide model (concatenation); with the top-k it is the transplanted
+model. Entries that would be zero in the block-diagonal wide weights are never materialized.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .errors import IncompatibleMembersError
+from .groups import Analysis
+from .model_io import FLOAT_TYPES, Member
+from .select import tensor_scale
+
+
+class MemberTensors:
+    """Member m's tensor that corresponds to member 0's tensor `name`, in the compute dtype."""
+
+    def __init__(self, members: list[Member], name_maps: list[dict[str, str]]):
+        self.members, self.maps = members, name_maps
+        wide_float = any(m.tensors.dtype(n) == onnx.TensorProto.DOUBLE for m in members for n in m.tensors.names())
+        self.dtype = np.float64 if wide_float else np.float32
+
+    def __call__(self, name: str, m: int) -> np.ndarray:
+        member = self.members[m]
+        arr = member.tensors.array(self.maps[m].get(name, name))
+        return arr.astype(self.dtype, copy=False) if member.tensors.dtype(name if m == 0 else self.maps[m].get(
+            name, name)) in FLOAT_TYPES else arr
+
+    def differing(self) -> set[str]:
+        """Float tensors of member 0 whose values differ in another member."""
+        out = set()
+        for name in self.members[0].tensors.names():
+            if self.members[0].tensors.dtype(name) in FLOAT_TYPES:
+                first = self(name, 0)
+                if any(not np.array_equal(first, self(name, m)) for m in range(1, len(self.members))):
+                    out.add(name)
+        return out
+
+
+def axis_map(a: Analysis, segs, kept: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """For a widened axis: the member and the member-local index of every output index."""
+    members, local = [], []
+    offset = 0
+    for seg in segs:
+        root = a.find(seg.space)
+        width = a.space_width[root]
+        m, c = np.divmod(kept[root], width)
+        local.append((offset + c[:, None] * seg.inner + np.arange(seg.inner)).ravel())
+        members.append(np.repeat(m, seg.inner))
+        offset += width * seg.inner
+    return np.concatenate(members), np.concatenate(local)
+
+
+def _as_index(idx: np.ndarray):
+    """A contiguous run becomes a slice (a view, no copy)."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1:
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def assemble(arrays: list[np.ndarray], maps: dict[int, tuple], scale: float) -> np.ndarray:
+    shape = list(arrays[0].shape)
+    for axis, (member, _) in maps.items():
+        shape[axis] = len(member)
+    out = np.zeros(shape, dtype=arrays[0].dtype)
+    for m, arr in enumerate(arrays):
+        dst, src = [slice(None)] * arr.ndim, arr
+        for axis, (member, local) in maps.items():
+            sel = member == m
+            if not sel.any():
+                break
+            dst[axis] = _as_index(np.flatnonzero(sel))
+            index = _as_index(local[sel])
+            src = src[(slice(None),) * axis + (index,)] if isinstance(index, slice) else np.take(src, index, axis)
+        else:
+            if sum(isinstance(d, np.ndarray) for d in dst) > 1:
+                dst = np.ix_(*[d if isinstance(d, np.ndarray) else np.arange(n)[d] for d, n in zip(dst, shape)])
+            out[tuple(dst)] = src * scale if scale != 1.0 else src
+    return out
+
+
+def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: dict[int, np.ndarray],
+               in_place: bool = False) -> onnx.ModelProto:
+    """Member 0's graph with every tensor rebuilt from all members for the kept channels."""
+    n = len(members)
+    if in_place:
+        model = members[0].model
+        tensors = members[0].tensors
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(members[0].model)
+        from .model_io import TensorTable
+        tensors = TensorTable(model.graph)
+    widened = a.widened_touches()
+    for name in members[0].tensors.names():
+        axes = widened.get(name)
+        if axes:
+            maps = {axis: axis_map(a, touch.segs, kept) for axis, touch in axes.items()}
+            value = assemble([load(name, m) for m in range(n)], maps, tensor_scale(axes, n))
+        else:
+            value = _shared_value(load, name, n, members)
+            if value is None:
+                continue
+        tensors.set(name, value)
+    widths = {r: (len(kept[r]) if r in kept else a.space_width[r]) for r in {a.find(s) for s in a.parent}}
+    for const in a.shape_consts:
+        target = tensors.array(const.tensor).copy()
+        target.reshape(-1)[const.index] = a.axis_size(const.segs, widths)
+        tensors.set(const.tensor, target)
+    if any(widths[r] != a.space_width[r] for r in widths):     # shape annotations of resized values go
+        resized = set(a.chan) | set(widened)
+        keep = [v for v in model.graph.value_info if v.name not in resized]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+    return model
+
+
+def _shared_value(load: MemberTensors, name: str, n: int, members: list[Member]):
+    """A tensor without widened channels: the members' mean (floats) or their common value (integers)."""
+    arrays = [load(name, m) for m in range(n)]
+    if all(np.array_equal(arrays[0], x) for x in arrays[1:]):
+        return None
+    if members[0].tensors.dtype(name) in FLOAT_TYPES:
+        return np.mean(arrays, axis=0)
+    raise IncompatibleMembersError(f"non-float tensor '{name}' differs between {members[0].name} and the "
+                                   f"other members; it cannot be averaged")
