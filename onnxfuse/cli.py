@@ -41,7 +41,7 @@ def _common(fn):
 
 def _output_options(fn):
     fn = click.option("--force", "-f", is_flag=True, help="Overwrite OUTPUT if it exists.")(fn)
-    fn = click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+    fn = click.option("-o", "--output", required=True, metavar="OUTPUT",
                       help="Where to write the model (written atomically).")(fn)
     return fn
 
@@ -66,7 +66,7 @@ def main():
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True)
 @_output_options
 @click.option("--keep", type=float, default=None, metavar="FRACTION",
               help="Fraction of the wide model's neurons to keep in every layer (default 1/N: the "
@@ -83,7 +83,7 @@ def merge(models, output, keep, force, quiet, as_json):
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True)
 @_output_options
 @_common
 @_reports_errors
@@ -97,7 +97,7 @@ def concat(models, output, force, quiet, as_json):
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @_output_options
 @click.option("--keep", type=float, required=True, metavar="FRACTION",
               help="Fraction of every layer's neurons to keep, e.g. 0.5.")
@@ -109,7 +109,7 @@ def prune(model, output, keep, force, quiet, as_json):
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_reports_errors
 def inspect(models, as_json):

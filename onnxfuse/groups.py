@@ -377,7 +377,7 @@ def _rule_reshape(a, node):
     if node.op_type == "Flatten":
         f = _attr(node, "axis", 1)
         f = f + len(dims_in) if dims_in is not None and f < 0 else f
-        dims_out = None if dims_in is None else [_prod(dims_in[:f]), _prod(dims_in[f:])]
+        dims_out = None if dims_in is None else [dims_in[0] if f == 1 else _prod(dims_in[:f]), _prod(dims_in[f:])]
     else:
         dims_out = _resolve_target(dims_in, target) if target is not None else a.shapes.get(y)
     if dims_in is None or dims_out is None:

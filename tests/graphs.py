@@ -1,0 +1,143 @@
+"""Tiny ONNX graphs built with onnx.helper, and onnxruntime helpers: the tests' oracle."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+SAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "sample_models"
+NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+
+
+class Builder:
+    """Accumulates nodes and random initializers; `model()` returns a checked ModelProto."""
+
+    def __init__(self, seed: int, dtype=np.float32, constants_as_nodes: bool = False):
+        self.rng = np.random.default_rng(seed)
+        self.dtype, self.const_nodes = dtype, constants_as_nodes
+        self.nodes, self.inits, self.count = [], [], 0
+
+    def name(self, prefix):
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def weight(self, shape, scale=None, positive=False):
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        value = self.rng.normal(0, scale or 1 / np.sqrt(fan_in), shape)
+        if positive:
+            value = np.abs(value) + 0.5
+        return self.const(value.astype(self.dtype))
+
+    def const(self, value: np.ndarray):
+        name = self.name("w")
+        tensor = numpy_helper.from_array(value, name)
+        if self.const_nodes:
+            self.nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+        else:
+            self.inits.append(tensor)
+        return name
+
+    def op(self, op_type, inputs, **attrs):
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.name(op_type + "_"), **attrs))
+        return out
+
+    def model(self, x_shape, out, out_shape, out_name="y", opset=17, in_dtype=None):
+        elem = NP_TO_ONNX[self.dtype] if in_dtype is None else in_dtype
+        self.nodes.append(helper.make_node("Identity", [out], [out_name], name="output"))
+        graph = helper.make_graph(self.nodes, "tiny", [helper.make_tensor_value_info("x", elem, x_shape)],
+                                  [helper.make_tensor_value_info(out_name, elem, out_shape)], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+# --------------------------------------------------------------------------- architectures
+
+def gemm_mlp(seed, widths=(6, 8, 7, 3), trans_b=1, alpha=1.0, beta=1.0, act="Relu", dtype=np.float32,
+             constants_as_nodes=False, bias_shape="1d"):
+    b = Builder(seed, dtype, constants_as_nodes)
+    h = "x"
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+        w = b.weight((fan_out, fan_in) if trans_b else (fan_in, fan_out))
+        bias = b.weight((fan_out,) if bias_shape == "1d" else (1, fan_out), scale=0.1)
+        h = b.op("Gemm", [h, w, bias], transB=trans_b, alpha=alpha, beta=beta)
+        if i < len(widths) - 2:
+            h = b.op(act, [h]) if act != "PRelu" else b.op("PRelu", [h, b.weight((fan_out,), 0.2)])
+    return b.model(["batch", widths[0]], h, ["batch", widths[-1]])
+
+
+def matmul_mlp(seed, widths=(6, 8, 7, 3), act="Tanh", dtype=np.float32):
+    """What skl2onnx and tf2onnx emit: MatMul by a [in, out] weight, then Add of the bias."""
+    b = Builder(seed, dtype)
+    h = "x"
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+        h = b.op("Add", [b.op("MatMul", [h, b.weight((fan_in, fan_out))]), b.weight((fan_out,), 0.1)])
+        if i < len(widths) - 2:
+            h = b.op(act, [h])
+    return b.model(["batch", widths[0]], h, ["batch", widths[-1]])
+
+
+def cnn(seed, dims=2, channels=(2, 4, 5), size=8, classes=3, bn=True, flatten="Flatten", pool="MaxPool",
+        dtype=np.float32, hidden=6):
+    """Conv (+BN) + ReLU + pool blocks, then flatten and two dense layers."""
+    b = Builder(seed, dtype)
+    h, spatial = "x", size
+    for c_in, c_out in zip(channels, channels[1:]):
+        h = b.op("Conv", [h, b.weight((c_out, c_in) + (3,) * dims), b.weight((c_out,), 0.1)],
+                 pads=[1] * 2 * dims)
+        if bn:
+            h = b.op("BatchNormalization", [h, b.weight((c_out,), positive=True), b.weight((c_out,), 0.1),
+                                            b.weight((c_out,), 0.1), b.weight((c_out,), positive=True)])
+        h = b.op("Relu", [h])
+        h = b.op(pool, [h], kernel_shape=[2] * dims, strides=[2] * dims)
+        spatial //= 2
+    features = channels[-1] * spatial ** dims
+    if flatten == "Flatten":
+        h = b.op("Flatten", [h], axis=1)
+    elif flatten == "Reshape":
+        h = b.op("Reshape", [h, b.const(np.array([-1, features], dtype=np.int64))])
+    elif flatten == "GlobalAveragePool":
+        h = b.op("Flatten", [b.op("GlobalAveragePool", [h])], axis=1)
+        features = channels[-1]
+    h = b.op("Relu", [b.op("Gemm", [h, b.weight((hidden, features)), b.weight((hidden,), 0.1)], transB=1)])
+    h = b.op("Gemm", [h, b.weight((classes, hidden)), b.weight((classes,), 0.1)], transB=1)
+    return b.model(["batch", channels[0]] + [size] * dims, h, ["batch", classes])
+
+
+# --------------------------------------------------------------------------- running
+
+def session(model) -> ort.InferenceSession:
+    data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
+    if not isinstance(data, bytes):
+        data = str(data)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def run(model, x: np.ndarray, output: int = 0) -> np.ndarray:
+    sess = session(model)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[output]
+
+
+def random_input(model: onnx.ModelProto, batch=5, seed=0, dtype=np.float32) -> np.ndarray:
+    dims = [d.dim_value if d.HasField("dim_value") else batch
+            for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return np.random.default_rng(seed).normal(size=dims).astype(dtype)
+
+
+def mean_of(models, x, output=0) -> np.ndarray:
+    return np.mean([run(m, x, output).astype(np.float64) for m in models], axis=0)
+
+
+def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Upcast every float tensor and type annotation (to run bfloat16 models, which onnxruntime's CPU lacks)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    floats = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    for t in model.graph.initializer:
+        if t.data_type in floats:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if v.type.tensor_type.elem_type in floats:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    return model
