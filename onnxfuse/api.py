@@ -46,14 +46,19 @@ def _require_fusable(a: Analysis, source: str) -> None:
                                     f"touches a graph input or output)")
 
 
-def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = False,
-         progress: bool = False) -> Fusion:
+def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = False, data=None, val=None,
+         training: dict | None = None, progress: bool = False) -> Fusion:
     """Fuse N models of one architecture. method: 'nt' (transplant the top-k neurons), 'concat' (the wide
-    ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required)."""
+    ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required).
+
+    With `data` (an .npz) and `training` options (TrainOptions fields, e.g. epochs=3), the result is
+    fine-tuned before it is written; with `val`, members, ensemble and result are scored on it.
+    """
     start = time.perf_counter()
     sources = [sources] if isinstance(sources, (str, Path, onnx.ModelProto)) else list(sources)
     if output is not None:
         check_output_path(output, sources, force)
+    options = _train_options(training)
     if method == "nt" and len(sources) < 2:
         raise OnnxFuseError(f"merge needs at least 2 models, got {len(sources)}")
     if method == "prune" and (len(sources) != 1 or keep is None):
@@ -89,6 +94,9 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         summary["exact"] = all(v is None for v in exactness.values())
         summary["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
                               for k, v in exactness.items()}
+    if data is not None or val is not None:
+        _tune_and_score(model, sources, data, val, options, summary, progress)
+        model = summary.pop("_model", model)
     if output is not None:
         save_model(model, output, force)
         summary["output"] = str(output)
@@ -116,9 +124,13 @@ def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> 
         model.metadata_props.add(key=key, value=value)
 
 
-def merge(models, output=None, keep=None, force: bool = False) -> onnx.ModelProto:
-    """Neuron Transplantation: fuse N >= 2 models into one of the original width (or `keep` * N * width)."""
-    return fuse(models, "nt", keep, output, force).model
+def merge(models, output=None, keep=None, force: bool = False, data=None, val=None,
+          **training) -> onnx.ModelProto:
+    """Neuron Transplantation: fuse N >= 2 models into one of the original width (or `keep` * N * width).
+
+    Fine-tune with `data="train.npz", epochs=3` (and any TrainOptions field: lr, distill, schedule, ...).
+    """
+    return fuse(models, "nt", keep, output, force, data, val, training).model
 
 
 def concat(models, output=None, force: bool = False) -> onnx.ModelProto:
@@ -153,3 +165,82 @@ def inspect(models) -> dict:
     report["fusable"] = not a.problems and any(g["prunable"] for g in report["groups"]) and \
         report.get("compatible", True)
     return report
+
+
+def _train_options(training: dict | None):
+    if not training:
+        return None
+    from .training import TrainOptions
+    unknown = set(training) - set(TrainOptions.__dataclass_fields__)
+    if unknown:
+        raise OnnxFuseError(f"unknown training options: {sorted(unknown)}")
+    return TrainOptions(**training)
+
+
+def _teacher_logits(teachers, data):
+    from .runtime import Runner
+    return np.mean([Runner(t)(data) for t in teachers], axis=0)
+
+
+def _tune_and_score(model, sources, data, val, options, summary, progress) -> None:
+    """Fine-tune `model` on `data` (if epochs > 0) and score members, ensemble and result on `val`."""
+    from .data import load_data
+    from .runtime import Runner, scores
+    train_set = load_data(data, model) if data is not None else None
+    val_set = load_data(val, model) if val is not None else None
+    if val_set is not None:
+        member_logits = [Runner(s)(val_set) for s in sources]
+        summary["accuracy"] = {Path(str(s)).name if not isinstance(s, onnx.ModelProto) else f"member {i}":
+                               scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
+        if len(sources) > 1:
+            summary["accuracy"]["ensemble (mean of logits)"] = scores(np.mean(member_logits, 0), val_set.y)
+        summary["accuracy"]["result before fine-tuning"] = scores(Runner(model)(val_set), val_set.y)
+    if train_set is not None and options is not None and options.epochs > 0:
+        from .training import finetune
+        teacher = _teacher_logits(sources, train_set) if options.distill else None
+        result = finetune(model, train_set, options, val_set, teacher, progress)
+        summary["training"] = {"options": result.options, "history": result.history}
+        summary["_model"] = result.model
+        if val_set is not None:
+            summary["accuracy"]["result after fine-tuning"] = scores(Runner(result.model)(val_set), val_set.y)
+
+
+def finetune(model, data, output=None, teachers=None, val=None, force: bool = False, progress: bool = False,
+             **training) -> onnx.ModelProto:
+    """Fine-tune any ONNX model on an .npz (labels, or distillation from `teachers`' mean logits)."""
+    return finetune_with_report(model, data, output, teachers, val, force, progress, **training).model
+
+
+def finetune_with_report(model, data, output=None, teachers=None, val=None, force: bool = False,
+                         progress: bool = False, **training) -> Fusion:
+    from .data import load_data
+    from .runtime import Runner, scores
+    from .training import finetune as run_finetune
+    start = time.perf_counter()
+    if output is not None:
+        check_output_path(output, [model, *(teachers or [])], force)
+    member = load_member(model)
+    options = _train_options(training) or _train_options({"epochs": 3})
+    train_set = load_data(data, member.model)
+    val_set = load_data(val, member.model) if val is not None else None
+    teacher = _teacher_logits(teachers, train_set) if options.distill and teachers else None
+    result = run_finetune(member.model, train_set, options, val_set, teacher, progress)
+    summary = {"method": "finetune", "members": [member.name], "training": {"options": result.options,
+                                                                         "history": result.history}}
+    if val_set is not None:
+        summary["accuracy"] = {"before": scores(Runner(member.model)(val_set), val_set.y),
+                               "after": scores(Runner(result.model)(val_set), val_set.y)}
+    if output is not None:
+        save_model(result.model, output, force)
+        summary["output"] = str(output)
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return Fusion(result.model, summary)
+
+
+def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> list[dict]:
+    """Accuracy and loss of each model on an .npz, and of their ensemble (mean of logits)."""
+    from .data import load_data
+    from .runtime import evaluate as run_evaluate
+    models = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
+    first = load_member(models[0])
+    return run_evaluate(models, load_data(data, first.model), ensemble, provider)

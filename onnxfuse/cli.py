@@ -65,21 +65,107 @@ def main():
     """
 
 
+def _training_options(fn):
+    """Options shared by `merge` and `finetune`; they become onnxfuse.training.TrainOptions fields."""
+    options = [
+        click.option("--data", type=str, default=None, metavar="TRAIN.npz",
+                     help="Training data: .npz with 'x' (or one array per graph input) and labels 'y'."),
+        click.option("--val", type=str, default=None, metavar="VAL.npz",
+                     help="Validation data: accuracy of members, ensemble and result is reported."),
+        click.option("--epochs", type=int, default=None, help="Fine-tuning epochs (default 3 when --data is given)."),
+        click.option("--distill", is_flag=True,
+                     help="Train on the members' mean logits (KL, T=2) instead of labels; needs no labels."),
+        click.option("--lr", type=float, default=None, help="Initial learning rate (default 0.05 SGD, 1e-3 Adam)."),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
+                     help="SGD has momentum 0.9."),
+        click.option("--schedule", type=click.Choice(["linear", "constant"]), default="linear", show_default=True,
+                     help="linear: decay to 0 over the run; constant: the NT paper's setting."),
+        click.option("--train-only", type=click.Choice(["all", "bias-norm"]), default="all", show_default=True,
+                     help="bias-norm: train only biases and normalization parameters (PERP)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Shuffling and dropout seed."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--target-output", type=str, default=None, metavar="NAME",
+                     help="Graph value to train on when the model has several float outputs."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _training(kw: dict) -> dict:
+    epochs = kw.pop("epochs")
+    training = {k: kw.pop(k) for k in ("distill", "lr", "batch_size", "optimizer", "schedule", "train_only",
+                                       "seed", "device", "target_output")}
+    training["epochs"] = (3 if kw.get("data") else 0) if epochs is None else epochs
+    return training
+
+
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @_output_options
 @click.option("--keep", type=float, default=None, metavar="FRACTION",
               help="Fraction of the wide model's neurons to keep in every layer (default 1/N: the "
                    "original width).")
+@_training_options
 @_common
 @_reports_errors
-def merge(models, output, keep, force, quiet, as_json):
+def merge(models, output, keep, force, quiet, as_json, **kw):
     """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation.
 
-    The result has the members' inputs, outputs and (by default) layer widths. It is not
-    fine-tuned: expect it to need a short fine-tuning to beat the best member.
+    The result has the members' inputs, outputs and (by default) layer widths. Without
+    fine-tuning it is usually worse than the members: give --data to fine-tune it
+    (3 epochs by default), and --val to see whether it beats the best member.
+
+    \b
+    Example:
+      onnxfuse merge a.onnx b.onnx -o fused.onnx --data train.npz --val val.npz
     """
-    _finish(api.fuse(models, "nt", keep, output, force), quiet, as_json)
+    training = _training(kw)
+    _finish(api.fuse(models, "nt", keep, output, force, kw["data"], kw["val"], training,
+                     progress=_show_progress(quiet, as_json)), quiet, as_json)
+
+
+@main.command()
+@click.argument("model")
+@_output_options
+@click.option("--teacher", "teachers", multiple=True, metavar="MODEL.onnx",
+              help="A teacher model; repeat for an ensemble (mean of logits). Used with --distill.")
+@_training_options
+@_common
+@_reports_errors
+def finetune(model, output, teachers, force, quiet, as_json, **kw):
+    """Fine-tune any ONNX MODEL on --data and write it with the same graph, tuned weights."""
+    training = _training(kw)
+    if not kw["data"]:
+        raise click.UsageError("--data is required")
+    training["epochs"] = training["epochs"] or 3
+    _finish(api.finetune_with_report(model, kw["data"], output, list(teachers) or None, kw["val"], force,
+                                     _show_progress(quiet, as_json), **training), quiet, as_json)
+
+
+@main.command(name="eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", required=True, metavar="DATA.npz", help=".npz with 'x' (or arrays by input name) and 'y'.")
+@click.option("--ensemble", is_flag=True, help="Also score the ensemble of MODELS (mean of logits).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@_reports_errors
+def evaluate(models, data, ensemble, as_json):
+    """Accuracy and cross-entropy of each of MODELS (and their ensemble) on DATA, with onnxruntime."""
+    rows = api.evaluate(list(models), data, ensemble)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["model"]) for r in rows)
+    click.echo(f"{'model':<{width}}  accuracy      loss")
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        click.echo(f"{r['model']:<{width}}  {acc:>8}  {loss:>8}")
+
+
+def _show_progress(quiet: bool, as_json: bool) -> bool:
+    return not quiet and not as_json and sys.stderr.isatty()
 
 
 @main.command()
@@ -141,15 +227,26 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     if quiet:
         return
     what = {"nt": "fused by neuron transplantation", "concat": "concatenated (wide ensemble)",
-            "prune": "pruned"}[s["method"]]
+            "prune": "pruned", "finetune": "fine-tuned"}[s["method"]]
     click.echo(f"{what}: {', '.join(s['members'])} -> {s.get('output', '(not written)')}")
-    for g in s["groups"]:
+    for g in s.get("groups", []):
         per = ", ".join(f"m{i}: {k}" for i, k in enumerate(g["kept_per_member"]))
         click.echo(f"  group {g['id']:<3} kept {g['kept']:>5} of {g['width'] * len(s['members']):<6} ({per})"
                    f"  {', '.join(g['layers'])}")
-    for g in s["fixed_groups"]:
+    for g in s.get("fixed_groups", []):
         click.echo(f"  group {g['id']:<3} fixed at width {g['width']}: {'; '.join(g['why'])}")
     for name, verdict in s.get("outputs", {}).items():
         click.echo(f"  output '{name}': {verdict}")
-    p = s["parameters"]
-    click.echo(f"  parameters: {p['output']:,} (one member: {p['member']:,}); {s['seconds']:.2f} s")
+    if "training" in s:
+        o = s["training"]["options"]
+        click.echo(f"  fine-tuned {o['epochs']} epochs ({'distillation' if o['distill'] else 'labels'}, "
+                   f"{o['optimizer']}, {o['schedule']} lr)")
+    if "accuracy" in s:
+        width = max(len(k) for k in s["accuracy"])
+        for name, sc in s["accuracy"].items():
+            click.echo(f"  {name:<{width}}  val accuracy {sc['accuracy']:.4f}  loss {sc['loss']:.4f}"
+                       if sc["accuracy"] is not None else f"  {name:<{width}}  (no labels)")
+    if "parameters" in s:
+        p = s["parameters"]
+        click.echo(f"  parameters: {p['output']:,} (one member: {p['member']:,})")
+    click.echo(f"  {s['seconds']:.2f} s")

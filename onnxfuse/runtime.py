@@ -1,0 +1,99 @@
+"""Run models with onnxruntime on a dataset: logits, accuracy, loss, and the ensemble of several models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import Dataset
+from .errors import OnnxFuseError
+
+SOFTMAXES = {"Softmax", "LogSoftmax"}
+PASS_THROUGH = {"Identity", "Cast"}
+
+
+def logits_output(model: onnx.ModelProto, requested: str | None = None) -> str:
+    """The value to train and score on: the one float output (or `requested`), traced back through a final
+    Softmax/LogSoftmax to the logits that feed it (classifiers such as skl2onnx's end in probabilities)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    if requested:
+        if requested not in producer and requested not in {o.name for o in model.graph.output}:
+            raise OnnxFuseError(f"no value named '{requested}' in the graph")
+        return requested
+    floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in
+              (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)]
+    if len(floats) > 1:
+        raise OnnxFuseError(f"the model has several float outputs {floats}: choose one with --target-output")
+    if floats:
+        name = floats[0]
+    else:    # e.g. a ZipMap output: the last Softmax of the graph
+        softmax = [n for n in model.graph.node if n.op_type in SOFTMAXES]
+        if not softmax:
+            raise OnnxFuseError("the model has no float output to train on: choose one with --target-output")
+        name = softmax[-1].output[0]
+    node = producer.get(name)
+    while node is not None and node.op_type in PASS_THROUGH:
+        name = node.input[0]
+        node = producer.get(name)
+    return node.input[0] if node is not None and node.op_type in SOFTMAXES else name
+
+
+def providers(requested: str = "cpu") -> list[str]:
+    available = ort.get_available_providers()
+    if requested == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise OnnxFuseError("CUDA was asked for but onnxruntime has no CUDAExecutionProvider here "
+                                "(install onnxfuse[gpu], i.e. onnxruntime-gpu instead of onnxruntime)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Runner:
+    """An onnxruntime session that also returns the logits value."""
+
+    def __init__(self, source, output: str | None = None, provider: str = "cpu"):
+        model = onnx.load(str(source)) if not isinstance(source, onnx.ModelProto) else source
+        self.name = str(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
+        self.logits = logits_output(model, output)
+        if self.logits not in {o.name for o in model.graph.output}:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            copy.graph.output.add(name=self.logits)
+            model = copy
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers(provider))
+
+    def __call__(self, data: Dataset, batch_size: int = 1024) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(data), batch_size):
+            feeds = {k: v[start:start + batch_size] for k, v in data.inputs.items()}
+            chunks.append(self.session.run([self.logits], feeds)[0])
+        return np.concatenate(chunks).astype(np.float64)
+
+
+def scores(logits: np.ndarray, y: np.ndarray | None) -> dict:
+    if y is None:
+        return {"accuracy": None, "loss": None}
+    if logits.ndim != 2 or y.max(initial=0) >= logits.shape[1] or y.min(initial=0) < 0:
+        raise OnnxFuseError(f"labels range over [{y.min()}, {y.max()}] but the model's output has shape "
+                            f"{list(logits.shape)}")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return {"accuracy": float((logits.argmax(1) == y).mean()),
+            "loss": float(-log_probs[np.arange(len(y)), y].mean())}
+
+
+def evaluate(models, data: Dataset, ensemble: bool = False, provider: str = "cpu") -> list[dict]:
+    """Accuracy and cross-entropy of each model, and of their ensemble (mean of logits) if asked."""
+    rows, all_logits = [], []
+    for source in models:
+        runner = Runner(source, provider=provider)
+        logits = runner(data)
+        all_logits.append(logits)
+        rows.append({"model": Path(runner.name).name, **scores(logits, data.y)})
+    if ensemble:
+        rows.append({"model": f"ensemble of {len(models)}", **scores(np.mean(all_logits, axis=0), data.y)})
+    return rows
