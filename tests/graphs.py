@@ -106,6 +106,28 @@ def cnn(seed, dims=2, channels=(2, 4, 5), size=8, classes=3, bn=True, flatten="F
     return b.model(["batch", channels[0]] + [size] * dims, h, ["batch", classes])
 
 
+def residual_mlp(seed, width=6):
+    """x -> Gemm -> Relu -> (Gemm -> Relu) + skip -> (Gemm) + skip -> Gemm: one residual group."""
+    b = Builder(seed)
+    h = b.op("Relu", [b.op("Gemm", ["x", b.weight((width, 5)), b.weight((width,))], transB=1)])
+    for _ in range(2):
+        inner = b.op("Relu", [b.op("Gemm", [h, b.weight((4, width)), b.weight((4,))], transB=1)])
+        h = b.op("Add", [h, b.op("Gemm", [inner, b.weight((width, 4)), b.weight((width,))], transB=1)])
+    h = b.op("Gemm", [h, b.weight((3, width)), b.weight((3,))], transB=1)
+    return b.model(["batch", 5], h, ["batch", 3])
+
+
+def conv_concat(seed):
+    """Two conv branches concatenated along channels (Inception / fire module style), then dense."""
+    b = Builder(seed)
+    stem = b.op("Relu", [b.op("Conv", ["x", b.weight((3, 2, 3, 3)), b.weight((3,))], pads=[1] * 4)])
+    left = b.op("Relu", [b.op("Conv", [stem, b.weight((4, 3, 1, 1)), b.weight((4,))])])
+    right = b.op("Relu", [b.op("Conv", [stem, b.weight((2, 3, 3, 3)), b.weight((2,))], pads=[1] * 4)])
+    h = b.op("Flatten", [b.op("Concat", [left, right], axis=1)], axis=1)
+    h = b.op("Gemm", [h, b.weight((3, 6 * 16)), b.weight((3,))], transB=1)
+    return b.model(["batch", 2, 4, 4], h, ["batch", 3])
+
+
 # --------------------------------------------------------------------------- running
 
 def session(model) -> ort.InferenceSession:

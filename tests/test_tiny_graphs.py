@@ -5,7 +5,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxfuse
-from graphs import cnn, gemm_mlp, matmul_mlp, mean_of, random_input, run, to_float32
+from graphs import cnn, conv_concat, gemm_mlp, matmul_mlp, mean_of, random_input, residual_mlp, run, to_float32
 
 ARCHITECTURES = {
     "gemm_transB1": lambda s: gemm_mlp(s, trans_b=1),
@@ -21,6 +21,8 @@ ARCHITECTURES = {
     "conv2d_reshape_avgpool": lambda s: cnn(s, dims=2, flatten="Reshape", pool="AveragePool", bn=False),
     "conv2d_global_pool": lambda s: cnn(s, dims=2, flatten="GlobalAveragePool"),
     "conv3d": lambda s: cnn(s, dims=3, size=4, channels=(1, 3, 2)),
+    "residual_add": residual_mlp,
+    "channel_concat": conv_concat,
 }
 
 
@@ -150,3 +152,11 @@ def test_softmax_output_is_reported_not_exact():
     assert fusion.summary["exact"] is False
     assert "Softmax" in fusion.summary["outputs"]["y"]
     assert onnxfuse.inspect(members)["exact"] is False
+
+
+def test_residual_and_concat_groups():
+    groups = onnxfuse.inspect(residual_mlp(0))["groups"]
+    residual = [g for g in groups if len(g["layers"]) == 3]
+    assert len(residual) == 1 and residual[0]["prunable"]        # stem + both skip branches: one group
+    fusion = onnxfuse.fuse([conv_concat(s) for s in range(2)], "nt")
+    assert [g["width"] for g in fusion.summary["groups"]] == [3, 4, 2]

@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Training-step cost of the torch bridge (onnxfuse.torch_bridge.OnnxModule) vs. a hand-written nn.Module.
+
+For each model, the bridge and a hand-written torch module of the same architecture are given identical
+weights (the hand-written one loads the ONNX initializers), checked to produce the same logits (max abs
+diff <= 1e-4) and the same gradients, and then timed on one training step each:
+
+    opt.zero_grad(); loss = F.cross_entropy(module(x), y); loss.backward(); opt.step()
+
+with torch.optim.SGD(lr=1e-3, momentum=0.9) on a fixed batch (the same tensors for both). Models:
+
+  mlp    sample_models/digits_mlp_0.onnx   64 -> 64 -> 64 -> 10, ReLU, Gemm(transB=1)
+  cnn    sample_models/digits_cnn_0.onnx   Conv(1->8,3x3,pad 1)-ReLU-MaxPool2-Conv(8->16)-ReLU-MaxPool2-
+                                           Reshape(-1, 64)-Linear(64,32)-ReLU-Linear(32,10) (BN folded)
+  big    784 -> 1024 -> 1024 -> 10 MLP built with onnx.helper (Gemm transB=1 + ReLU), so compute dominates
+
+at batch sizes 64 and 256. torch.set_num_threads(1). After a warm-up, the two modules are timed in
+alternation (A, B, A, B, ...); each sample is a block of k consecutive steps (k chosen so that a block takes
+about 5 ms) divided by k. Reported: median per-step time of each, the ratio of the medians (bridge / hand),
+and the median of the per-pair ratios (robust to drift from other load on the machine).
+
+    python benchmarks/bridge_step.py                 # full table (about 2 minutes) -> benchmarks/results/bridge_step.md
+    python benchmarks/bridge_step.py --seconds 2     # quicker, noisier
+    python benchmarks/bridge_step.py --profile cnn --batch 64   # cProfile of the bridge's forward only
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from onnxfuse.model_io import load_member  # noqa: E402
+from onnxfuse.torch_bridge import OnnxModule  # noqa: E402
+
+TARGET_RATIO = 1.25
+BATCHES = (64, 256)
+BLOCK_SECONDS = 0.005            # one timing sample is k steps taking about this long
+LR, MOMENTUM = 1e-3, 0.9
+
+
+# ============================================================================ models
+
+def _weights(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
+    return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+
+
+class HandMLP(torch.nn.Module):
+    """Linear-ReLU-...-Linear; Gemm(transB=1) weights are [out, in], exactly nn.Linear's layout."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__()
+        w = _weights(model)
+        gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+        self.layers = torch.nn.ModuleList()
+        for node in gemms:
+            weight, bias = w[node.input[1]], w[node.input[2]]
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+                layer.bias.copy_(bias)
+            self.layers.append(layer)
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class HandCNN(torch.nn.Module):
+    """The digits CNN as exported (BatchNorm folded into the convolutions)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__()
+        w = _weights(model)
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+        assert len(convs) == 2 and len(gemms) == 2
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.fc1 = torch.nn.Linear(64, 32)
+        self.fc2 = torch.nn.Linear(32, 10)
+        with torch.no_grad():
+            for layer, node in zip((self.conv1, self.conv2, self.fc1, self.fc2), convs + gemms):
+                layer.weight.copy_(w[node.input[1]])
+                layer.bias.copy_(w[node.input[2]])
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = x.reshape(-1, 64)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def big_mlp(dims=(784, 1024, 1024, 10), seed=0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = [], [], "x"
+    for layer, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        idx = 2 * layer
+        scale = np.float32(1.0 / np.sqrt(fan_in))
+        wt = rng.standard_normal((fan_out, fan_in), dtype=np.float32) * scale
+        b = rng.standard_normal(fan_out, dtype=np.float32) * scale
+        inits += [numpy_helper.from_array(wt, f"{idx}.weight"), numpy_helper.from_array(b, f"{idx}.bias")]
+        last = layer == len(dims) - 2
+        out = "logits" if last else f"/{idx}/Gemm_output_0"
+        nodes.append(helper.make_node("Gemm", [x, f"{idx}.weight", f"{idx}.bias"], [out], name=f"/{idx}/Gemm",
+                                      alpha=1.0, beta=1.0, transB=1))
+        x = out
+        if not last:
+            nodes.append(helper.make_node("Relu", [x], [f"/{idx + 1}/Relu_output_0"], name=f"/{idx + 1}/Relu"))
+            x = f"/{idx + 1}/Relu_output_0"
+    graph = helper.make_graph(
+        nodes, "big_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", dims[-1]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def cases():
+    """name -> (description, model, hand-module class, batch generator(batch) -> (x, y))."""
+    mlp = load_member(ROOT / "sample_models" / "digits_mlp_0.onnx").model
+    cnn = load_member(ROOT / "sample_models" / "digits_cnn_0.onnx").model
+    flat = np.load(ROOT / "sample_models" / "digits_train.npz")
+    images = np.load(ROOT / "sample_models" / "digits_images_train.npz")
+
+    def from_data(data):
+        def make(batch):
+            idx = np.random.default_rng(batch).choice(len(data["y"]), batch, replace=False)
+            return torch.from_numpy(data["x"][idx].copy()), torch.from_numpy(data["y"][idx].copy())
+        return make
+
+    def random_784(batch):
+        g = torch.Generator().manual_seed(batch)
+        return torch.rand(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+    return {
+        "mlp": ("digits_mlp_0 (64-64-64-10)", mlp, HandMLP, from_data(flat)),
+        "cnn": ("digits_cnn_0 (2 conv + 2 linear, 8x8)", cnn, HandCNN, from_data(images)),
+        "big": ("MLP 784-1024-1024-10 (onnx.helper)", big_mlp(), HandMLP, random_784),
+    }
+
+
+# ============================================================================ measurement
+
+def _step_fn(module, x, y):
+    opt = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def step():
+        opt.zero_grad()
+        loss = F.cross_entropy(module(x), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def check_equal(bridge, hand, x, y) -> tuple[float, float]:
+    """Max abs diff of the logits (asserted <= 1e-4) and of the gradients (matched by shape, in order)."""
+    bridge.eval(), hand.eval()
+    with torch.no_grad():
+        out_diff = (bridge(x) - hand(x)).abs().max().item()
+    assert out_diff <= 1e-4, f"bridge and hand-written module disagree: max abs diff {out_diff:.3g}"
+    grads = []
+    for m in (bridge, hand):
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+        m.zero_grad()
+    assert [g.shape for g in grads[0]] == [g.shape for g in grads[1]], "parameter lists differ"
+    grad_diff = max((a - b).abs().max().item() for a, b in zip(*grads))
+    assert grad_diff <= 1e-4, f"gradients disagree: max abs diff {grad_diff:.3g}"
+    bridge.train(), hand.train()
+    return out_diff, grad_diff
+
+
+def _block(step, k):
+    t0 = time.perf_counter()
+    for _ in range(k):
+        step()
+    return (time.perf_counter() - t0) / k
+
+
+def measure(bridge, hand, x, y, seconds: float) -> dict:
+    sb, sh = _step_fn(bridge, x, y), _step_fn(hand, x, y)
+    for _ in range(3):                                   # warm-up (allocator, kernels, optimizer state)
+        _block(sb, 5), _block(sh, 5)
+    per_step = max(_block(sb, 5), _block(sh, 5))
+    k = max(1, int(BLOCK_SECONDS / per_step))
+    tb, th = [], []
+    deadline = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < deadline or len(tb) < 15:
+        if i % 2 == 0:                                   # alternate which goes first within a pair
+            tb.append(_block(sb, k)), th.append(_block(sh, k))
+        else:
+            th.append(_block(sh, k)), tb.append(_block(sb, k))
+        i += 1
+    b, h = statistics.median(tb), statistics.median(th)
+    return {"bridge": b, "hand": h, "ratio": b / h,
+            "paired": statistics.median(x / y for x, y in zip(tb, th)), "pairs": len(tb), "k": k}
+
+
+def profile_forward(name: str, batch: int, n: int = 2000):
+    desc, model, hand_cls, make = cases()[name]
+    bridge = OnnxModule(model)
+    x, y = make(batch)
+    for _ in range(50):
+        bridge(x)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        bridge(x)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    print(f"cProfile of {n} bridge forwards ({desc}, batch {batch}, grad enabled):")
+    print(s.getvalue())
+
+
+# ============================================================================ report
+
+def _ms(t: float) -> str:
+    return f"{t * 1e3:.3f}" if t < 0.01 else f"{t * 1e3:.2f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per (model, batch) row")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "big"], choices=["mlp", "cnn", "big"])
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--profile", choices=["mlp", "cnn", "big"], help="only profile the bridge's forward")
+    parser.add_argument("--batch", type=int, default=64, help="batch for --profile")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "bridge_step.md")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if args.profile:
+        profile_forward(args.profile, args.batch)
+        return 0
+
+    start = time.perf_counter()
+    all_cases = cases()
+    rows = []
+    for name in args.models:
+        desc, model, hand_cls, make = all_cases[name]
+        for batch in args.batches:
+            bridge, hand = OnnxModule(model), hand_cls(model)
+            x, y = make(batch)
+            out_diff, grad_diff = check_equal(bridge, hand, x, y)
+            r = measure(bridge, hand, x, y, args.seconds)
+            rows.append((desc, batch, r, out_diff, grad_diff))
+            print(f"{name:4s} batch {batch:4d}: bridge {_ms(r['bridge'])} ms  hand {_ms(r['hand'])} ms  "
+                  f"ratio {r['ratio']:.3f}  paired {r['paired']:.3f}  ({r['pairs']} pairs x {r['k']} steps)",
+                  file=sys.stderr, flush=True)
+    took = time.perf_counter() - start
+
+    worst = max(r["ratio"] for _, _, r, _, _ in rows)
+    lines = [
+        "# Torch bridge: one training step, OnnxModule vs. a hand-written nn.Module",
+        "",
+        f"- Machine: nproc {os.cpu_count()}, {platform.system()} {platform.release()}, {platform.machine()}, "
+        f"{platform.processor() or 'unknown CPU'}; torch.set_num_threads(1)",
+        f"- Versions: torch {torch.__version__}, onnx {onnx.__version__}, numpy {np.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} (benchmark took {took:.0f} s)",
+        "- Measured: one training step `opt.zero_grad(); F.cross_entropy(module(x), y).backward(); opt.step()` "
+        f"with `torch.optim.SGD(lr={LR}, momentum={MOMENTUM})` on a fixed batch, for the bridge "
+        "(`onnxfuse.torch_bridge.OnnxModule`) and for a hand-written nn.Module of the same architecture "
+        "holding the same weights (loaded from the ONNX initializers; logits and gradients checked equal to "
+        "<= 1e-4 first).",
+        "- Method: warm-up, then the two alternate (A, B, B, A, ...) for about "
+        f"{args.seconds:g} s per row; each sample is a block of k steps (about {BLOCK_SECONDS * 1e3:g} ms) / k. "
+        "**ms**: median per-step time. **ratio**: bridge median / hand median. **paired**: median of the "
+        "per-pair ratios. The machine is shared, so expect a few % of noise.",
+        "- Reproduce: `python benchmarks/bridge_step.py`",
+        "",
+        "| model | batch | bridge ms | hand ms | ratio | paired | pairs x k | max abs diff logits / grads |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for desc, batch, r, od, gd in rows:
+        lines.append(f"| {desc} | {batch} | {_ms(r['bridge'])} | {_ms(r['hand'])} | {r['ratio']:.3f} | "
+                     f"{r['paired']:.3f} | {r['pairs']} x {r['k']} | {od:.1e} / {gd:.1e} |")
+    lines += ["", f"Target (issue): ratio <= {TARGET_RATIO} everywhere: worst {worst:.3f} -> "
+                  + ("**met**" if worst <= TARGET_RATIO else "**NOT met**")]
+    text = "\n".join(lines) + "\n"
+    if args.models == ["mlp", "cnn", "big"] and args.batches == list(BATCHES):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
