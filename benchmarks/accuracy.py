@@ -117,7 +117,10 @@ class Bench:
     def cell(self, paths, family, setting, epochs, base) -> dict:
         runs = [self.tune(paths, family, setting, epochs, s, base) for s in self.seeds]
         m, sd = mean_std([r["accuracy"] for r in runs])
-        return {"epochs": epochs, "mean": m, "std": sd, "runs": runs}
+        options = {k: v for k, v in runs[0]["options"].items() if k != "seed"}   # the same for every seed
+        for r in runs:
+            del r["options"]
+        return {"epochs": epochs, "mean": m, "std": sd, "options": options, "runs": runs}
 
     def family_n(self, name: str, n: int) -> dict:
         import onnxfuse
@@ -209,7 +212,7 @@ def render(result: dict) -> str:
         "batch 64); **paper** = SGD, momentum 0.9, lr 0.01, constant, batch 64. **ce** = cross-entropy on labels, "
         "**kd** = distillation (`distill=True`, KL to the members' mean logits, T = 2).",
         f"- Machine: nproc {env['nproc']} ({env['cpu_count']} CPUs), {env['platform']}; torch threads "
-        f"{env['versions']['torch_threads']}; shared with other work, so timings are indicative only.",
+        f"{env['versions']['torch_threads']} (`--torch-threads`); shared with other work, so timings are indicative only.",
         f"- Versions: torch {env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}, onnx "
         f"{env['versions']['onnx']}, numpy {env['versions']['numpy']}, onnxfuse {env['versions']['onnxfuse']} "
         f"(git {env['git']}), Python {env['versions']['python']}.",
@@ -281,7 +284,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: E = 1..2, seed 0, no search extension")
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder for accuracy.md / accuracy.json")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: these models are tiny, and with more threads a "
+                        "shared CPU makes each run several times slower)")
     args = p.parse_args()
+    import torch
+    torch.set_num_threads(args.torch_threads)
     epochs, seeds = ([1, 2], [0]) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2])
     started = datetime.datetime.now().astimezone()
     t0 = time.perf_counter()

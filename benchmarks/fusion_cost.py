@@ -109,7 +109,8 @@ def _child_measure(kind: str, a: str, b: str, out: str) -> dict:
 
     gc.collect()
     idle_rss = _rss_kib("VmRSS") * 1024
-    idle_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    idle_maxrss = before.ru_maxrss * 1024
     start = time.perf_counter()
     if kind == "merge":
         onnxfuse.fuse([a, b], "nt", output=out, force=True)
@@ -118,8 +119,10 @@ def _child_measure(kind: str, a: str, b: str, out: str) -> dict:
         onnx.load(b)
         onnx.save(ma, out)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    peak = after.ru_maxrss * 1024
     return {"kind": kind, "seconds": seconds, "idle_rss": idle_rss, "idle_maxrss": idle_maxrss,
+            "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
             "peak_rss": peak, "vm_hwm": _rss_kib("VmHWM") * 1024,
             "in_bytes": _files_bytes(Path(a)) + _files_bytes(Path(b)), "out_bytes": _files_bytes(Path(out))}
 
@@ -237,7 +240,8 @@ def measure_width(width: int, folder: Path, repeats: int, log) -> dict:
                 finally:
                     _remove(out)
                 runs[kind].append(res)
-                log(f"w={width} {kind} #{r + 1}: {res['seconds']:.3f} s, peak RSS "
+                log(f"w={width} {kind} #{r + 1}: {res['seconds']:.3f} s (user {res['user_s']:.2f} + sys "
+                    f"{res['sys_s']:.2f}), load {os.getloadavg()[0]:.1f}, peak RSS "
                     f"{res['peak_rss'] / MB:.0f} MB (idle {res['idle_rss'] / MB:.0f} MB)")
     finally:
         _remove(Path(a))
@@ -249,9 +253,13 @@ def measure_width(width: int, folder: Path, repeats: int, log) -> dict:
     def above(kind):
         return statistics.median(x["peak_rss"] - x["idle_rss"] for x in runs[kind])
 
+    def cpu(kind):
+        return statistics.median(x["user_s"] + x["sys_s"] for x in runs[kind])
+
     merge = runs["merge"][0]
     return {"width": width, "repeats": repeats,
             "merge_s": med("merge", "seconds"), "floor_s": med("floor", "seconds"),
+            "merge_cpu": cpu("merge"), "floor_cpu": cpu("floor"),
             "merge_rss_above_idle": above("merge"), "floor_rss_above_idle": above("floor"),
             "idle_rss": med("merge", "idle_rss"),
             "in_bytes": merge["in_bytes"], "out_bytes": merge["out_bytes"], "runs": runs}
@@ -261,14 +269,17 @@ def _fmt_s(s: float) -> str:
     return f"{s:.3f}" if s < 10 else f"{s:.2f}"
 
 
-def render(rows: list[dict], versions: dict, started: datetime.datetime, elapsed: float) -> str:
+def render(rows: list[dict], versions: dict, started: datetime.datetime, elapsed: float,
+           loads: tuple[float, float]) -> str:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     lines = [
         "# Fusion cost: Neuron Transplantation of two MLPs 3072 -> w -> w -> 10",
         "",
         f"- Machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {mem_gib:.1f} GiB RAM, "
         f"{platform.system()} {platform.release()}, {platform.processor() or platform.machine()}",
-        f"- Date: {started:%Y-%m-%d %H:%M} (benchmark took {elapsed:.0f} s)",
+        f"- Date: {started:%Y-%m-%d %H:%M} (benchmark took {elapsed:.0f} s); 1-minute load average "
+        f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end (other processes on the machine inflate wall "
+        f"times; the CPU columns, user + sys of the child, are less sensitive to that)",
         f"- Versions: onnx {versions['onnx']}, onnxruntime {versions['onnxruntime']}, numpy {versions['numpy']}, "
         f"protobuf {versions['protobuf']}, onnxfuse {versions['onnxfuse']}, Python {versions['python']}",
         "- Members: Gemm(transB=1) + ReLU, float32 weights [out, in] + biases, random normal / sqrt(fan_in), "
@@ -283,15 +294,17 @@ def render(rows: list[dict], versions: dict, started: datetime.datetime, elapsed
         "in the page cache (just written), for merge and floor alike.",
         "- Paper: the paper's CPU numbers for NT, for reference only; its time excludes file I/O, ours includes it.",
         "",
-        "| w | merge s | floor s | merge/floor | merge RSS above idle MB | floor RSS above idle MB | in+out MB "
-        "| merge RSS/(in+out) | paper NT s | paper NT memory |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| w | merge s | floor s | merge/floor | merge CPU s | floor CPU s | CPU merge/floor "
+        "| merge RSS above idle MB | floor RSS above idle MB | in+out MB | merge RSS/(in+out) "
+        "| paper NT s | paper NT memory |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         io_bytes = r["in_bytes"] + r["out_bytes"]
         paper_s, paper_mem = PAPER.get(r["width"], (None, None))
         lines.append(
             f"| {r['width']} | {_fmt_s(r['merge_s'])} | {_fmt_s(r['floor_s'])} | {r['merge_s'] / r['floor_s']:.2f} "
+            f"| {_fmt_s(r['merge_cpu'])} | {_fmt_s(r['floor_cpu'])} | {r['merge_cpu'] / r['floor_cpu']:.2f} "
             f"| {r['merge_rss_above_idle'] / MB:.0f} | {r['floor_rss_above_idle'] / MB:.0f} | {io_bytes / MB:.1f} "
             f"| {r['merge_rss_above_idle'] / io_bytes:.2f} | {paper_s if paper_s is not None else ''} "
             f"| {paper_mem or ''} |")
@@ -305,11 +318,12 @@ def render(rows: list[dict], versions: dict, started: datetime.datetime, elapsed
         lines.append(f"Targets (w={TARGET_WIDTH}): not measured in this run.")
     else:
         t_ratio = target["merge_s"] / target["floor_s"]
+        c_ratio = target["merge_cpu"] / target["floor_cpu"]
         m_ratio = target["merge_rss_above_idle"] / (target["in_bytes"] + target["out_bytes"])
         lines += [
             f"Targets at w={TARGET_WIDTH}:",
             f"- merge <= {TARGET_TIME_RATIO:g}x the I/O floor: {t_ratio:.2f}x -> "
-            f"**{'met' if t_ratio <= TARGET_TIME_RATIO else 'NOT met'}**",
+            f"**{'met' if t_ratio <= TARGET_TIME_RATIO else 'NOT met'}** (CPU time: {c_ratio:.2f}x)",
             f"- peak RSS above idle <= {TARGET_RSS_RATIO:g}x (input + output bytes): {m_ratio:.2f}x -> "
             f"**{'met' if m_ratio <= TARGET_RSS_RATIO else 'NOT met'}**",
         ]
@@ -323,10 +337,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", type=int, nargs="+", help="widths to measure (default: 32, 64, ..., 16384)")
     p.add_argument("--max-width", type=int, default=16384, help="largest width of the default list")
-    p.add_argument("--quick", action="store_true", help="smoke run: widths up to 1024")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: widths up to 1024; prints only, unless --output is given")
     p.add_argument("--repeats", type=int, default=3, help=f"runs per width for widths <= {SMALL} (median)")
-    p.add_argument("--output", type=Path, default=HERE / "results" / "fusion_cost.md",
-                   help="markdown table (default: benchmarks/results/fusion_cost.md)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="markdown table (default: benchmarks/results/fusion_cost.md; none with --quick)")
     p.add_argument("--no-write", action="store_true", help="print only, do not write the markdown file")
     p.add_argument("--tmpdir", default=None, help="folder for the temporary models (default: system temp)")
     p.add_argument("--profile", type=int, metavar="W",
@@ -344,18 +359,19 @@ def main() -> None:
         widths = args.widths or [w for w in (2 ** k for k in range(5, 15)) if w <= max_width]
         if args.quick and args.widths:
             widths = [w for w in widths if w <= 1024]
-        started, t0 = datetime.datetime.now(), time.perf_counter()
+        started, t0, load0 = datetime.datetime.now(), time.perf_counter(), os.getloadavg()[0]
         versions = run_child("versions")
         rows = []
         for w in widths:
             rows.append(measure_width(w, folder, args.repeats if w <= SMALL else 1,
                                       lambda msg: print(msg, file=sys.stderr, flush=True)))
-        table = render(rows, versions, started, time.perf_counter() - t0)
+        table = render(rows, versions, started, time.perf_counter() - t0, (load0, os.getloadavg()[0]))
         print(table)
-        if not args.no_write:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(table)
-            print(f"written to {args.output}", file=sys.stderr)
+        output = args.output or (None if args.quick else HERE / "results" / "fusion_cost.md")
+        if output is not None and not args.no_write:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(table)
+            print(f"written to {output}", file=sys.stderr)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

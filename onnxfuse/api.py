@@ -94,6 +94,8 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         summary["exact"] = all(v is None for v in exactness.values())
         summary["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
                               for k, v in exactness.items()}
+        if not summary["exact"]:
+            summary["deviation"] = _measure_deviation(model, sources, data)
     if data is not None or val is not None:
         _tune_and_score(model, sources, data, val, options, summary, progress)
         model = summary.pop("_model", model)
@@ -159,6 +161,8 @@ def inspect(models) -> dict:
             report["exact"] = all(v is None for v in exactness.values())
             report["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
                                  for k, v in exactness.items()}
+            if not report["exact"] and not a.problems:
+                report["deviation"] = fuse(models, "concat").summary.get("deviation")
         except IncompatibleMembersError as exc:
             report["compatible"] = False
             report["incompatibility"] = str(exc)
@@ -244,3 +248,17 @@ def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> lis
     models = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
     first = load_member(models[0])
     return run_evaluate(models, load_data(data, first.model), ensemble, provider)
+
+
+def _measure_deviation(wide: onnx.ModelProto, sources, data) -> dict | None:
+    """Measure, never hide, how far a wide model that is not exactly the ensemble is from it."""
+    from .runtime import output_deviation, random_feeds
+    if data is not None:
+        from .data import load_data
+        feeds, on = load_data(data, wide).inputs, str(data)
+        feeds = {k: v[:256] for k, v in feeds.items()}
+    else:
+        feeds, on = random_feeds(wide), "16 random standard-normal inputs"
+    if feeds is None:
+        return {"on": None, "note": "not measured: the model has non-float inputs; pass --data"}
+    return {"on": on, **output_deviation(wide, sources, feeds)}

@@ -171,15 +171,18 @@ def _show_progress(quiet: bool, as_json: bool) -> bool:
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @_output_options
+@click.option("--data", default=None, metavar="DATA.npz",
+              help="Inputs on which to measure how far a non-exact wide model is from the ensemble "
+                   "(default: random inputs).")
 @_common
 @_reports_errors
-def concat(models, output, force, quiet, as_json):
+def concat(models, output, data, force, quiet, as_json):
     """Write the wide model: MODELS side by side in one graph.
 
     Its output is the mean of the members' outputs (logit averaging) wherever the report says
     'exact'; it costs as much to run as the whole ensemble.
     """
-    _finish(api.fuse(models, "concat", None, output, force), quiet, as_json)
+    _finish(api.fuse(models, "concat", None, output, force, data=data), quiet, as_json)
 
 
 @main.command()
@@ -216,6 +219,7 @@ def inspect(models, as_json):
                                   f"NOT compatible: {report['incompatibility']}"))
         for name, verdict in report.get("outputs", {}).items():
             click.echo(f"  wide output '{name}': {verdict}")
+        _echo_deviation(report.get("deviation"))
     click.echo("can be fused: " + ("yes" if report["fusable"] else "no"))
 
 
@@ -237,6 +241,7 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
         click.echo(f"  group {g['id']:<3} fixed at width {g['width']}: {'; '.join(g['why'])}")
     for name, verdict in s.get("outputs", {}).items():
         click.echo(f"  output '{name}': {verdict}")
+    _echo_deviation(s.get("deviation"))
     if "training" in s:
         o = s["training"]["options"]
         click.echo(f"  fine-tuned {o['epochs']} epochs ({'distillation' if o['distill'] else 'labels'}, "
@@ -250,3 +255,13 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
         p = s["parameters"]
         click.echo(f"  parameters: {p['output']:,} (one member: {p['member']:,})")
     click.echo(f"  {s['seconds']:.2f} s")
+
+
+def _echo_deviation(dev) -> None:
+    if not dev:
+        return
+    if dev.get("on") is None:
+        click.echo(f"  deviation from the ensemble: {dev['note']}")
+    else:
+        click.echo(f"  deviation from the ensemble on {dev['on']}: max abs {dev['max_abs']:.3g} "
+                   f"(relative {dev['max_relative']:.3g})")

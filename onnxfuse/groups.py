@@ -47,6 +47,14 @@ class ShapeConst:
 
 
 @dataclass
+class AttrConst:
+    """A node attribute that equals the width of a channel axis (e.g. the group count of a depthwise Conv)."""
+    node: int
+    name: str
+    segs: tuple[Seg, ...]
+
+
+@dataclass
 class Group:
     id: int
     width: int
@@ -98,7 +106,9 @@ class Analysis:
     shape_consts: list[ShapeConst] = field(default_factory=list)
     frozen: dict[int, list[str]] = field(default_factory=dict)
     blocked: dict[int, list[str]] = field(default_factory=dict)
+    attr_consts: list[AttrConst] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)    # unsupported ops touching channels
+    mixing: dict[str, str] = field(default_factory=dict)  # node -> why it mixes channels of one axis
 
     # -- union-find
     def new_space(self, width: int, layer: str) -> int:
@@ -122,6 +132,23 @@ class Analysis:
             raise UnsupportedGraphError(f"node '{node}' combines channel axes of widths "
                                         f"{self.space_width[ra]} and {self.space_width[rb]}")
         self.parent[max(ra, rb)] = min(ra, rb)
+
+    def regrain(self, space: int, factor: int) -> None:
+        """Make the unit of a group `factor` consecutive channels (an attention head of `factor` dims):
+        its width divides by `factor` and every segment of it covers `factor` times more indices."""
+        root = self.find(space)
+        if factor == 1:
+            return
+        if self.space_width[root] % factor:
+            raise UnsupportedGraphError(f"cannot split width {self.space_width[root]} into units of {factor}")
+        members = {s for s in self.parent if self.find(s) == root}
+        for s in members:
+            self.space_width[s] //= factor
+        regrained = lambda segs: tuple(Seg(g.space, g.inner * factor) if g.space in members else g for g in segs)
+        for value, (axis, segs) in self.chan.items():
+            self.chan[value] = (axis, regrained(segs))
+        for item in self.touches + self.shape_consts + self.attr_consts:
+            item.segs = regrained(item.segs)
 
     def width(self, space: int) -> int:
         return self.space_width[self.find(space)]
@@ -294,18 +321,70 @@ def _rule_gemm(a, node):
 def _rule_matmul(a, node):
     x, w = node.input
     rank = _rank(a, x)
+    if w not in a.tensors and x in a.chan or w in a.chan:
+        return _activation_matmul(a, node)
     if w not in a.tensors or len(a.tensors.shape(w)) != 2 or rank is None:
-        return _unsupported(a, node, "MatMul of two activations (or an unknown rank) touching a channel axis")
+        return _unsupported(a, node, "MatMul with a weight of rank > 2 (or an unknown rank) touching a channel axis")
     _weight_layer(a, node, x, w, in_axis=0, out_axis=1, x_axis=rank - 1, out_chan_axis=rank - 1)
+
+
+def _activation_matmul(a, node):
+    """A @ B of two activations (attention): channels on a batch axis (heads) are unified and kept; channels
+    on the rows of A or the columns of B carry through; a contracted channel axis is not supported."""
+    y = node.output[0]
+    out_rank = _rank(a, y)
+    result = None
+    for pos, x in enumerate(node.input):
+        if x not in a.chan:
+            continue
+        axis, segs = a.chan[x]
+        rank = _rank(a, x)
+        from_end = rank - axis
+        contracted = 1 if pos == 0 else 2
+        if from_end == contracted or rank < 2 or out_rank is None:
+            return _unsupported(a, node, "contracts a channel axis of two activations")
+        out_axis = out_rank - from_end
+        if result is not None:
+            if result[0] != out_axis or len(result[1]) != len(segs):
+                return _unsupported(a, node, "its inputs carry channels on different axes")
+            for s, r in zip(segs, result[1]):
+                a.union(s.space, r.space, node.name)
+        result = (out_axis, segs)
+    a.chan[y] = result
 
 
 @rule("Conv")
 def _rule_conv(a, node):
-    if _attr(node, "group", 1) != 1:
-        return _unsupported(a, node, f"grouped convolution (group={_attr(node, 'group')}) is not supported yet")
+    group = _attr(node, "group", 1)
+    if group != 1:
+        return _depthwise_conv(a, node, group)
     segs = _weight_layer(a, node, node.input[0], node.input[1], in_axis=1, out_axis=0, x_axis=1, out_chan_axis=1)
     if segs and len(node.input) > 2 and node.input[2]:
         a.touches.append(Touch(node.input[2], 0, segs, "param", node.name))
+
+
+def _depthwise_conv(a, node, group: int):
+    """group == input channels: output channel o comes from input channel o // multiplier, so the output
+    keeps the input's channels (each repeated `multiplier` times) and the group count is their width."""
+    x, w = node.input[0], node.input[1]
+    if x not in a.chan or w not in a.tensors:
+        return _unsupported(a, node, f"grouped convolution (group={group}) of a graph input")
+    axis, segs = a.chan[x]
+    widths = {a.find(s.space): a.width(s.space) for s in segs}
+    if axis != 1 or len(segs) != 1 or segs[0].inner != 1 or a.axis_size(segs, widths) != group:
+        return _unsupported(a, node, f"grouped convolution with group={group} (only depthwise, group = input "
+                                     f"channels, is supported)")
+    multiplier = a.tensors.shape(w)[0] // group
+    out_segs = (Seg(segs[0].space, multiplier),)
+    a.touches.append(Touch(w, 0, out_segs, "out", node.name))
+    if len(node.input) > 2 and node.input[2]:
+        a.touches.append(Touch(node.input[2], 0, out_segs, "param", node.name))
+    a.attr_consts.append(AttrConst(_node_index(a, node), "group", segs))
+    a.chan[node.output[0]] = (1, out_segs)
+
+
+def _node_index(a, node) -> int:
+    return next(i for i, n in enumerate(a.model.graph.node) if n is node)
 
 
 def _bias(a, node, b: str, y: str):
@@ -386,16 +465,57 @@ def _rule_reshape(a, node):
         return _unsupported(a, node, "needs static sizes after the channel axis")
     if _same_dims(dims_in[:axis + 1], dims_out[:axis + 1]):        # channel axis untouched
         a.chan[y] = (axis, segs)
+        _record_target(a, node, axis, segs)
         return
     inner = prod(dims_in[axis + 1:])
     if len(dims_out) == axis + 1 and _same_dims(dims_in[:axis], dims_out[:axis]) and \
             dims_out[axis] in (None, _prod(dims_in[axis:])):
         new_segs = tuple(Seg(s.space, s.inner * inner) for s in segs)
         a.chan[y] = (axis, new_segs)
-        if target is not None and len(target) > axis and target[axis] > 0:
-            a.shape_consts.append(ShapeConst(node.input[1], axis, new_segs))
+        _record_target(a, node, axis, new_segs)
+        return
+    if len(dims_out) == len(dims_in) + 1 and _same_dims(dims_in[:axis], dims_out[:axis]) and \
+            _same_dims(dims_in[axis + 1:], dims_out[axis + 2:]) and len(segs) == 1 and segs[0].inner == 1 and \
+            isinstance(dims_out[axis + 1], int) and isinstance(dims_out[axis], int) and \
+            dims_out[axis] * dims_out[axis + 1] == dims_in[axis]:     # [.., H*D, ..] -> [.., H, D, ..]: heads
+        a.regrain(segs[0].space, dims_out[axis + 1])
+        head_segs = (Seg(segs[0].space),)
+        a.chan[y] = (axis, head_segs)
+        _record_target(a, node, axis, head_segs)
         return
     _unsupported(a, node, f"reshapes the channel axis ({dims_in} -> {dims_out})")
+
+
+def _record_target(a, node, axis: int, segs) -> None:
+    """The element of a Reshape target that spells out the channel axis' size, to be rewritten with the width.
+
+    The target is a constant, or (legacy torch exports of x.view(b, t, h, d)) a Concat of pieces of which
+    the one holding that element is a constant.
+    """
+    if node.op_type != "Reshape":
+        return
+    name, index = node.input[1], axis
+    producer = {o: n for n in a.model.graph.node for o in n.output}
+    while name not in a.tensors and name in producer and producer[name].op_type == "Concat":
+        offset = 0
+        for piece in producer[name].input:
+            shape = a.shapes.get(piece) or (list(a.tensors.shape(piece)) if piece in a.tensors else None)
+            length = shape[0] if shape and len(shape) == 1 and isinstance(shape[0], int) else (1 if shape == [] else None)
+            if length is None:
+                return
+            if offset <= index < offset + length:
+                name, index = piece, index - offset
+                break
+            offset += length
+        else:
+            return
+        while name in producer and producer[name].op_type in ("Unsqueeze", "Identity", "Cast") and \
+                name not in a.tensors:
+            name = producer[name].input[0]
+    if name in a.tensors:
+        value = np.asarray(a.tensors.array(name)).reshape(-1)
+        if index < len(value) and value[index] > 0:
+            a.shape_consts.append(ShapeConst(name, index, segs))
 
 
 def _prod(dims):
@@ -477,6 +597,51 @@ def _rule_concat(a, node):
     a.chan[node.output[0]] = (axis, tuple(segs))
 
 
+@rule("LayerNormalization")
+def _rule_layernorm(a, node):
+    x = node.input[0]
+    axis, segs = a.chan[x]
+    rank = _rank(a, x) or axis + 1
+    first = _attr(node, "axis", -1) % rank
+    if axis >= first:
+        for i, t in enumerate(node.input[1:3], start=1):
+            if t and t in a.tensors:
+                a.touches.append(Touch(t, axis - (rank - len(a.tensors.shape(t))), segs,
+                                       "norm" if i == 1 else "param", node.name))
+        a.mixing[node.name] = f"LayerNormalization '{node.name}' normalizes over the members' channels together"
+    a.chan[node.output[0]] = (axis, segs)
+
+
+@rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd", "ReduceSumSquare")
+def _rule_reduce(a, node):
+    x = node.input[0]
+    axis, segs = a.chan[x]
+    rank = _rank(a, x)
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = _const(a, node.input[1])
+    if rank is None or axes is None:
+        return _unsupported(a, node, "reduction with unknown axes")
+    axes = {int(v) % rank for v in np.asarray(axes).reshape(-1)}
+    keep = _attr(node, "keepdims", 1)
+    if axis in axes:      # e.g. the mean of a LayerNorm decomposition: the result has no channel axis
+        a.mixing[node.name] = f"{node.op_type} '{node.name}' reduces over the members' channels together"
+        return
+    a.chan[node.output[0]] = (axis if keep else axis - sum(v < axis for v in axes), segs)
+
+
+@rule("Gather")
+def _rule_gather(a, node):
+    x, idx = node.input
+    axis, segs = a.chan[x]
+    rank = _rank(a, x)
+    g = _attr(node, "axis", 0) % rank if rank else None
+    idx_rank = _rank(a, idx) if idx not in a.tensors else len(a.tensors.shape(idx))
+    if g is None or g == axis or idx_rank is None:
+        return _unsupported(a, node, "gathers along the channel axis")
+    a.chan[node.output[0]] = (axis if g > axis else axis + idx_rank - 1, segs)
+
+
 @rule(*CHANNEL_REDUCERS)
 def _rule_reducer(a, node):
     axis, segs = a.chan[node.input[0]]
@@ -529,6 +694,8 @@ def output_exactness(a: Analysis, differing: set[str]) -> dict[str, str | None]:
         averaged = [x for x in node.input if x in differing]
         if derived:
             result = derived
+        elif node.name in a.mixing and any(s[0] == "wide" for s in ins):
+            result = ("derived", a.mixing[node.name])
         elif out_wide:
             result = ("wide", None)
         elif node.op_type in LINEAR_LAYERS and in_wide:

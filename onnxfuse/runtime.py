@@ -97,3 +97,36 @@ def evaluate(models, data: Dataset, ensemble: bool = False, provider: str = "cpu
     if ensemble:
         rows.append({"model": f"ensemble of {len(models)}", **scores(np.mean(all_logits, axis=0), data.y)})
     return rows
+
+
+def random_feeds(model: onnx.ModelProto, batch: int = 16, seed: int = 0) -> dict[str, np.ndarray] | None:
+    """Standard-normal inputs for every float graph input (symbolic dims = batch); None if an input is not float."""
+    from .data import NP_FLOAT, graph_inputs
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in graph_inputs(model):
+        tt = spec.type.tensor_type
+        if tt.elem_type not in NP_FLOAT:
+            return None
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        feeds[spec.name] = rng.normal(size=dims).astype(NP_FLOAT[tt.elem_type])
+    return feeds
+
+
+def output_deviation(wide: onnx.ModelProto, members: list, feeds: dict[str, np.ndarray]) -> dict:
+    """How far the wide model's float outputs are from the mean of the members' outputs on `feeds`."""
+    def outputs(source):
+        data = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs() if o.type in ("tensor(float)", "tensor(double)",
+                                                                   "tensor(float16)")]
+        return dict(zip(names, sess.run(names, feeds)))
+    got = outputs(wide)
+    member_outputs = [outputs(m) for m in members]
+    worst_abs, worst_rel = 0.0, 0.0
+    for name, value in got.items():
+        mean = np.mean([m[name].astype(np.float64) for m in member_outputs], axis=0)
+        diff = float(np.abs(value - mean).max())
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / max(float(np.abs(mean).max()), 1e-12))
+    return {"max_abs": worst_abs, "max_relative": worst_rel}

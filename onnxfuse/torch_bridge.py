@@ -91,8 +91,9 @@ class OnnxModule(torch.nn.Module):
 
     def forward(self, *inputs):
         env = dict(zip(self.input_names, inputs))
-        for name in self._key_of:
-            env[name] = self.tensor(name)
+        params, buffers = self.params._parameters, self._buffers      # direct dicts: this runs every step
+        for key, name in self.onnx_names.items():
+            env[name] = params[key] if key in params else buffers[key]
         env.update(self.constants)
         for fn, ins, outs, attrs, node in self.steps:
             result = fn(self, attrs, *[env[x] if x else None for x in ins])
@@ -131,10 +132,13 @@ def _needed_nodes(graph, outputs):
 
 @op("Gemm")
 def _gemm(m, at, a, b, c=None):
+    alpha, beta = at.get("alpha", 1.0), at.get("beta", 1.0)
     a = a.t() if at.get("transA", 0) else a
     b = b.t() if at.get("transB", 0) else b
-    y = at.get("alpha", 1.0) * (a @ b)
-    return y if c is None else y + at.get("beta", 1.0) * c
+    if c is None:
+        y = a @ b
+        return y if alpha == 1.0 else y * alpha
+    return torch.addmm(c, a, b, beta=beta, alpha=alpha)     # one fused op, as nn.Linear does
 
 
 @op("MatMul")

@@ -156,7 +156,7 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
     if bar is not None:
         bar.close()
     module.eval()
-    return TrainResult(module.to("cpu").write_back(), history, asdict(options))
+    return TrainResult(module.to("cpu").write_back(), history, {**asdict(options), "lr": lr})
 
 
 def _check_labels(module, xs, ys, source):
