@@ -17,7 +17,7 @@ imports onnx or numpy) so that nothing inflates the children's ru_maxrss: on Lin
 survives fork/vfork + exec.
 
     python benchmarks/fusion_cost.py                 # full table, w = 32 .. 16384 (several minutes)
-    python benchmarks/fusion_cost.py --quick         # smoke run, w <= 1024
+    python benchmarks/fusion_cost.py --quick         # smoke run, w <= 1024 (prints, writes nothing)
     python benchmarks/fusion_cost.py --widths 512 8192
     python benchmarks/fusion_cost.py --profile 8192  # cProfile + per-phase time/RSS of one merge
 """

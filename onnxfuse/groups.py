@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, shape_inference
 
 from .errors import UnsupportedGraphError
-from .model_io import FLOAT_TYPES, TensorTable
+from .model_io import TensorTable, light_model
 
 
 @dataclass(frozen=True)
@@ -208,21 +208,7 @@ class Analysis:
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Shapes of every value (ints, or None/str for unknown/symbolic dims), inferred on a weight-less copy."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    graph = light.graph
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    for t in model.graph.initializer:
-        if t.data_type in FLOAT_TYPES:
-            stub = graph.initializer.add()
-            stub.name, stub.data_type = t.name, t.data_type
-            stub.dims.extend(t.dims)
-        else:
-            graph.initializer.add().CopyFrom(t)
+    light = light_model(model)
     try:
         inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:

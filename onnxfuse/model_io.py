@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +45,32 @@ def load_member(source, index: int = 0) -> Member:
         member = Member(name, model, digest)
     else:
         path = Path(source)
-        member = Member(str(path), _read_model_file(path), _sha256(path), path)
+        with ThreadPoolExecutor(1) as pool:       # hashing releases the GIL: it overlaps with parsing
+            digest = pool.submit(_sha256, path) if path.is_file() else None
+            model = _read_model_file(path)
+            member = Member(str(path), model, digest.result(), path)
     _refuse_unsupported(member)
     return member
+
+
+def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with float initializers turned into typed graph inputs: cheap to check and to infer shapes on
+    (the weights' own sizes are checked by _check_tensor_sizes)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            graph.initializer.add().CopyFrom(t)
+    return light
 
 
 def _sha256(path: Path) -> str:
@@ -94,7 +119,8 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 def _refuse_unsupported(member: Member) -> None:
     try:
-        onnx.checker.check_model(member.model)
+        onnx.checker.check_model(light_model(member.model))
+        _check_tensor_sizes(member.model)
     except Exception as exc:
         raise InputError(f"{member.name}: invalid ONNX model ({str(exc).splitlines()[0][:300]})") from None
     for node in member.model.graph.node:
@@ -104,6 +130,20 @@ def _refuse_unsupported(member: Member) -> None:
     if not any(member.tensors.dtype(n) in FLOAT_TYPES for n in member.tensors.names()):
         raise InputError(f"{member.name}: the model has no floating-point weights; integer-only models "
                          f"cannot be fused")
+
+
+def _check_tensor_sizes(model: onnx.ModelProto) -> None:
+    """What the checker would catch in the weights we strip before checking: data that does not fit the shape."""
+    for t in model.graph.initializer:
+        if t.data_type not in FLOAT_TYPES:
+            continue
+        count = int(np.prod(t.dims, dtype=np.int64))
+        if t.raw_data:
+            held = len(t.raw_data) // np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        else:
+            held = len(t.float_data) + len(t.double_data) + len(t.int32_data)
+        if held != count:
+            raise ValueError(f"initializer '{t.name}' holds {held} values for shape {list(t.dims)}")
 
 
 class TensorTable:
@@ -137,8 +177,13 @@ class TensorTable:
         return tuple(proto.dims) if proto is not None else self.array(name).shape
 
     def array(self, name: str) -> np.ndarray:
+        """The tensor's value; read-only and without a copy when it is stored as raw little-endian data."""
         proto = self.proto(name)
         if proto is not None:
+            np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type))
+            if proto.raw_data and proto.data_type != TensorProto.STRING and np_dtype.byteorder in "=<|" \
+                    and sys.byteorder == "little":
+                return np.frombuffer(proto.raw_data, dtype=np_dtype).reshape(tuple(proto.dims))
             return numpy_helper.to_array(proto)
         return np.asarray(helper.get_attribute_value(self._const[name].attribute[0]))
 
@@ -156,8 +201,15 @@ class TensorTable:
                 getattr(attr, field_name).extend(values)
             return
         np_dtype = helper.tensor_dtype_to_np_dtype(proto.data_type)
-        new = numpy_helper.from_array(np.ascontiguousarray(array.astype(np_dtype, copy=False)), proto.name)
-        proto.CopyFrom(new)
+        value = np.ascontiguousarray(array.astype(np_dtype, copy=False))
+        if sys.byteorder != "little" or proto.data_type == TensorProto.STRING:
+            proto.CopyFrom(numpy_helper.from_array(value, proto.name))
+            return
+        for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            proto.ClearField(field_name)
+        del proto.dims[:]
+        proto.dims.extend(value.shape)
+        proto.raw_data = value.tobytes()
 
 
 # ----------------------------------------------------------------------------- compatibility

@@ -23,9 +23,7 @@ def channel_scores(a: Analysis, load, n: int, widened: dict) -> dict[int, np.nda
             if touch.role == "param":
                 continue
             for m in range(n):
-                arr = load(tensor, m)
-                other = tuple(i for i in range(arr.ndim) if i != axis)
-                per_index = np.square(arr, dtype=np.float64).sum(axis=other) * scale ** 2
+                per_index = sum_of_squares(load(tensor, m), axis) * scale ** 2
                 offset = 0
                 for seg in touch.segs:
                     root = a.find(seg.space)
@@ -35,6 +33,12 @@ def channel_scores(a: Analysis, load, n: int, widened: dict) -> dict[int, np.nda
                     terms[root] = terms.get(root, 0) + (m == 0)
                     offset += width * seg.inner
     return {root: s / terms[root] for root, s in scores.items()}
+
+
+def sum_of_squares(arr: np.ndarray, axis: int) -> np.ndarray:
+    """Sum of squares over every axis but `axis`, without a squared temporary (einsum streams it)."""
+    letters = "abcdefghijklmnop"[:arr.ndim]
+    return np.einsum(f"{letters},{letters}->{letters[axis]}", arr, arr).astype(np.float64)
 
 
 def tensor_scale(axes: dict, n: int) -> float:
