@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,25 @@ import onnx
 from . import __version__
 from .errors import IncompatibleMembersError, OnnxFuseError, UnsupportedGraphError
 from .groups import Analysis, analyze, output_exactness
-from .model_io import Member, check_compatible, check_output_path, load_member, save_model
+from .model_io import Member, TensorTable, check_compatible, check_output_path, load_member, save_model
 from .select import channel_scores, kept_count, top_k
 from .transplant import MemberTensors, transplant
 
 
 @dataclass
 class Fusion:
-    """A fused (or wide, or pruned) model and what was done to make it."""
-    model: onnx.ModelProto
+    """A fused (or wide, or pruned) model and what was done to make it.
+
+    `graph` has no weight data; the weights are in `tensors`. `model` puts them together on first use
+    (the CLI never does: it streams graph and weights into the file).
+    """
+    graph: onnx.ModelProto
+    tensors: TensorTable
     summary: dict = field(default_factory=dict)
+
+    @cached_property
+    def model(self) -> onnx.ModelProto:
+        return self.tensors.materialize(self.graph)
 
 
 def load_members(sources) -> list[Member]:
@@ -79,8 +89,9 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     exactness = output_exactness(a, load.differing()) if method == "concat" else None
     names = [m.name for m in members]
     member_params = _count_params(members[0].model)
-    model = transplant(members, load, a, kept, in_place=all(m.path is not None for m in members))
-    _stamp(model, method, keep, members)
+    graph, tensors = transplant(members, load, a, kept)
+    _stamp(graph, method, keep, members)
+    fusion = Fusion(graph, tensors)
     summary = {
         "method": method, "members": names, "keep": keep,
         "groups": [{"id": g.id, "width": g.width, "kept": int(len(kept[g.id])),
@@ -88,22 +99,25 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
                     "layers": g.layers} for g in groups],
         "fixed_groups": [{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
                          for g in a.groups() if not g.prunable],
-        "parameters": {"member": member_params, "output": _count_params(model)},
+        "parameters": {"member": member_params, "output": _count_params(graph)},
     }
     if exactness is not None:
         summary["exact"] = all(v is None for v in exactness.values())
         summary["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
                               for k, v in exactness.items()}
         if not summary["exact"]:
-            summary["deviation"] = _measure_deviation(model, sources, data)
+            summary["deviation"] = _measure_deviation(fusion.model, sources, data)
     if data is not None or val is not None:
-        _tune_and_score(model, sources, data, val, options, summary, progress)
-        model = summary.pop("_model", model)
+        _tune_and_score(fusion.model, sources, data, val, options, summary, progress)
+        tuned = summary.pop("_model", None)
+        if tuned is not None:
+            fusion = Fusion(*TensorTable.detach(tuned))
     if output is not None:
-        save_model(model, output, force)
+        save_model(fusion.graph, output, force, fusion.tensors)
         summary["output"] = str(output)
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    return Fusion(model, summary)
+    fusion.summary = summary
+    return fusion
 
 
 def _count_params(model: onnx.ModelProto) -> int:
@@ -224,21 +238,24 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
     if output is not None:
         check_output_path(output, [model, *(teachers or [])], force)
     member = load_member(model)
+    full = member.tensors.materialize(member.model)
     options = _train_options(training) or _train_options({"epochs": 3})
-    train_set = load_data(data, member.model)
-    val_set = load_data(val, member.model) if val is not None else None
+    train_set = load_data(data, full)
+    val_set = load_data(val, full) if val is not None else None
     teacher = _teacher_logits(teachers, train_set) if options.distill and teachers else None
-    result = run_finetune(member.model, train_set, options, val_set, teacher, progress)
+    result = run_finetune(full, train_set, options, val_set, teacher, progress)
     summary = {"method": "finetune", "members": [member.name], "training": {"options": result.options,
                                                                          "history": result.history}}
     if val_set is not None:
-        summary["accuracy"] = {"before": scores(Runner(member.model)(val_set), val_set.y),
+        summary["accuracy"] = {"before": scores(Runner(full)(val_set), val_set.y),
                                "after": scores(Runner(result.model)(val_set), val_set.y)}
+    fusion = Fusion(*TensorTable.detach(result.model))
     if output is not None:
-        save_model(result.model, output, force)
+        save_model(fusion.graph, output, force, fusion.tensors)
         summary["output"] = str(output)
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    return Fusion(result.model, summary)
+    fusion.summary = summary
+    return fusion
 
 
 def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> list[dict]:

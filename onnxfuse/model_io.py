@@ -24,31 +24,35 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 @dataclass
 class Member:
-    """One input model. `model` is private to onnxfuse (a copy when the caller passed a ModelProto)."""
+    """One input model: its graph without weight data (`model`) and its weights as numpy arrays (`tensors`).
+
+    Holding weights as arrays, not in the protobuf, means one copy of each weight: protobuf's arena would
+    keep every replaced or cleared tensor alive until the whole message is freed.
+    """
     name: str
     model: onnx.ModelProto
     sha256: str
     path: Path | None = None
-    tensors: "TensorTable" = field(init=False)
+    tensors: "TensorTable" = None
 
     def __post_init__(self):
-        self.tensors = TensorTable(self.model.graph)
+        if self.tensors is None:
+            self.model, self.tensors = TensorTable.detach(self.model)
 
 
 def load_member(source, index: int = 0) -> Member:
     """Load a path or ModelProto, with external data, and refuse what onnxfuse cannot fuse."""
     if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
         name = source.graph.name or f"<model {index}>"
-        digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
-        member = Member(name, model, digest)
+        digest = hashlib.sha256(source.SerializeToString(deterministic=True)).hexdigest()
+        member = Member(name, source, digest)
     else:
         path = Path(source)
         with ThreadPoolExecutor(1) as pool:       # hashing releases the GIL: it overlaps with parsing
             digest = pool.submit(_sha256, path) if path.is_file() else None
             model = _read_model_file(path)
             member = Member(str(path), model, digest.result(), path)
+            del model
     _refuse_unsupported(member)
     return member
 
@@ -120,7 +124,6 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
 def _refuse_unsupported(member: Member) -> None:
     try:
         onnx.checker.check_model(light_model(member.model))
-        _check_tensor_sizes(member.model)
     except Exception as exc:
         raise InputError(f"{member.name}: invalid ONNX model ({str(exc).splitlines()[0][:300]})") from None
     for node in member.model.graph.node:
@@ -132,26 +135,44 @@ def _refuse_unsupported(member: Member) -> None:
                          f"cannot be fused")
 
 
-def _check_tensor_sizes(model: onnx.ModelProto) -> None:
-    """What the checker would catch in the weights we strip before checking: data that does not fit the shape."""
-    for t in model.graph.initializer:
-        if t.data_type not in FLOAT_TYPES:
-            continue
-        count = int(np.prod(t.dims, dtype=np.int64))
-        if t.raw_data:
-            held = len(t.raw_data) // np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        else:
-            held = len(t.float_data) + len(t.double_data) + len(t.int32_data)
-        if held != count:
-            raise ValueError(f"initializer '{t.name}' holds {held} values for shape {list(t.dims)}")
-
-
 class TensorTable:
-    """Every constant tensor of a graph by value name: initializers and outputs of Constant nodes."""
+    """Every constant tensor of a graph by value name: initializers and outputs of Constant nodes.
 
-    def __init__(self, graph: onnx.GraphProto):
+    Float initializers stored as raw data may be *detached*: their values live in `arrays` and the graph's
+    TensorProto keeps only name, type and shape; `materialize` and `save_model` put the data back.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, arrays: dict[str, np.ndarray] | None = None):
         self._init = {t.name: t for t in graph.initializer}
         self._const = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+        self.arrays = dict(arrays or {})
+
+    @classmethod
+    def detach(cls, model: onnx.ModelProto) -> tuple[onnx.ModelProto, "TensorTable"]:
+        """A copy of `model` without float weight data, and a table holding that data as arrays."""
+        arrays = {}
+        stripped = onnx.ModelProto()
+        for fd, value in model.ListFields():
+            if fd.name != "graph":
+                _copy_field(stripped, fd, value)
+        for fd, value in model.graph.ListFields():
+            if fd.name != "initializer":
+                _copy_field(stripped.graph, fd, value)
+        for t in model.graph.initializer:
+            stub = stripped.graph.initializer.add()
+            if t.data_type in FLOAT_TYPES and t.raw_data and t.data_location != TensorProto.EXTERNAL:
+                for fd, value in t.ListFields():
+                    if fd.name != "raw_data":
+                        _copy_field(stub, fd, value)
+                dtype = _little(np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
+                raw = t.raw_data
+                count = int(np.prod(t.dims, dtype=np.int64))
+                if len(raw) != count * dtype.itemsize:
+                    raise InputError(f"initializer '{t.name}' holds {len(raw)} bytes for shape {list(t.dims)}")
+                arrays[t.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
+            else:
+                stub.CopyFrom(t)
+        return stripped, cls(stripped.graph, arrays)
 
     def names(self):
         return list(self._init) + list(self._const)
@@ -177,13 +198,11 @@ class TensorTable:
         return tuple(proto.dims) if proto is not None else self.array(name).shape
 
     def array(self, name: str) -> np.ndarray:
-        """The tensor's value; read-only and without a copy when it is stored as raw little-endian data."""
+        """The tensor's value (read-only: never modify it in place)."""
+        if name in self.arrays:
+            return self.arrays[name]
         proto = self.proto(name)
         if proto is not None:
-            np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type))
-            if proto.raw_data and proto.data_type != TensorProto.STRING and np_dtype.byteorder in "=<|" \
-                    and sys.byteorder == "little":
-                return np.frombuffer(proto.raw_data, dtype=np_dtype).reshape(tuple(proto.dims))
             return numpy_helper.to_array(proto)
         return np.asarray(helper.get_attribute_value(self._const[name].attribute[0]))
 
@@ -200,16 +219,44 @@ class TensorTable:
                 del getattr(attr, field_name)[:]
                 getattr(attr, field_name).extend(values)
             return
-        np_dtype = helper.tensor_dtype_to_np_dtype(proto.data_type)
+        np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type))
         value = np.ascontiguousarray(array.astype(np_dtype, copy=False))
-        if sys.byteorder != "little" or proto.data_type == TensorProto.STRING:
+        if name in self.arrays:
+            self.arrays[name] = value
+            del proto.dims[:]
+            proto.dims.extend(value.shape)
+        else:
             proto.CopyFrom(numpy_helper.from_array(value, proto.name))
-            return
-        for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            proto.ClearField(field_name)
-        del proto.dims[:]
-        proto.dims.extend(value.shape)
-        proto.raw_data = value.tobytes()
+
+    def materialize(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A complete copy of `model` (whose tensors this table describes) with the weight data put back."""
+        full = onnx.ModelProto()
+        full.CopyFrom(model)
+        for t in full.graph.initializer:
+            if t.name in self.arrays:
+                t.raw_data = _little_endian(self.arrays[t.name]).tobytes()
+        return full
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def _little(dtype: np.dtype) -> np.dtype:
+    return dtype if dtype.byteorder in "<|" or (dtype.byteorder == "=" and sys.byteorder == "little") \
+        else dtype.newbyteorder("<")
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=_little(array.dtype))
+
+
+def _copy_field(target, fd, value) -> None:
+    if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
+        getattr(target, fd.name).extend(value)
+    elif fd.type == fd.TYPE_MESSAGE:
+        getattr(target, fd.name).CopyFrom(value)
+    else:
+        setattr(target, fd.name, value)
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -301,27 +348,98 @@ def check_output_path(output, inputs=(), force: bool = False) -> Path:
     return out
 
 
-def save_model(model: onnx.ModelProto, output, force: bool = False) -> Path:
+def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: TensorTable | None = None) -> Path:
     """Write atomically: into a temporary folder beside the output, then rename into place.
 
-    Models too large for one protobuf go to `<name>.data` beside the output (relative location).
+    `tensors` holds detached weight data (see TensorTable.detach): it is streamed into the file, never
+    assembled into one protobuf in memory. Outputs above EXTERNAL_DATA_THRESHOLD go to `<name>.data`
+    beside the output (one file, relative location); smaller ones are one self-contained file.
     """
     out = Path(output)
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to overwrite)")
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    tensors = tensors or TensorTable(model.graph)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     try:
-        if large:
-            onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=out.name + ".data", size_threshold=1024)
+        if tensors.nbytes() + model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            model = _write_external(model, tensors, tmp / (out.name + ".data"), out.name + ".data")
+            with open(tmp / out.name, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
             os.replace(tmp / (out.name + ".data"), out.with_name(out.name + ".data"))
         else:
             with open(tmp / out.name, "wb") as f:
-                f.write(model.SerializeToString(deterministic=True))
+                _write_streaming(f, model, tensors)
         os.replace(tmp / out.name, out)
     finally:
         for leftover in tmp.iterdir():
             leftover.unlink()
         tmp.rmdir()
     return out
+
+
+def _write_external(model, tensors: TensorTable, data_path: Path, location: str) -> onnx.ModelProto:
+    """Every detached tensor into one data file (4 KiB aligned); returns the model pointing at it."""
+    model_copy = onnx.ModelProto()
+    model_copy.CopyFrom(model)
+    offset = 0
+    with open(data_path, "wb") as f:
+        for t in model_copy.graph.initializer:
+            if t.name not in tensors.arrays:
+                continue
+            data = memoryview(_little_endian(tensors.arrays[t.name])).cast("B")
+            pad = -offset % 4096
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(data)
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                t.external_data.add(key=key, value=value)
+            offset += len(data)
+    return model_copy
+
+
+# Protobuf wire format, for streaming tensors into the file in the order a serializer would write them.
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _len_prefix(field_number: int, length: int) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(length)
+
+
+def _split_fields(message, field_number: int) -> tuple[bytes, bytes]:
+    """The message's fields numbered below and above `field_number`, serialized (fields in number order)."""
+    before, after = type(message)(), type(message)()
+    for fd, value in message.ListFields():
+        if fd.number < field_number:
+            _copy_field(before, fd, value)
+        elif fd.number > field_number:
+            _copy_field(after, fd, value)
+    return before.SerializeToString(deterministic=True), after.SerializeToString(deterministic=True)
+
+
+def _write_streaming(f, model: onnx.ModelProto, tensors: TensorTable) -> None:
+    """Write exactly the bytes of tensors.materialize(model).SerializeToString(), one tensor at a time."""
+    RAW_DATA, INITIALIZER, GRAPH = 9, 5, 7
+    pieces, size = [], 0     # the initializer entries: bytes and arrays, in order
+    for t in model.graph.initializer:
+        array = tensors.arrays.get(t.name)
+        if array is None or not array.size:       # an empty bytes field is not written at all
+            body = [t.SerializeToString(deterministic=True)]
+        else:
+            head_before, head_after = _split_fields(t, RAW_DATA)
+            data = memoryview(_little_endian(array)).cast("B")
+            body = [head_before, _len_prefix(RAW_DATA, len(data)), data, head_after]
+        length = sum(len(b) for b in body)
+        pieces += [_len_prefix(INITIALIZER, length), *body]
+        size += len(pieces[-len(body) - 1]) + length
+    graph_before, graph_after = _split_fields(model.graph, INITIALIZER)
+    graph_length = len(graph_before) + size + len(graph_after)
+    model_before, model_after = _split_fields(model, GRAPH)
+    for piece in (model_before, _len_prefix(GRAPH, graph_length), graph_before, *pieces, graph_after, model_after):
+        f.write(piece)

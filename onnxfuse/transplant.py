@@ -10,7 +10,7 @@ import onnx
 
 from .errors import IncompatibleMembersError
 from .groups import Analysis
-from .model_io import FLOAT_TYPES, Member
+from .model_io import FLOAT_TYPES, Member, TensorTable
 from .select import tensor_scale
 
 
@@ -81,18 +81,13 @@ def assemble(arrays: list[np.ndarray], maps: dict[int, tuple], scale: float) -> 
     return out
 
 
-def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: dict[int, np.ndarray],
-               in_place: bool = False) -> onnx.ModelProto:
-    """Member 0's graph with every tensor rebuilt from all members for the kept channels."""
+def transplant(members: list[Member], load: MemberTensors, a: Analysis,
+               kept: dict[int, np.ndarray]) -> tuple[onnx.ModelProto, TensorTable]:
+    """Member 0's graph (without weight data) and its tensors rebuilt from all members for the kept channels."""
     n = len(members)
-    if in_place:
-        model = members[0].model
-        tensors = members[0].tensors
-    else:
-        model = onnx.ModelProto()
-        model.CopyFrom(members[0].model)
-        from .model_io import TensorTable
-        tensors = TensorTable(model.graph)
+    model = onnx.ModelProto()
+    model.CopyFrom(members[0].model)
+    tensors = TensorTable(model.graph, members[0].tensors.arrays)
     widened = a.widened_touches()
     for name in members[0].tensors.names():
         axes = widened.get(name)
@@ -117,7 +112,7 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
         keep = [v for v in model.graph.value_info if v.name not in resized]
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)
-    return model
+    return model, tensors
 
 
 def _shared_value(load: MemberTensors, name: str, n: int, members: list[Member]):

@@ -81,3 +81,26 @@ def test_fused_model_beats_chance_without_finetuning():
     x, y = val("mlp")
     fused = onnxfuse.merge(members("mlp", 2))
     assert (run(fused, x).argmax(1) == y).mean() > 0.5
+
+
+def test_streamed_file_equals_the_serialized_model(tmp_path):
+    """Weights are streamed into the file; the bytes are those protobuf itself would write."""
+    for family in FAMILIES:
+        fusion = onnxfuse.fuse(members(family, 2), "nt", output=tmp_path / f"{family}.onnx")
+        assert (tmp_path / f"{family}.onnx").read_bytes() == fusion.model.SerializeToString(deterministic=True)
+
+
+def test_large_outputs_use_one_external_data_file(tmp_path, monkeypatch):
+    from onnxfuse import model_io
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "fused.onnx"
+    fusion = onnxfuse.fuse(members("mlp", 2), "nt", output=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.onnx", "fused.onnx.data"]
+    onnx.checker.check_model(str(out), full_check=True)
+    x, _ = val("mlp")
+    np.testing.assert_array_equal(run(onnx.load(out), x), run(fusion.model, x))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for p in tmp_path.glob("fused.onnx*"):
+        p.rename(moved / p.name)                      # the data location is relative
+    np.testing.assert_array_equal(run(str(moved / "fused.onnx"), x), run(fusion.model, x))
