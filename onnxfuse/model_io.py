@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .errors import IncompatibleMembersError, InputError, OutputError
 
@@ -26,35 +26,168 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 class Member:
     """One input model: its graph without weight data (`model`) and its weights as numpy arrays (`tensors`).
 
-    Holding weights as arrays, not in the protobuf, means one copy of each weight: protobuf's arena would
-    keep every replaced or cleared tensor alive until the whole message is freed.
+    Weights stay numpy views into the bytes read from the file: one copy of each, and protobuf's arena
+    (which keeps replaced tensor data alive until the whole message is freed) never holds them.
     """
     name: str
     model: onnx.ModelProto
+    tensors: "TensorTable"
     sha256: str
     path: Path | None = None
-    tensors: "TensorTable" = None
-
-    def __post_init__(self):
-        if self.tensors is None:
-            self.model, self.tensors = TensorTable.detach(self.model)
 
 
 def load_member(source, index: int = 0) -> Member:
     """Load a path or ModelProto, with external data, and refuse what onnxfuse cannot fuse."""
     if isinstance(source, onnx.ModelProto):
         name = source.graph.name or f"<model {index}>"
-        digest = hashlib.sha256(source.SerializeToString(deterministic=True)).hexdigest()
-        member = Member(name, source, digest)
+        data = source.SerializeToString(deterministic=True)
+        digest = hashlib.sha256(data).hexdigest()
+        model, tensors = parse_model(data, name)
+        member = Member(name, model, tensors, digest)
     else:
         path = Path(source)
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        if not path.is_file():
+            raise InputError(f"{path}: not a regular file")
+        data = path.read_bytes()
         with ThreadPoolExecutor(1) as pool:       # hashing releases the GIL: it overlaps with parsing
-            digest = pool.submit(_sha256, path) if path.is_file() else None
-            model = _read_model_file(path)
-            member = Member(str(path), model, digest.result(), path)
-            del model
+            digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+            model, tensors = parse_model(data, str(path), path.resolve().parent)
+            member = Member(str(path), model, tensors, digest.result(), path)
     _refuse_unsupported(member)
     return member
+
+
+def parse_model(data: bytes, name: str, folder: Path | None = None) -> tuple[onnx.ModelProto, "TensorTable"]:
+    """Parse serialized ONNX without its float weight data, which becomes numpy views into `data`.
+
+    External data is read from files inside `folder` only (never from elsewhere).
+    """
+    try:
+        stripped, spans = _strip_raw_data(data)
+        model = onnx.ModelProto.FromString(stripped)
+    except Exception as exc:  # malformed wire data, DecodeError, ...
+        raise InputError(f"{name}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not model.graph.node:
+        raise InputError(f"{name}: not an ONNX model (the graph has no nodes)")
+    arrays = {}
+    for t, span in zip(model.graph.initializer, spans):
+        if t.data_location == TensorProto.EXTERNAL:
+            span = _external_span(t, name, folder)
+            source = span[2]
+        else:
+            source = data
+        if span is None:
+            continue
+        offset, length = span[:2]
+        if t.data_type not in FLOAT_TYPES:
+            t.raw_data = _read(source, offset, length)
+            continue
+        dtype = _little(np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
+        count = int(np.prod(t.dims, dtype=np.int64))
+        if length != count * dtype.itemsize:
+            raise InputError(f"{name}: initializer '{t.name}' holds {length} bytes for shape {list(t.dims)}")
+        if isinstance(source, Path):
+            arrays[t.name] = np.fromfile(source, dtype=dtype, count=count, offset=offset).reshape(tuple(t.dims))
+        else:
+            arrays[t.name] = np.frombuffer(source, dtype=dtype, count=count, offset=offset).reshape(tuple(t.dims))
+    return model, TensorTable(model.graph, arrays)
+
+
+def _read(source, offset: int, length: int) -> bytes:
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    return source[offset:offset + length]
+
+
+def _external_span(t: TensorProto, name: str, folder: Path | None):
+    """(offset, length, file) of an external tensor, refusing files outside the model's folder."""
+    info = {e.key: e.value for e in t.external_data}
+    location = info.get("location", "")
+    if folder is None:
+        raise InputError(f"{name}: tensor '{t.name}' has external data; pass the model's path instead")
+    target = (folder / location).resolve()
+    if not location or os.path.isabs(location) or folder not in target.parents:
+        raise InputError(f"{name}: tensor '{t.name}' points to external data '{location}' outside the model's "
+                         f"folder; refused")
+    if not target.is_file():
+        raise InputError(f"{name}: external data file '{location}' of tensor '{t.name}' is missing")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else target.stat().st_size - offset
+    except ValueError:
+        raise InputError(f"{name}: tensor '{t.name}' has a malformed external data offset/length") from None
+    if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+        raise InputError(f"{name}: external data of tensor '{t.name}' lies beyond the end of '{location}'")
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    return offset, length, target
+
+
+# Protobuf wire format: split the weight bytes out of a serialized model without copying them.
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: bytes, start: int, end: int):
+    """(field number, wire type, value start, value end, field start, field end) of each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        field_start = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        value_start = pos
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            value_start = pos
+            pos += length
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated message")
+        yield number, wire, value_start, pos, field_start, pos
+
+
+def _strip_raw_data(data: bytes) -> tuple[bytes, list]:
+    """The model's bytes without the raw_data of graph initializers, and each initializer's (offset, length)."""
+    model, spans = bytearray(), []
+    for number, wire, vs, ve, fs, fe in _fields(data, 0, len(data)):
+        if number != 7 or wire != 2:                       # ModelProto.graph
+            model += data[fs:fe]
+            continue
+        graph = bytearray()
+        for g_number, g_wire, g_vs, g_ve, g_fs, g_fe in _fields(data, vs, ve):
+            if g_number != 5 or g_wire != 2:               # GraphProto.initializer
+                graph += data[g_fs:g_fe]
+                continue
+            tensor, span = bytearray(), None
+            for t_number, t_wire, t_vs, t_ve, t_fs, t_fe in _fields(data, g_vs, g_ve):
+                if t_number == 9 and t_wire == 2:          # TensorProto.raw_data
+                    span = (t_vs, t_ve - t_vs)
+                else:
+                    tensor += data[t_fs:t_fe]
+            spans.append(span)
+            graph += _len_prefix(5, len(tensor)) + tensor
+        model += _len_prefix(7, len(graph)) + graph
+    return bytes(model), spans
 
 
 def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -75,50 +208,6 @@ def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             graph.initializer.add().CopyFrom(t)
     return light
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_model_file(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if not path.is_file():
-        raise InputError(f"{path}: not a regular file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... on garbage
-        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not model.graph.node:
-        raise InputError(f"{path}: not an ONNX model (the graph has no nodes)")
-    _load_external_data(model, path)
-    return model
-
-
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Load external tensors, refusing locations outside the model's folder (never read them)."""
-    base = path.resolve().parent
-    tensors = [t for t in external_data_helper._get_all_tensors(model)
-               if t.data_location == TensorProto.EXTERNAL]
-    for tensor in tensors:
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = (base / location).resolve()
-        if os.path.isabs(location) or base not in target.parents:
-            raise InputError(f"{path}: tensor '{tensor.name}' points to external data '{location}' "
-                             f"outside the model's folder; refused")
-        if not target.is_file():
-            raise InputError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
-    if tensors:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(base))
-        except Exception as exc:
-            raise InputError(f"{path}: cannot read external data ({str(exc)[:200]})") from None
 
 
 def _refuse_unsupported(member: Member) -> None:
@@ -150,29 +239,7 @@ class TensorTable:
     @classmethod
     def detach(cls, model: onnx.ModelProto) -> tuple[onnx.ModelProto, "TensorTable"]:
         """A copy of `model` without float weight data, and a table holding that data as arrays."""
-        arrays = {}
-        stripped = onnx.ModelProto()
-        for fd, value in model.ListFields():
-            if fd.name != "graph":
-                _copy_field(stripped, fd, value)
-        for fd, value in model.graph.ListFields():
-            if fd.name != "initializer":
-                _copy_field(stripped.graph, fd, value)
-        for t in model.graph.initializer:
-            stub = stripped.graph.initializer.add()
-            if t.data_type in FLOAT_TYPES and t.raw_data and t.data_location != TensorProto.EXTERNAL:
-                for fd, value in t.ListFields():
-                    if fd.name != "raw_data":
-                        _copy_field(stub, fd, value)
-                dtype = _little(np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
-                raw = t.raw_data
-                count = int(np.prod(t.dims, dtype=np.int64))
-                if len(raw) != count * dtype.itemsize:
-                    raise InputError(f"initializer '{t.name}' holds {len(raw)} bytes for shape {list(t.dims)}")
-                arrays[t.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
-            else:
-                stub.CopyFrom(t)
-        return stripped, cls(stripped.graph, arrays)
+        return parse_model(model.SerializeToString(deterministic=True), model.graph.name or "model")
 
     def names(self):
         return list(self._init) + list(self._const)
