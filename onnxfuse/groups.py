@@ -48,10 +48,12 @@ class ShapeConst:
 
 @dataclass
 class AttrConst:
-    """A node attribute that equals the width of a channel axis (e.g. the group count of a depthwise Conv)."""
+    """A node attribute (or element `index` of a list attribute) that equals the width of a channel axis,
+    e.g. the group count of a depthwise Conv or a Split size."""
     node: int
     name: str
     segs: tuple[Seg, ...]
+    index: int | None = None
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Analysis:
     attr_consts: list[AttrConst] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)    # unsupported ops touching channels
     mixing: dict[str, str] = field(default_factory=dict)  # node -> why it mixes channels of one axis
+    retired: set[int] = field(default_factory=set)          # spaces replaced by their parts (refine)
 
     # -- union-find
     def new_space(self, width: int, layer: str) -> int:
@@ -144,11 +147,32 @@ class Analysis:
         members = {s for s in self.parent if self.find(s) == root}
         for s in members:
             self.space_width[s] //= factor
-        regrained = lambda segs: tuple(Seg(g.space, g.inner * factor) if g.space in members else g for g in segs)
+        self._rewrite(lambda segs: tuple(Seg(g.space, g.inner * factor) if g.space in members else g
+                                         for g in segs))
+
+    def refine(self, space: int, cuts: list[int]) -> None:
+        """Split a group into consecutive parts at channel positions `cuts` (a Split or Slice of its channels):
+        each part becomes a group of its own, laid out part by part in the wide model."""
+        root = self.find(space)
+        sizes = np.diff([0, *cuts, self.space_width[root]]).tolist()
+        group = [s for s in self.parent if self.find(s) == root and s not in self.retired]
+        parts = {s: [self.new_space(size, self.space_layer[s]) for size in sizes] for s in group}
+        for s in group:
+            for part in parts[s]:
+                self.frozen[part] = list(self.frozen.get(s, []))
+                self.blocked[part] = list(self.blocked.get(s, []))
+            for mine, first in zip(parts[s], parts[group[0]]):
+                self.union(mine, first, "refine")
+        self.retired.update(group)
+        split = lambda segs: tuple(Seg(p, g.inner) for g in segs for p in (parts[g.space] if g.space in parts
+                                                                            else [g.space]))
+        self._rewrite(split)
+
+    def _rewrite(self, fn) -> None:
         for value, (axis, segs) in self.chan.items():
-            self.chan[value] = (axis, regrained(segs))
+            self.chan[value] = (axis, fn(segs))
         for item in self.touches + self.shape_consts + self.attr_consts:
-            item.segs = regrained(item.segs)
+            item.segs = fn(item.segs)
 
     def width(self, space: int) -> int:
         return self.space_width[self.find(space)]
@@ -163,7 +187,8 @@ class Analysis:
 
     def is_widened(self, space: int) -> bool:
         root = self.find(space)
-        return not any(self.find(s) == root for s in list(self.frozen) + list(self.blocked))
+        return not any(self.find(s) == root and (self.frozen[s] if s in self.frozen else self.blocked[s])
+                       for s in list(self.frozen) + list(self.blocked) if s not in self.retired)
 
     def axis_size(self, segs, widths) -> int:
         """Size of an axis laid out as `segs`, given a width per group root."""
@@ -171,16 +196,18 @@ class Analysis:
 
     # -- groups, for reports and for selection
     def groups(self) -> list[Group]:
-        roots = sorted({self.find(s) for s in self.parent})
+        roots = sorted({self.find(s) for s in self.parent if s not in self.retired})
         frozen = {r: [] for r in roots}
         blocked = {r: [] for r in roots}
         for space, reasons in self.frozen.items():
-            frozen[self.find(space)] += [r for r in reasons if r not in frozen[self.find(space)]]
+            if space not in self.retired:
+                frozen[self.find(space)] += [r for r in reasons if r not in frozen[self.find(space)]]
         for space, reasons in self.blocked.items():
-            blocked[self.find(space)] += [r for r in reasons if r not in blocked[self.find(space)]]
+            if space not in self.retired:
+                blocked[self.find(space)] += [r for r in reasons if r not in blocked[self.find(space)]]
         result = []
         for root in roots:
-            spaces = [s for s in self.parent if self.find(s) == root]
+            spaces = [s for s in self.parent if self.find(s) == root and s not in self.retired]
             result.append(Group(root, self.space_width[root], spaces, [self.space_layer[s] for s in spaces],
                                 frozen[root], blocked[root]))
         return result
@@ -626,6 +653,87 @@ def _rule_gather(a, node):
     if g is None or g == axis or idx_rank is None:
         return _unsupported(a, node, "gathers along the channel axis")
     a.chan[node.output[0]] = (axis if g > axis else axis + idx_rank - 1, segs)
+
+
+def _cut(a, x, axis: int, positions: list[int]) -> tuple[Seg, ...] | None:
+    """Refine x's channel groups so that each index position in `positions` falls between channels."""
+    for pos in positions:
+        offset = 0
+        for seg in a.chan[x][1]:
+            size = a.width(seg.space) * seg.inner
+            if offset < pos < offset + size:
+                if (pos - offset) % seg.inner:
+                    return None
+                a.refine(seg.space, [(pos - offset) // seg.inner])
+                break
+            offset += size
+    return a.chan[x][1]
+
+
+def _segs_between(a, segs, start: int, end: int) -> tuple[Seg, ...]:
+    out, offset = [], 0
+    for seg in segs:
+        size = a.width(seg.space) * seg.inner
+        if start <= offset and offset + size <= end:
+            out.append(seg)
+        offset += size
+    return tuple(out)
+
+
+@rule("Split")
+def _rule_split(a, node):
+    x = node.input[0]
+    axis, segs = a.chan[x]
+    rank = _rank(a, x)
+    split_axis = _attr(node, "axis", 0) % rank if rank else None
+    if split_axis != axis:
+        for y in node.output:
+            a.chan[y] = (axis, segs)
+        return
+    sizes = _const(a, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "split")
+    if sizes is None:
+        return _unsupported(a, node, "splits channels into equal parts (num_outputs): give explicit sizes")
+    sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    segs = _cut(a, x, axis, bounds[1:-1])
+    if segs is None:
+        return _unsupported(a, node, "splits inside a flattened channel")
+    for i, y in enumerate(node.output):
+        part = _segs_between(a, segs, bounds[i], bounds[i + 1])
+        a.chan[y] = (axis, part)
+        if len(node.input) > 1 and node.input[1]:
+            a.shape_consts.append(ShapeConst(node.input[1], i, part))
+        else:
+            a.attr_consts.append(AttrConst(_node_index(a, node), "split", part, i))
+
+
+@rule("Slice")
+def _rule_slice(a, node):
+    x = node.input[0]
+    axis, segs = a.chan[x]
+    rank = _rank(a, x)
+    starts, ends = _const(a, node.input[1]), _const(a, node.input[2])
+    axes = _const(a, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    steps = _const(a, node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if starts is None or ends is None or rank is None:
+        return _unsupported(a, node, "slice bounds are not constants")
+    axes = [int(v) % rank for v in (axes if axes is not None else range(len(starts)))]
+    if axis not in axes:
+        a.chan[node.output[0]] = (axis, segs)
+        return
+    i = axes.index(axis)
+    size = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs})
+    start, end = int(starts[i]), min(int(ends[i]), size)
+    if start < 0 or end < 0 or (steps is not None and int(steps[i]) != 1):
+        return _unsupported(a, node, "slices channels with negative bounds or a step")
+    segs = _cut(a, x, axis, [start, end])
+    if segs is None:
+        return _unsupported(a, node, "slices inside a flattened channel")
+    a.chan[node.output[0]] = (axis, _segs_between(a, segs, start, end))
+    if start > 0:
+        a.shape_consts.append(ShapeConst(node.input[1], i, _segs_between(a, segs, 0, start)))
+    if int(ends[i]) <= size:
+        a.shape_consts.append(ShapeConst(node.input[2], i, _segs_between(a, segs, 0, end)))
 
 
 @rule(*CHANNEL_REDUCERS)

@@ -106,7 +106,10 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis,
         tensors.set(const.tensor, target)
     for const in a.attr_consts:
         attr = next(at for at in model.graph.node[const.node].attribute if at.name == const.name)
-        attr.i = a.axis_size(const.segs, widths)
+        if const.index is None:
+            attr.i = a.axis_size(const.segs, widths)
+        else:
+            attr.ints[const.index] = a.axis_size(const.segs, widths)
     if any(widths[r] != a.space_width[r] for r in widths):     # shape annotations of resized values go
         resized = set(a.chan) | set(widened)
         keep = [v for v in model.graph.value_info if v.name not in resized]

@@ -128,6 +128,32 @@ def conv_concat(seed):
     return b.model(["batch", 2, 4, 4], h, ["batch", 3])
 
 
+def conv_split(seed):
+    """One conv's channels split into two branches (Split with sizes), each convolved, concatenated back."""
+    b = Builder(seed)
+    h = b.op("Relu", [b.op("Conv", ["x", b.weight((5, 2, 3, 3)), b.weight((5,))], pads=[1] * 4)])
+    sizes = b.const(np.array([2, 3], dtype=np.int64))
+    out = b.name("split")
+    left, right = out + "_a", out + "_b"
+    b.nodes.append(helper.make_node("Split", [h, sizes], [left, right], name=out, axis=1))
+    left = b.op("Relu", [b.op("Conv", [left, b.weight((3, 2, 1, 1)), b.weight((3,))])])
+    h = b.op("Flatten", [b.op("Concat", [left, right], axis=1)], axis=1)
+    h = b.op("Gemm", [h, b.weight((4, 6 * 16)), b.weight((4,))], transB=1)
+    return b.model(["batch", 2, 4, 4], h, ["batch", 4])
+
+
+def dense_slices(seed):
+    """A fused projection sliced into two parts (as a fused QKV projection is), each with its own consumer."""
+    b = Builder(seed)
+    h = b.op("Gemm", ["x", b.weight((9, 5)), b.weight((9,))], transB=1)
+    const = lambda v: b.const(np.array(v, dtype=np.int64))
+    first = b.op("Relu", [b.op("Slice", [h, const([0]), const([4]), const([1])])])
+    second = b.op("Tanh", [b.op("Slice", [h, const([4]), const([9]), const([1])])])
+    h = b.op("Add", [b.op("Gemm", [first, b.weight((3, 4)), b.weight((3,))], transB=1),
+                     b.op("Gemm", [second, b.weight((3, 5)), b.weight((3,))], transB=1)])
+    return b.model(["batch", 5], h, ["batch", 3])
+
+
 # --------------------------------------------------------------------------- running
 
 def session(model) -> ort.InferenceSession:

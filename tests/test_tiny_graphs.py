@@ -5,7 +5,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxfuse
-from graphs import cnn, conv_concat, gemm_mlp, matmul_mlp, mean_of, random_input, residual_mlp, run, to_float32
+from graphs import cnn, conv_concat, conv_split, dense_slices, gemm_mlp, matmul_mlp, mean_of, random_input, residual_mlp, run, to_float32
 
 ARCHITECTURES = {
     "gemm_transB1": lambda s: gemm_mlp(s, trans_b=1),
@@ -23,6 +23,8 @@ ARCHITECTURES = {
     "conv3d": lambda s: cnn(s, dims=3, size=4, channels=(1, 3, 2)),
     "residual_add": residual_mlp,
     "channel_concat": conv_concat,
+    "channel_split": conv_split,
+    "channel_slices": dense_slices,
 }
 
 
@@ -160,3 +162,10 @@ def test_residual_and_concat_groups():
     assert len(residual) == 1 and residual[0]["prunable"]        # stem + both skip branches: one group
     fusion = onnxfuse.fuse([conv_concat(s) for s in range(2)], "nt")
     assert [g["width"] for g in fusion.summary["groups"]] == [3, 4, 2]
+
+
+def test_split_and_slice_make_one_group_per_part():
+    groups = onnxfuse.fuse([conv_split(s) for s in range(2)], "nt").summary["groups"]
+    assert sorted(g["width"] for g in groups) == [2, 3, 3]
+    groups = onnxfuse.fuse([dense_slices(s) for s in range(2)], "nt").summary["groups"]
+    assert sorted(g["width"] for g in groups) == [4, 5]
