@@ -13,7 +13,8 @@ import onnx
 from . import __version__
 from .errors import IncompatibleMembersError, OnnxFuseError, UnsupportedGraphError
 from .groups import Analysis, analyze, output_exactness
-from .model_io import Member, TensorTable, check_compatible, check_output_path, load_member, save_model
+from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
+                       save_model)
 from .select import channel_scores, kept_count, top_k
 from .transplant import MemberTensors, transplant
 
@@ -90,6 +91,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     names = [m.name for m in members]
     member_params = _count_params(members[0].model)
     graph, tensors = transplant(members, load, a, kept)
+    _verify_shapes(graph, label)
     _stamp(graph, method, keep, members)
     fusion = Fusion(graph, tensors)
     summary = {
@@ -118,6 +120,16 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     summary["seconds"] = round(time.perf_counter() - start, 3)
     fusion.summary = summary
     return fusion
+
+
+def _verify_shapes(graph: onnx.ModelProto, source: str) -> None:
+    """Last guard against a silently wrong model: the rewritten graph must pass the checker with shape
+    inference (weights stand in as typed inputs, so this is cheap)."""
+    try:
+        onnx.checker.check_model(light_model(graph), full_check=True)
+    except Exception as exc:
+        raise UnsupportedGraphError(f"{source}: the rewritten graph fails shape inference; onnxfuse does not "
+                                    f"handle this graph correctly yet ({str(exc).splitlines()[0][:300]})") from None
 
 
 def _count_params(model: onnx.ModelProto) -> int:
