@@ -49,7 +49,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxfuse.model_io import load_member  # noqa: E402
 from onnxfuse.torch_bridge import OnnxModule  # noqa: E402
 
 TARGET_RATIO = 1.25
@@ -139,8 +138,7 @@ def big_mlp(dims=(784, 1024, 1024, 10), seed=0) -> onnx.ModelProto:
 
 def cases():
     """name -> (description, model, hand-module class, batch generator(batch) -> (x, y))."""
-    mlp = load_member(ROOT / "sample_models" / "digits_mlp_0.onnx").model
-    cnn = load_member(ROOT / "sample_models" / "digits_cnn_0.onnx").model
+    mlp, cnn = (onnx.load(ROOT / "sample_models" / f"digits_{f}_0.onnx") for f in ("mlp", "cnn"))
     flat = np.load(ROOT / "sample_models" / "digits_train.npz")
     images = np.load(ROOT / "sample_models" / "digits_images_train.npz")
 
