@@ -240,3 +240,15 @@ def test_finetuning_improves_the_merged_model(exported, digits, name, tmp_path):
     acc = fusion.summary["accuracy"]
     assert acc["result after fine-tuning"]["accuracy"] > acc["result before fine-tuning"]["accuracy"]
     assert acc["result after fine-tuning"]["loss"] < acc["result before fine-tuning"]["loss"]
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_prune_keeps_half_of_every_group(exported, digits, name):
+    path = exported[name, False][0]
+    fusion = onnxfuse.fuse([path], "prune", keep=0.5)
+    onnx.checker.check_model(fusion.model, full_check=True)
+    assert all(g["kept"] == -(-g["width"] // 2) or g["kept"] == g["width"] // 2 for g in fusion.summary["groups"])
+    assert fusion.summary["parameters"]["output"] < fusion.summary["parameters"]["member"]
+    assert np.isfinite(run(fusion.model, digits[2][:8])).all()
+    if name == "transformer":      # whole heads go: 2 of 4 per layer remain
+        assert sorted(g["kept"] for g in fusion.summary["groups"] if g["width"] == 4) == [2, 2]
