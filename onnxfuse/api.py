@@ -114,6 +114,11 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         tuned = summary.pop("_model", None)
         if tuned is not None:
             fusion = Fusion(*TensorTable.detach(tuned))
+    return _written(fusion, summary, output, force, start)
+
+
+def _written(fusion: Fusion, summary: dict, output, force: bool, start: float) -> Fusion:
+    """Save the result if asked, and complete its summary."""
     if output is not None:
         save_model(fusion.graph, output, force, fusion.tensors)
         summary["output"] = str(output)
@@ -262,12 +267,7 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
         summary["accuracy"] = {"before": scores(Runner(full)(val_set), val_set.y),
                                "after": scores(Runner(result.model)(val_set), val_set.y)}
     fusion = Fusion(*TensorTable.detach(result.model))
-    if output is not None:
-        save_model(fusion.graph, output, force, fusion.tensors)
-        summary["output"] = str(output)
-    summary["seconds"] = round(time.perf_counter() - start, 3)
-    fusion.summary = summary
-    return fusion
+    return _written(fusion, summary, output, force, start)
 
 
 def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> list[dict]:

@@ -4,7 +4,6 @@ torchvision does not install beside the CPU torch build here, so the definitions
 torchvision style, small enough to export and train in seconds on 8x8 digit images.
 """
 import math
-import warnings
 
 import numpy as np
 import onnx
@@ -12,6 +11,7 @@ import pytest
 
 import onnxfuse
 from graphs import mean_of, run
+from test_exporters import export
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -164,19 +164,6 @@ def train_member(name, seed, digits):
     return net.eval()
 
 
-def export(net, path, dynamo):
-    x = torch.randn(2, 1, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-        else:
-            torch.onnx.export(net, x, str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, digits):
     root = tmp_path_factory.mktemp("architectures")
@@ -184,7 +171,7 @@ def exported(tmp_path_factory, digits):
     for name in NETS:
         nets = [train_member(name, seed, digits) for seed in range(2)]
         for dynamo in (False, True):
-            files[name, dynamo] = [export(net, root / f"{name}_{dynamo}_{i}.onnx", dynamo)
+            files[name, dynamo] = [export(net, (1, 8, 8), root / f"{name}_{dynamo}_{i}.onnx", dynamo)
                                    for i, net in enumerate(nets)]
     return files
 
