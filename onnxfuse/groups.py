@@ -408,8 +408,12 @@ def _bias(a, node, b: str, y: str):
     shape = a.tensors.shape(b)
     rank = _rank(a, y) or axis + 1
     b_axis = axis - (rank - len(shape))
-    if b_axis >= 0 and shape[b_axis] != 1:
+    size = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs})
+    # a size-1 axis on a 1-wide layer is taken as per-channel: concatenating it is right either way
+    if b_axis >= 0 and shape[b_axis] == size:
         a.touches.append(Touch(b, b_axis, segs, "param", node.name))
+    elif b_axis >= 0 and shape[b_axis] != 1:
+        _unsupported(a, node, f"constant '{b}' has {shape[b_axis]} entries on a channel axis of size {size}")
 
 
 @rule(*UNARY, *POOLS)

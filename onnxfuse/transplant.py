@@ -61,24 +61,46 @@ def _as_index(idx: np.ndarray):
 
 
 def assemble(arrays: list[np.ndarray], maps: dict[int, tuple], scale: float) -> np.ndarray:
+    """The output tensor: on each widened axis, index i comes from member maps[axis][0][i], local index
+    maps[axis][1][i]; entries whose indices come from different members are zero (block structure)."""
     shape = list(arrays[0].shape)
     for axis, (member, _) in maps.items():
         shape[axis] = len(member)
     out = np.zeros(shape, dtype=arrays[0].dtype)
     for m, arr in enumerate(arrays):
-        dst, src = [slice(None)] * arr.ndim, arr
+        picks = {}
         for axis, (member, local) in maps.items():
             sel = member == m
             if not sel.any():
                 break
-            dst[axis] = _as_index(np.flatnonzero(sel))
-            index = _as_index(local[sel])
-            src = src[(slice(None),) * axis + (index,)] if isinstance(index, slice) else np.take(src, index, axis)
+            picks[axis] = (np.flatnonzero(sel), local[sel])
         else:
-            if sum(isinstance(d, np.ndarray) for d in dst) > 1:
-                dst = np.ix_(*[d if isinstance(d, np.ndarray) else np.arange(n)[d] for d, n in zip(dst, shape)])
-            out[tuple(dst)] = src * scale if scale != 1.0 else src
+            _copy_block(out, arr, picks, scale)
     return out
+
+
+SLAB_BYTES = 64 << 20
+
+
+def _copy_block(out: np.ndarray, arr: np.ndarray, picks: dict, scale: float) -> None:
+    """out[dst] = arr[src] * scale over the picked indices, one slab of the first picked axis at a time, so
+    the temporaries stay small whatever the tensor's size."""
+    first = min(picks)
+    dst_first, src_first = picks[first]
+    step = max(1, SLAB_BYTES * arr.shape[first] // max(arr.nbytes, 1))
+    for start in range(0, len(dst_first), step):
+        part = dict(picks)
+        part[first] = (dst_first[start:start + step], src_first[start:start + step])
+        value = arr[_outer(arr.shape, {axis: src for axis, (_, src) in part.items()})]
+        out[_outer(out.shape, {axis: dst for axis, (dst, _) in part.items()})] = value * scale if scale != 1 else value
+
+
+def _outer(shape, indices: dict) -> tuple:
+    """An index that selects the outer product of per-axis index lists (contiguous runs become slices)."""
+    index = [_as_index(indices[axis]) if axis in indices else slice(None) for axis in range(len(shape))]
+    if sum(isinstance(i, np.ndarray) for i in index) > 1:
+        return np.ix_(*[i if isinstance(i, np.ndarray) else np.arange(n)[i] for i, n in zip(index, shape)])
+    return tuple(index)
 
 
 def transplant(members: list[Member], load: MemberTensors, a: Analysis,
