@@ -107,6 +107,8 @@ def _external_span(t: TensorProto, name: str, folder: Path | None):
     """(offset, length, file) of an external tensor, refusing files outside the model's folder."""
     info = {e.key: e.value for e in t.external_data}
     location = info.get("location", "")
+    if not isinstance(location, str):      # protobuf hands back bytes for invalid UTF-8
+        raise InputError(f"{name}: tensor '{t.name}' has a malformed external data location")
     if folder is None:
         raise InputError(f"{name}: tensor '{t.name}' has external data; pass the model's path instead")
     target = (folder / location).resolve()
@@ -212,7 +214,8 @@ def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _refuse_unsupported(member: Member) -> None:
     try:
-        onnx.checker.check_model(light_model(member.model))
+        onnx.checker.check_model(light_model(member.model), full_check=True)
+        _check_weights(member)
     except Exception as exc:
         raise InputError(f"{member.name}: invalid ONNX model ({str(exc).splitlines()[0][:300]})") from None
     for node in member.model.graph.node:
@@ -222,6 +225,26 @@ def _refuse_unsupported(member: Member) -> None:
     if not any(member.tensors.dtype(n) in FLOAT_TYPES for n in member.tensors.names()):
         raise InputError(f"{member.name}: the model has no floating-point weights; integer-only models "
                          f"cannot be fused")
+
+
+def _check_weights(member: Member) -> None:
+    """What the checker cannot see on the weight-less copy: every float weight has data of its shape, and
+    shape annotations of weights agree with them."""
+    dims, types = {}, {}
+    for t in member.model.graph.initializer:
+        dims[t.name], types[t.name] = list(t.dims), t.data_type
+        if t.data_type in FLOAT_TYPES and t.name not in member.tensors.arrays:
+            held = len(t.float_data) + len(t.double_data) + len(t.int32_data)
+            if held != int(np.prod(t.dims, dtype=np.int64)):
+                raise ValueError(f"initializer '{t.name}' holds {held} values for shape {list(t.dims)}")
+    for v in member.model.graph.value_info:
+        if v.name in types and v.type.tensor_type.elem_type not in (0, types[v.name]):
+            raise ValueError(f"value_info of '{v.name}' has element type {v.type.tensor_type.elem_type}, the "
+                             f"initializer {types[v.name]}")
+        if v.name in dims and v.type.tensor_type.HasField("shape"):
+            annotated = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            if len(annotated) != len(dims[v.name]) or any(a not in (None, b) for a, b in zip(annotated, dims[v.name])):
+                raise ValueError(f"value_info of '{v.name}' says {annotated}, the initializer has {dims[v.name]}")
 
 
 class TensorTable:
