@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 
 import click
@@ -16,13 +17,15 @@ def _reports_errors(fn):
     """OnnxFuseError -> one line on stderr and exit 2; Ctrl-C -> exit 130 (outputs are written atomically)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _interrupt)      # a kill cleans up like Ctrl-C
         try:
             return fn(*args, **kwargs)
         except OnnxFuseError as exc:
             click.echo(f"onnxfuse: error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("onnxfuse: interrupted; nothing was written", err=True)
+            click.echo("onnxfuse: interrupted; nothing was written (with --checkpoint-dir, --resume continues "
+                       "the fine-tuning)", err=True)
             sys.exit(130)
         except Exception as exc:
             if os.environ.get("ONNXFUSE_DEBUG"):
@@ -31,6 +34,10 @@ def _reports_errors(fn):
                        f"(set ONNXFUSE_DEBUG=1 for a traceback, and please report it)", err=True)
             sys.exit(1)
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _common(fn):
@@ -87,6 +94,10 @@ def _training_options(fn):
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--target-output", type=str, default=None, metavar="NAME",
                      help="Graph value to train on when the model has several float outputs."),
+        click.option("--checkpoint-dir", type=str, default=None, metavar="DIR",
+                     help="Save the training state after every epoch (for --resume)."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted fine-tuning from the checkpoint in --checkpoint-dir."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -96,7 +107,9 @@ def _training_options(fn):
 def _training(kw: dict) -> dict:
     epochs = kw.pop("epochs")
     training = {k: kw.pop(k) for k in ("distill", "lr", "batch_size", "optimizer", "schedule", "train_only",
-                                       "seed", "device", "target_output")}
+                                       "seed", "device", "target_output", "checkpoint_dir", "resume")}
+    if training["resume"] and not training["checkpoint_dir"]:
+        raise click.UsageError("--resume needs --checkpoint-dir")
     training["epochs"] = (3 if kw.get("data") else 0) if epochs is None else epochs
     return training
 

@@ -38,6 +38,8 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     target_output: str | None = None
+    checkpoint_dir: str | None = None   # save the training state after every epoch
+    resume: bool = False                # continue from the last checkpoint in checkpoint_dir
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
@@ -119,11 +121,15 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
         _check_labels(module, xs, ys, train.source)
     generator = torch.Generator().manual_seed(options.seed)
     history = []
-    if val is not None:
+    checkpoints = Checkpoints(options, model, len(train)) if options.checkpoint_dir else None
+    first = 1
+    if checkpoints is not None and options.resume:
+        first, history = checkpoints.restore(module, opt, sched, generator)
+    elif val is not None:
         history.append({"epoch": 0, **_evaluate(module, val, device)})
     bar = _progress(progress, options.epochs, steps_per_epoch)
     T = options.temperature
-    for epoch in range(1, options.epochs + 1):
+    for epoch in range(first, options.epochs + 1):
         module.train()
         order = torch.randperm(len(train), generator=generator).to(device)
         running, seen = 0.0, 0
@@ -151,12 +157,61 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
         if val is not None:
             row.update(_evaluate(module, val, device))
         history.append(row)
+        if checkpoints is not None:
+            checkpoints.save(epoch, module, opt, sched, generator, history)
         if bar is not None and val is not None:
             bar.write(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val accuracy {row['accuracy']:.4f}")
     if bar is not None:
         bar.close()
     module.eval()
     return TrainResult(module.to("cpu").write_back(), history, {**asdict(options), "lr": lr})
+
+
+class Checkpoints:
+    """The training state after each epoch in `checkpoint_dir` (written atomically, latest only), so that an
+    interrupted fine-tuning resumes where it stopped and ends with the same weights as an uninterrupted one."""
+
+    SAME_RUN = ("epochs", "lr", "batch_size", "optimizer", "schedule", "momentum", "weight_decay", "distill",
+                "temperature", "train_only", "seed", "target_output")
+
+    def __init__(self, options: TrainOptions, model: onnx.ModelProto, samples: int):
+        import hashlib
+        import json
+        from pathlib import Path
+        self.folder = Path(options.checkpoint_dir)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        run = {k: getattr(options, k) for k in self.SAME_RUN}
+        run["samples"] = samples
+        weights = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        self.fingerprint = hashlib.sha256((json.dumps(run, sort_keys=True) + weights).encode()).hexdigest()
+
+    def _path(self):
+        return self.folder / "onnxfuse-finetune.pt"
+
+    def save(self, epoch, module, opt, sched, generator, history) -> None:
+        import os
+        import torch
+        state = {"fingerprint": self.fingerprint, "epoch": epoch, "module": module.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}
+        tmp = self._path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self._path())
+
+    def restore(self, module, opt, sched, generator) -> tuple[int, list]:
+        import torch
+        if not self._path().exists():
+            raise TrainingError(f"--resume: no checkpoint in {self.folder}")
+        state = torch.load(self._path(), weights_only=False)
+        if state["fingerprint"] != self.fingerprint:
+            raise TrainingError(f"--resume: the checkpoint in {self.folder} belongs to another run (other model, "
+                                f"data or training options)")
+        module.load_state_dict(state["module"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["epoch"] + 1, state["history"]
 
 
 def _check_labels(module, xs, ys, source):
