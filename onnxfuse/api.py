@@ -90,7 +90,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     exactness = output_exactness(a, load.differing()) if method == "concat" else None
     names = [m.name for m in members]
     member_params = _count_params(members[0].model)
-    graph, tensors = transplant(members, load, a, kept)
+    graph, tensors = transplant(members, load, a, kept, release=True)
     _verify_shapes(graph, label)
     _stamp(graph, method, keep, members)
     fusion = Fusion(graph, tensors)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
 import tempfile
@@ -26,8 +27,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 class Member:
     """One input model: its graph without weight data (`model`) and its weights as numpy arrays (`tensors`).
 
-    Weights stay numpy views into the bytes read from the file: one copy of each, and protobuf's arena
-    (which keeps replaced tensor data alive until the whole message is freed) never holds them.
+    Each weight is one numpy array read straight from the file: one copy of it, which can be freed on its own,
+    and protobuf's arena (which keeps replaced tensor data alive until the whole message is freed) never
+    holds it.
     """
     name: str
     model: onnx.ModelProto
@@ -50,57 +52,63 @@ def load_member(source, index: int = 0) -> Member:
             raise InputError(f"{path}: no such file")
         if not path.is_file():
             raise InputError(f"{path}: not a regular file")
-        data = path.read_bytes()
         with ThreadPoolExecutor(1) as pool:       # hashing releases the GIL: it overlaps with parsing
-            digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
-            model, tensors = parse_model(data, str(path), path.resolve().parent)
+            digest = pool.submit(_sha256, path)
+            model, tensors = parse_model(path, str(path), path.resolve().parent)
             member = Member(str(path), model, tensors, digest.result(), path)
     _refuse_unsupported(member)
     return member
 
 
-def parse_model(data: bytes, name: str, folder: Path | None = None) -> tuple[onnx.ModelProto, "TensorTable"]:
-    """Parse serialized ONNX without its float weight data, which becomes numpy views into `data`.
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_model(source: bytes | Path, name: str, folder: Path | None = None) -> tuple[onnx.ModelProto, "TensorTable"]:
+    """Parse serialized ONNX (bytes, or a file) without its float weight data, which is read into one numpy
+    array per tensor: each weight is read once, and each can be freed on its own.
 
     External data is read from files inside `folder` only (never from elsewhere).
     """
-    try:
-        stripped, spans = _strip_raw_data(data)
-        model = onnx.ModelProto.FromString(stripped)
-    except Exception as exc:  # malformed wire data, DecodeError, ...
-        raise InputError(f"{name}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not model.graph.node:
-        raise InputError(f"{name}: not an ONNX model (the graph has no nodes)")
-    arrays = {}
-    for t, span in zip(model.graph.initializer, spans):
-        if t.data_location == TensorProto.EXTERNAL:
-            span = _external_span(t, name, folder)
-            source = span[2]
-        else:
-            source = data
-        if span is None:
-            continue
-        offset, length = span[:2]
-        if t.data_type not in FLOAT_TYPES:
-            t.raw_data = _read(source, offset, length)
-            continue
-        dtype = _little(np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
-        count = int(np.prod(t.dims, dtype=np.int64))
-        if length != count * dtype.itemsize:
-            raise InputError(f"{name}: initializer '{t.name}' holds {length} bytes for shape {list(t.dims)}")
-        if isinstance(source, Path):
-            arrays[t.name] = np.fromfile(source, dtype=dtype, count=count, offset=offset).reshape(tuple(t.dims))
-        else:
-            arrays[t.name] = np.frombuffer(source, dtype=dtype, count=count, offset=offset).reshape(tuple(t.dims))
+    with (open(source, "rb") if isinstance(source, Path) else io.BytesIO(source)) as f:
+        try:
+            stripped, spans = _strip_raw_data(f)
+            model = onnx.ModelProto.FromString(stripped)
+        except Exception as exc:  # malformed wire data, DecodeError, ...
+            raise InputError(f"{name}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if not model.graph.node:
+            raise InputError(f"{name}: not an ONNX model (the graph has no nodes)")
+        arrays = {}
+        for t, span in zip(model.graph.initializer, spans):
+            if t.data_location == TensorProto.EXTERNAL:
+                span = _external_span(t, name, folder)
+            if span is None:
+                continue
+            offset, length = span[:2]
+            data = _read(span[2] if len(span) > 2 else f, offset, length)
+            if t.data_type not in FLOAT_TYPES:
+                t.raw_data = data
+                continue
+            dtype = _little(np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
+            if length != int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize:
+                raise InputError(f"{name}: initializer '{t.name}' holds {length} bytes for shape {list(t.dims)}")
+            arrays[t.name] = np.frombuffer(data, dtype=dtype).reshape(tuple(t.dims))
     return model, TensorTable(model.graph, arrays)
 
 
 def _read(source, offset: int, length: int) -> bytes:
     if isinstance(source, Path):
         with open(source, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-    return source[offset:offset + length]
+            return _read(f, offset, length)
+    source.seek(offset)
+    data = source.read(length)
+    if len(data) != length:
+        raise InputError(f"truncated data: {length} bytes expected at offset {offset}, found {len(data)}")
+    return data
 
 
 def _external_span(t: TensorProto, name: str, folder: Path | None):
@@ -129,63 +137,70 @@ def _external_span(t: TensorProto, name: str, folder: Path | None):
     return offset, length, target
 
 
-# Protobuf wire format: split the weight bytes out of a serialized model without copying them.
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+# Protobuf wire format: split the weight bytes out of a serialized model without reading them.
+def _read_varint(f) -> int:
     result = shift = 0
     while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("truncated varint")
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
 
 
-def _fields(buf: bytes, start: int, end: int):
-    """(field number, wire type, value start, value end, field start, field end) of each field in buf[start:end]."""
+def _fields(f, start: int, end: int):
+    """(field number, wire type, value start, value end, field start, field end) of each field in [start, end)."""
     pos = start
     while pos < end:
-        field_start = pos
-        key, pos = _read_varint(buf, pos)
+        f.seek(pos)
+        key = _read_varint(f)
         number, wire = key >> 3, key & 7
-        value_start = pos
         if wire == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
+            _read_varint(f)
+            value_start = value_end = f.tell()
+        elif wire in (1, 5):
+            value_start = f.tell()
+            value_end = value_start + (8 if wire == 1 else 4)
         elif wire == 2:
-            length, pos = _read_varint(buf, pos)
-            value_start = pos
-            pos += length
+            length = _read_varint(f)
+            value_start = f.tell()
+            value_end = value_start + length
         else:
             raise ValueError(f"unsupported wire type {wire}")
-        if pos > end:
+        if value_end > end:
             raise ValueError("truncated message")
-        yield number, wire, value_start, pos, field_start, pos
+        yield number, wire, value_start, value_end, pos, value_end
+        pos = value_end
 
 
-def _strip_raw_data(data: bytes) -> tuple[bytes, list]:
+def _copy(f, start: int, end: int) -> bytes:
+    f.seek(start)
+    return f.read(end - start)
+
+
+def _strip_raw_data(f) -> tuple[bytes, list]:
     """The model's bytes without the raw_data of graph initializers, and each initializer's (offset, length)."""
+    size = f.seek(0, io.SEEK_END)
     model, spans = bytearray(), []
-    for number, wire, vs, ve, fs, fe in _fields(data, 0, len(data)):
+    for number, wire, vs, ve, fs, fe in list(_fields(f, 0, size)):
         if number != 7 or wire != 2:                       # ModelProto.graph
-            model += data[fs:fe]
+            model += _copy(f, fs, fe)
             continue
         graph = bytearray()
-        for g_number, g_wire, g_vs, g_ve, g_fs, g_fe in _fields(data, vs, ve):
+        for g_number, g_wire, g_vs, g_ve, g_fs, g_fe in list(_fields(f, vs, ve)):
             if g_number != 5 or g_wire != 2:               # GraphProto.initializer
-                graph += data[g_fs:g_fe]
+                graph += _copy(f, g_fs, g_fe)
                 continue
             tensor, span = bytearray(), None
-            for t_number, t_wire, t_vs, t_ve, t_fs, t_fe in _fields(data, g_vs, g_ve):
+            for t_number, t_wire, t_vs, t_ve, t_fs, t_fe in list(_fields(f, g_vs, g_ve)):
                 if t_number == 9 and t_wire == 2:          # TensorProto.raw_data
                     span = (t_vs, t_ve - t_vs)
                 else:
-                    tensor += data[t_fs:t_fe]
+                    tensor += _copy(f, t_fs, t_fe)
             spans.append(span)
             graph += _len_prefix(5, len(tensor)) + tensor
         model += _len_prefix(7, len(graph)) + graph
@@ -194,7 +209,7 @@ def _strip_raw_data(data: bytes) -> tuple[bytes, list]:
 
 def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """The graph with float initializers turned into typed graph inputs: cheap to check and to infer shapes on
-    (the weights' own sizes are checked by _check_tensor_sizes)."""
+    (the weights' own sizes are checked by _check_weights)."""
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)

@@ -103,9 +103,12 @@ def _outer(shape, indices: dict) -> tuple:
     return tuple(index)
 
 
-def transplant(members: list[Member], load: MemberTensors, a: Analysis,
-               kept: dict[int, np.ndarray]) -> tuple[onnx.ModelProto, TensorTable]:
-    """Member 0's graph (without weight data) and its tensors rebuilt from all members for the kept channels."""
+def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: dict[int, np.ndarray],
+               release: bool = False) -> tuple[onnx.ModelProto, TensorTable]:
+    """Member 0's graph (without weight data) and its tensors rebuilt from all members for the kept channels.
+
+    With `release`, each member tensor is dropped as soon as its output is built (the members are used up):
+    the peak memory is then the inputs plus one output tensor, not inputs plus outputs."""
     n = len(members)
     model = onnx.ModelProto()
     model.CopyFrom(members[0].model)
@@ -118,9 +121,11 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis,
             value = assemble([load(name, m) for m in range(n)], maps, tensor_scale(axes, n))
         else:
             value = _shared_value(load, name, n, members)
-            if value is None:
-                continue
-        tensors.set(name, value)
+        if value is not None:
+            tensors.set(name, value)
+        if release:
+            for m, member in enumerate(members):
+                member.tensors.arrays.pop(load.maps[m].get(name, name), None)
     widths = {r: (len(kept[r]) if r in kept else a.space_width[r]) for r in {a.find(s) for s in a.parent}}
     for const in a.shape_consts:
         target = tensors.array(const.tensor).copy()
