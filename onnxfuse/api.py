@@ -118,8 +118,9 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
 
 
 def _written(fusion: Fusion, summary: dict, output, force: bool, start: float) -> Fusion:
-    """Save the result if asked, and complete its summary."""
-    if output is not None:
+    """Save the result if asked (only rank 0 under torchrun), and complete its summary."""
+    from .training import is_main_process
+    if output is not None and is_main_process():
         save_model(fusion.graph, output, force, fusion.tensors)
         summary["output"] = str(output)
     summary["seconds"] = round(time.perf_counter() - start, 3)

@@ -161,11 +161,13 @@ def finetune(model, output, teachers, force, quiet, as_json, **kw):
 @click.argument("models", nargs=-1, required=True)
 @click.option("--data", required=True, metavar="DATA.npz", help=".npz with 'x' (or arrays by input name) and 'y'.")
 @click.option("--ensemble", is_flag=True, help="Also score the ensemble of MODELS (mean of logits).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider (cuda needs onnxfuse[gpu]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @_reports_errors
-def evaluate(models, data, ensemble, as_json):
+def evaluate(models, data, ensemble, provider, as_json):
     """Accuracy and cross-entropy of each of MODELS (and their ensemble) on DATA, with onnxruntime."""
-    rows = api.evaluate(list(models), data, ensemble)
+    rows = api.evaluate(list(models), data, ensemble, provider)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -237,7 +239,10 @@ def inspect(models, as_json):
 
 
 def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
+    from .training import is_main_process
     s = result.summary
+    if not is_main_process():      # under torchrun, rank 0 speaks for all
+        return
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return

@@ -43,11 +43,26 @@ def logits_output(model: onnx.ModelProto, requested: str | None = None) -> str:
 def providers(requested: str = "cpu") -> list[str]:
     available = ort.get_available_providers()
     if requested == "cuda":
+        if _both_runtimes_installed():
+            raise OnnxFuseError("both onnxruntime and onnxruntime-gpu are installed and shadow each other: "
+                                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
         if "CUDAExecutionProvider" not in available:
             raise OnnxFuseError("CUDA was asked for but onnxruntime has no CUDAExecutionProvider here "
                                 "(install onnxfuse[gpu], i.e. onnxruntime-gpu instead of onnxruntime)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def _both_runtimes_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+    found = 0
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            version(name)
+            found += 1
+        except PackageNotFoundError:
+            pass
+    return found == 2
 
 
 class Runner:

@@ -6,7 +6,9 @@ the paper's settings.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -67,10 +69,12 @@ def bias_norm_tensors(model: onnx.ModelProto) -> set[str]:
     return names & constants
 
 
-def _device(requested: str):
+def _device(requested: str, rank: int = 0):
     import torch
     if requested == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for, but torch sees no CUDA device here")
+    if requested == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     return torch.device(requested)
 
 
@@ -90,9 +94,13 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
     if options.epochs < 0 or options.batch_size < 1:
         raise TrainingError("--epochs must be >= 0 and --batch-size >= 1")
     torch.manual_seed(options.seed)
-    device = _device(options.device)
+    rank, world = start_distributed(options.device)
+    device = _device(options.device, rank)
     target = logits_output(model, options.target_output)
     module = OnnxModule(model, [target]).to(device)
+    step_module = module
+    if world > 1:      # gradients all-reduced every step; buffers (BatchNorm statistics) follow rank 0
+        step_module = torch.nn.parallel.DistributedDataParallel(module)
     trainable = bias_norm_tensors(model) if options.train_only == "bias-norm" else None
     params = [p for key, p in module.params.items() if trainable is None or module.onnx_names[key] in trainable]
     for key, p in module.params.items():
@@ -106,7 +114,10 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=options.weight_decay)
     else:
         raise TrainingError(f"unknown optimizer '{options.optimizer}' (sgd or adam)")
-    steps_per_epoch = math.ceil(len(train) / options.batch_size)
+    shard = len(train) // world          # every rank takes the same number of steps
+    if shard == 0:
+        raise TrainingError(f"{len(train)} samples cannot be shared among {world} processes")
+    steps_per_epoch = math.ceil(shard / options.batch_size)
     total = max(1, options.epochs * steps_per_epoch)
     if options.schedule not in ("linear", "constant"):
         raise TrainingError(f"unknown schedule '{options.schedule}' (linear or constant)")
@@ -121,21 +132,21 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
         _check_labels(module, xs, ys, train.source)
     generator = torch.Generator().manual_seed(options.seed)
     history = []
-    checkpoints = Checkpoints(options, model, len(train)) if options.checkpoint_dir else None
+    checkpoints = Checkpoints(options, model, len(train), rank == 0) if options.checkpoint_dir else None
     first = 1
     if checkpoints is not None and options.resume:
         first, history = checkpoints.restore(module, opt, sched, generator)
     elif val is not None:
         history.append({"epoch": 0, **_evaluate(module, val, device)})
-    bar = _progress(progress, options.epochs, steps_per_epoch)
+    bar = _progress(progress and rank == 0, options.epochs, steps_per_epoch)
     T = options.temperature
     for epoch in range(first, options.epochs + 1):
         module.train()
-        order = torch.randperm(len(train), generator=generator).to(device)
+        order = torch.randperm(len(train), generator=generator)[rank:world * shard:world].to(device)
         running, seen = 0.0, 0
         for step in range(steps_per_epoch):
             idx = order[step * options.batch_size:(step + 1) * options.batch_size]
-            out = module(*[x[idx] for x in xs])
+            out = step_module(*[x[idx] for x in xs])
             if options.distill:
                 loss = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(teacher[idx] / T, 1), reduction="batchmean",
                                 log_target=True) * T * T
@@ -153,7 +164,7 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{running / seen:.4f}")
-        row = {"epoch": epoch, "train_loss": running / seen}
+        row = {"epoch": epoch, "train_loss": _mean_over_ranks(running, seen, world)}
         if val is not None:
             row.update(_evaluate(module, val, device))
         history.append(row)
@@ -164,7 +175,51 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
     if bar is not None:
         bar.close()
     module.eval()
-    return TrainResult(module.to("cpu").write_back(), history, {**asdict(options), "lr": lr})
+    run = {**asdict(options), "lr": lr, "processes": world}
+    if world > 1:
+        run["ranks_agree"] = _ranks_agree(module)
+        if not run["ranks_agree"]:
+            raise TrainingError("the data-parallel processes ended with different weights")
+    return TrainResult(module.to("cpu").write_back(), history, run)
+
+
+def start_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: gloo on the CPU, nccl on
+    CUDA. A plain run is rank 0 of 1."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes files and prints under torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _mean_over_ranks(total: float, count: int, world: int) -> float:
+    if world == 1:
+        return total / count
+    import torch
+    import torch.distributed as dist
+    both = torch.tensor([total, float(count)], dtype=torch.float64)
+    dist.all_reduce(both)
+    return float(both[0] / both[1])
+
+
+def _ranks_agree(module) -> bool:
+    import torch
+    import torch.distributed as dist
+    digest = hashlib.sha256()
+    for value in list(module.state_dict().values()):
+        digest.update(value.detach().cpu().numpy().tobytes())
+    mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return all(torch.equal(mine, other) for other in everyone)
 
 
 class Checkpoints:
@@ -174,8 +229,7 @@ class Checkpoints:
     SAME_RUN = ("epochs", "lr", "batch_size", "optimizer", "schedule", "momentum", "weight_decay", "distill",
                 "temperature", "train_only", "seed", "target_output")
 
-    def __init__(self, options: TrainOptions, model: onnx.ModelProto, samples: int):
-        import hashlib
+    def __init__(self, options: TrainOptions, model: onnx.ModelProto, samples: int, writer: bool = True):
         import json
         from pathlib import Path
         self.folder = Path(options.checkpoint_dir)
@@ -184,13 +238,15 @@ class Checkpoints:
         run["samples"] = samples
         weights = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
         self.fingerprint = hashlib.sha256((json.dumps(run, sort_keys=True) + weights).encode()).hexdigest()
+        self.writer = writer
 
     def _path(self):
         return self.folder / "onnxfuse-finetune.pt"
 
     def save(self, epoch, module, opt, sched, generator, history) -> None:
-        import os
         import torch
+        if not self.writer:
+            return
         state = {"fingerprint": self.fingerprint, "epoch": epoch, "module": module.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}
