@@ -17,6 +17,7 @@ from .model_io import (Member, TensorTable, check_compatible, check_output_path,
                        save_model)
 from .select import channel_scores, kept_count, top_k
 from .transplant import MemberTensors, transplant
+from . import methods as alignment
 
 
 @dataclass
@@ -58,22 +59,33 @@ def _require_fusable(a: Analysis, source: str) -> None:
 
 
 def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = False, data=None, val=None,
-         training: dict | None = None, progress: bool = False) -> Fusion:
+         training: dict | None = None, progress: bool = False, calibrate=None, calib_samples: int = 2048) -> Fusion:
     """Fuse N models of one architecture. method: 'nt' (transplant the top-k neurons), 'concat' (the wide
-    ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required).
+    ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), or a baseline that averages
+    the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion).
 
     With `data` (an .npz) and `training` options (TrainOptions fields, e.g. epochs=3), the result is
     fine-tuned before it is written; with `val`, members, ensemble and result are scored on it.
+
+    With `calibrate` (an .npz of inputs; labels unused), 'nt' and 'prune' results are first reconstructed:
+    every layer that consumes a pruned group is refitted by least squares to reproduce the wide model's
+    pre-activations on `calib_samples` of its samples (see onnxfuse.reconstruct); no training.
     """
     start = time.perf_counter()
     sources = [sources] if isinstance(sources, (str, Path, onnx.ModelProto)) else list(sources)
     if output is not None:
         check_output_path(output, sources, force)
     options = _train_options(training)
-    if method == "nt" and len(sources) < 2:
+    if method not in ("nt", "concat", "prune", *alignment.METHODS):
+        raise OnnxFuseError(f"unknown method '{method}' (nt, {', '.join(alignment.METHODS)}, concat or prune)")
+    if (method == "nt" or method in alignment.METHODS) and len(sources) < 2:
         raise OnnxFuseError(f"merge needs at least 2 models, got {len(sources)}")
+    if method in alignment.METHODS and keep is not None:
+        raise OnnxFuseError(f"--keep applies to neuron transplantation only, not to --method {method}")
     if method == "prune" and (len(sources) != 1 or keep is None):
         raise OnnxFuseError("prune takes one model and a --keep fraction")
+    if calibrate is not None and method not in ("nt", "prune"):
+        raise OnnxFuseError(f"--calibrate applies to neuron transplantation (and prune), not to method {method}")
     members = load_members(sources)
     a, maps = _analyze_members(members)
     label = members[0].name
@@ -84,13 +96,18 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     groups = [g for g in a.groups() if g.prunable]
     if method == "concat":
         kept = {g.id: np.arange(n * g.width) for g in groups}
+    elif method in alignment.METHODS:
+        kept = None
     else:
         scores = channel_scores(a, load, n, widened)
         kept = {g.id: top_k(scores[g.id], kept_count(g.width, n, keep)) for g in groups}
     exactness = output_exactness(a, load.differing()) if method == "concat" else None
     names = [m.name for m in members]
     member_params = _count_params(members[0].model)
-    graph, tensors = transplant(members, load, a, kept, release=True)
+    if kept is None:
+        graph, tensors, moved = alignment.fuse_aligned(method, members, load, a)
+    else:
+        graph, tensors = transplant(members, load, a, kept, release=True)
     _verify_shapes(graph, label)
     _stamp(graph, method, keep, members)
     fusion = Fusion(graph, tensors)
@@ -98,11 +115,23 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         "method": method, "members": names, "keep": keep,
         "groups": [{"id": g.id, "width": g.width, "kept": int(len(kept[g.id])),
                     "kept_per_member": np.bincount(kept[g.id] // g.width, minlength=n).tolist(),
-                    "layers": g.layers} for g in groups],
+                    "layers": g.layers} for g in groups] if kept is not None else
+                  [{"id": g.id, "width": g.width, "moved_per_member": moved[g.id], "layers": g.layers}
+                   for g in groups],
         "fixed_groups": [{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
                          for g in a.groups() if not g.prunable],
         "parameters": {"member": member_params, "output": _count_params(graph)},
     }
+    if calibrate is not None:
+        from .reconstruct import reconstruct
+        wide = fuse(sources, "concat").model
+        summary["reconstruction"] = reconstruct(graph, tensors, wide, a, kept, n, calibrate, calib_samples)
+        del wide
+        for prop in graph.metadata_props:       # provenance: the weights were refitted on this data
+            if prop.key == "onnxfuse.options":
+                prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(str(calibrate)).name,
+                                         "calib_samples": summary["reconstruction"]["samples"]}, sort_keys=True)
+        fusion = Fusion(graph, tensors)
     if exactness is not None:
         summary["exact"] = all(v is None for v in exactness.values())
         summary["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
@@ -147,7 +176,7 @@ def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> 
     ours = {
         "onnxfuse.version": __version__,
         "onnxfuse.method": {"nt": "neuron-transplantation", "concat": "concatenation (wide ensemble)",
-                            "prune": "structured magnitude pruning"}[method],
+                            "prune": "structured magnitude pruning", **alignment.LABELS}[method],
         "onnxfuse.options": json.dumps({"keep": keep}, sort_keys=True),
         "onnxfuse.members": json.dumps([{"file": Path(m.name).name, "sha256": m.sha256} for m in members]),
     }
@@ -158,13 +187,16 @@ def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> 
         model.metadata_props.add(key=key, value=value)
 
 
-def merge(models, output=None, keep=None, force: bool = False, data=None, val=None,
-          **training) -> onnx.ModelProto:
+def merge(models, output=None, keep=None, force: bool = False, data=None, val=None, method: str = "nt",
+          calibrate=None, calib_samples: int = 2048, **training) -> onnx.ModelProto:
     """Neuron Transplantation: fuse N >= 2 models into one of the original width (or `keep` * N * width).
+    method 'average', 'weight-matching' or 'ot' averages the (aligned) members instead.
 
     Fine-tune with `data="train.npz", epochs=3` (and any TrainOptions field: lr, distill, schedule, ...).
+    Reconstruct without training (before any fine-tuning) with `calibrate="calib.npz"`.
     """
-    return fuse(models, "nt", keep, output, force, data, val, training).model
+    return fuse(models, method, keep, output, force, data, val, training, calibrate=calibrate,
+                calib_samples=calib_samples).model
 
 
 def concat(models, output=None, force: bool = False) -> onnx.ModelProto:
@@ -278,6 +310,15 @@ def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> lis
     models = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
     first = load_member(models[0])
     return run_evaluate(models, load_data(data, first.model), ensemble, provider)
+
+
+def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cpu", threads: int = 1,
+              **options) -> list[dict]:
+    """Latency (p50/p90/p99 ms), throughput, file size and peak memory of each model with onnxruntime, and
+    of `ensemble` served as N sessions per request and as its wide graph; one row per model and batch size.
+    Options: warmup=10, seconds=2.0, memory=True, wide=True, seed=0 (see onnxfuse.bench.benchmark)."""
+    from .bench import benchmark as run_benchmark
+    return run_benchmark(models, ensemble, batch_sizes, provider, threads, **options)
 
 
 def _measure_deviation(wide: onnx.ModelProto, sources, data) -> dict | None:

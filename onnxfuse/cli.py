@@ -120,11 +120,24 @@ def _training(kw: dict) -> dict:
 @click.option("--keep", type=float, default=None, metavar="FRACTION",
               help="Fraction of the wide model's neurons to keep in every layer (default 1/N: the "
                    "original width).")
+@click.option("--method", type=click.Choice(["nt", "average", "weight-matching", "ot"]), default="nt",
+              show_default=True,
+              help="nt: Neuron Transplantation. The baselines average the members' weights at the original "
+                   "width: average (no alignment), weight-matching (channels permuted to match member 0 "
+                   "first, Git Re-Basin), ot (channels aligned layer by layer by optimal transport, Singh & "
+                   "Jaggi).")
+@click.option("--calibrate", type=str, default=None, metavar="CALIB.npz",
+              help="Reconstruct without training: refit every layer that consumes pruned neurons by least "
+                   "squares so the fused model reproduces the wide model (the ensemble) on these inputs "
+                   "(labels unused). Fine-tuning with --data, if given, starts from the result.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="How many samples of --calibrate to use (a fixed random subset if it has more).")
 @_training_options
 @_common
 @_reports_errors
-def merge(models, output, keep, force, quiet, as_json, **kw):
-    """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation.
+def merge(models, output, keep, method, calibrate, calib_samples, force, quiet, as_json, **kw):
+    """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation (or, with --method, by
+    averaging their aligned weights).
 
     The result has the members' inputs, outputs and (by default) layer widths. Without
     fine-tuning it is usually worse than the members: give --data to fine-tune it
@@ -135,8 +148,9 @@ def merge(models, output, keep, force, quiet, as_json, **kw):
       onnxfuse merge a.onnx b.onnx -o fused.onnx --data train.npz --val val.npz
     """
     training = _training(kw)
-    _finish(api.fuse(models, "nt", keep, output, force, kw["data"], kw["val"], training,
-                     progress=_show_progress(quiet, as_json)), quiet, as_json)
+    _finish(api.fuse(models, method, keep, output, force, kw["data"], kw["val"], training,
+                     progress=_show_progress(quiet, as_json), calibrate=calibrate, calib_samples=calib_samples),
+            quiet, as_json)
 
 
 @main.command()
@@ -177,6 +191,102 @@ def evaluate(models, data, ensemble, provider, as_json):
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         click.echo(f"{r['model']:<{width}}  {acc:>8}  {loss:>8}")
+
+
+class _TakesFileLists(click.Command):
+    """`--ensemble a.onnx b.onnx ...`: the option takes every argument up to the next option."""
+
+    def parse_args(self, ctx, args):
+        out, taking, took = [], False, False
+        for arg in args:
+            if arg == "--ensemble":
+                if taking and not took:
+                    out.append(arg)
+                taking, took = True, False
+            elif taking and not arg.startswith("-"):
+                out += ["--ensemble", arg]
+                took = True
+            else:
+                if taking and not took:
+                    out.append("--ensemble")   # let click say that it needs a value
+                taking = False
+                out.append(arg)
+        if taking and not took:
+            out.append("--ensemble")
+        return super().parse_args(ctx, out)
+
+
+def _batch_sizes(ctx, param, value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 1,32, got '{value}'") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"expected positive batch sizes such as 1,32, got '{value}'")
+    return sizes
+
+
+@main.command(cls=_TakesFileLists)
+@click.argument("models", nargs=-1)
+@click.option("--ensemble", multiple=True, metavar="A.onnx B.onnx ...",
+              help="Also time these models as an ensemble: N sessions run one after the other per request, "
+                   "and their wide graph (onnxfuse concat) if they can be concatenated. Takes the files up "
+                   "to the next option.")
+@click.option("--batch-size", "batch_sizes", default="1,32", show_default=True, callback=_batch_sizes,
+              metavar="N[,N...]", help="Batch sizes (symbolic input dimensions are set to it).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider; the provider actually used is reported.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Intra-op threads per session (inter-op: 1).")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Untimed runs per model and batch size.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Timed seconds per model and batch size (interleaved with the other models).")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one fresh process per "
+                                                "model and batch size).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@_reports_errors
+def bench(models, ensemble, batch_sizes, provider, threads, warmup, seconds, no_memory, as_json):
+    """Latency (p50/p90/p99), throughput, file size and peak memory of MODELS with onnxruntime.
+
+    Inputs are random (symbolic dimensions = batch size); the models' timing rounds are
+    interleaved so that machine noise hits all alike. 'x first' is the p50 latency relative
+    to the first row of the same batch size.
+
+    \b
+    Example (the fused model should cost about one member, the ensemble about N):
+      onnxfuse bench a.onnx fused.onnx --ensemble a.onnx b.onnx --batch-size 1,32
+    """
+    from .bench import benchmark
+    log = (lambda m: click.echo(f"onnxfuse: {m}", err=True)) if not as_json and sys.stderr.isatty() else None
+    rows = benchmark(list(models), list(ensemble), batch_sizes, provider, threads, warmup, seconds,
+                     memory=not no_memory, log=log)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    used = sorted({p for r in rows for p in (r["providers"] or [])[:1]})
+    click.echo(f"provider: {', '.join(used)} (asked for: {provider}); {threads} intra-op thread"
+               f"{'s' if threads > 1 else ''} per session; {seconds:g} s per model and batch size, interleaved")
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'batch':>5}  {'model':<{width}}  {'p50 ms':>9}  {'p90 ms':>9}  {'p99 ms':>9}  "
+               f"{'samples/s':>10}  {'x first':>7}  {'file':>9}  {'peak mem':>9}")
+    for r in rows:
+        if r.get("skipped"):
+            continue
+        click.echo(f"{r['batch_size']:>5}  {r['name']:<{width}}  {r['p50_ms']:>9.4f}  {r['p90_ms']:>9.4f}  "
+                   f"{r['p99_ms']:>9.4f}  {r['throughput']:>10,.0f}  {r['p50_vs_first']:>7.2f}  "
+                   f"{_size(r['file_bytes']):>9}  {_size(r['peak_memory_bytes']):>9}")
+    for note in dict.fromkeys(f"{r['name']}: {r['note']}" for r in rows if r["note"]):
+        click.echo(f"note: {note}")
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _show_progress(quiet: bool, as_json: bool) -> bool:
@@ -249,9 +359,14 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     if quiet:
         return
     what = {"nt": "fused by neuron transplantation", "concat": "concatenated (wide ensemble)",
-            "prune": "pruned", "finetune": "fine-tuned"}[s["method"]]
+            "prune": "pruned", "finetune": "fine-tuned", "average": "averaged",
+            "weight-matching": "averaged after weight matching", "ot": "averaged after OT alignment"}[s["method"]]
     click.echo(f"{what}: {', '.join(s['members'])} -> {s.get('output', '(not written)')}")
     for g in s.get("groups", []):
+        if "moved_per_member" in g:
+            per = ", ".join(f"m{i}: {k}" for i, k in enumerate(g["moved_per_member"]) if i)
+            click.echo(f"  group {g['id']:<3} width {g['width']:<6} channels moved ({per})  {', '.join(g['layers'])}")
+            continue
         per = ", ".join(f"m{i}: {k}" for i, k in enumerate(g["kept_per_member"]))
         click.echo(f"  group {g['id']:<3} kept {g['kept']:>5} of {g['width'] * len(s['members']):<6} ({per})"
                    f"  {', '.join(g['layers'])}")
@@ -260,6 +375,16 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     for name, verdict in s.get("outputs", {}).items():
         click.echo(f"  output '{name}': {verdict}")
     _echo_deviation(s.get("deviation"))
+    if "reconstruction" in s:
+        r = s["reconstruction"]
+        click.echo(f"  reconstructed {len(r['layers'])} layers on {r['samples']} calibration samples "
+                   f"({r['seconds']:.2f} s); relative error of each layer's output vs the wide model, "
+                   f"transplanted -> refitted:")
+        for layer in r["layers"]:
+            click.echo(f"    {layer['op']:<6} {layer['layer']:<24} {layer['relative_error_before']:.4f} -> "
+                       f"{layer['relative_error_after']:.4f}")
+        for why in r["skipped"]:
+            click.echo(f"    not refitted: {why}")
     if "training" in s:
         o = s["training"]["options"]
         click.echo(f"  fine-tuned {o['epochs']} epochs ({'distillation' if o['distill'] else 'labels'}, "
