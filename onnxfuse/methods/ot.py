@@ -44,7 +44,8 @@ def _transport(a, load, k: int, widened, by_group) -> Perms:
             continue
         cost = pot.dist(np.hstack(mine), np.hstack(theirs), metric="euclidean")
         width = len(cost)
-        plan = pot.emd(np.full(width, 1 / width), np.full(width, 1 / width), cost)
+        # POT stops at 100000 simplex iterations by default, short of the optimum from width ~2048 on
+        plan = pot.emd(np.full(width, 1 / width), np.full(width, 1 / width), cost, numItermax=10_000_000)
         cols = plan.argmax(axis=1)
         if len(set(cols.tolist())) != width:       # a degenerate plan: take the permutation closest to it
             cols = linear_sum_assignment(plan, maximize=True)[1]
