@@ -66,9 +66,12 @@ def main():
     \b
     Typical use:
       onnxfuse inspect a.onnx b.onnx           # what will be fused, and can it be
-      onnxfuse merge a.onnx b.onnx -o fused.onnx
+      onnxfuse merge a.onnx b.onnx -o fused.onnx --data train.npz --val val.npz
+      onnxfuse eval a.onnx b.onnx fused.onnx --data val.npz --ensemble
+      onnxfuse bench fused.onnx --ensemble a.onnx b.onnx   # latency: fused vs ensemble
       onnxfuse concat a.onnx b.onnx -o wide.onnx   # the ensemble as one graph
       onnxfuse prune model.onnx --keep 0.5 -o small.onnx
+      onnxfuse finetune model.onnx --data train.npz -o tuned.onnx
     """
 
 
@@ -114,7 +117,7 @@ def _training(kw: dict) -> dict:
     return training
 
 
-@main.command()
+@main.command(short_help="Fuse 2+ models into one of the original size (Neuron Transplantation).")
 @click.argument("models", nargs=-1, required=True)
 @_output_options
 @click.option("--keep", type=float, default=None, metavar="FRACTION",
@@ -153,7 +156,7 @@ def merge(models, output, keep, method, calibrate, calib_samples, force, quiet, 
             quiet, as_json)
 
 
-@main.command()
+@main.command(short_help="Fine-tune any model; same graph, tuned weights.")
 @click.argument("model")
 @_output_options
 @click.option("--teacher", "teachers", multiple=True, metavar="MODEL.onnx",
@@ -171,7 +174,7 @@ def finetune(model, output, teachers, force, quiet, as_json, **kw):
                                      _show_progress(quiet, as_json), **training), quiet, as_json)
 
 
-@main.command(name="eval")
+@main.command(name="eval", short_help="Accuracy and loss of models (and their ensemble) on data.")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--data", required=True, metavar="DATA.npz", help=".npz with 'x' (or arrays by input name) and 'y'.")
 @click.option("--ensemble", is_flag=True, help="Also score the ensemble of MODELS (mean of logits).")
@@ -226,7 +229,7 @@ def _batch_sizes(ctx, param, value: str) -> list[int]:
     return sizes
 
 
-@main.command(cls=_TakesFileLists)
+@main.command(cls=_TakesFileLists, short_help="onnxruntime latency, throughput and memory of models.")
 @click.argument("models", nargs=-1)
 @click.option("--ensemble", multiple=True, metavar="A.onnx B.onnx ...",
               help="Also time these models as an ensemble: N sessions run one after the other per request, "
@@ -293,7 +296,7 @@ def _show_progress(quiet: bool, as_json: bool) -> bool:
     return not quiet and not as_json and sys.stderr.isatty()
 
 
-@main.command()
+@main.command(short_help="Write the wide model (the ensemble as one graph).")
 @click.argument("models", nargs=-1, required=True)
 @_output_options
 @click.option("--data", default=None, metavar="DATA.npz",
@@ -310,7 +313,7 @@ def concat(models, output, data, force, quiet, as_json):
     _finish(api.fuse(models, "concat", None, output, force, data=data), quiet, as_json)
 
 
-@main.command()
+@main.command(short_help="Structured magnitude pruning of one model.")
 @click.argument("model")
 @_output_options
 @click.option("--keep", type=float, required=True, metavar="FRACTION",
@@ -322,7 +325,7 @@ def prune(model, output, keep, force, quiet, as_json):
     _finish(api.fuse([model], "prune", keep, output, force), quiet, as_json)
 
 
-@main.command()
+@main.command(short_help="Channel groups of models, and whether they can be fused.")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_reports_errors
