@@ -27,7 +27,7 @@ every number comes from `Fusion.summary["accuracy"]` (onnxruntime on the resulti
 Target (from the issue; reported, not tuned for): with 2 members, NT + 3 epochs (ce, mean over seeds) >= the
 best member, on both datasets.
 
-    python benchmarks/methods_accuracy.py            # about 6 minutes on 2 CPU cores
+    python benchmarks/methods_accuracy.py            # 2-4 minutes on 2 CPU cores
     python benchmarks/methods_accuracy.py --quick    # smoke run: N = 2, E = 1..2, seed 0, 5 MNIST-1D epochs
 
 Writes benchmarks/results/methods_accuracy.md, .json and .png (or --out DIR) and prints the tables.

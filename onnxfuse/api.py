@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -146,9 +147,13 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     return _written(fusion, summary, output, force, start)
 
 
+def is_main_process() -> bool:
+    """Only rank 0 writes files and prints under torchrun (cheap: no torch or onnxruntime import)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _written(fusion: Fusion, summary: dict, output, force: bool, start: float) -> Fusion:
     """Save the result if asked (only rank 0 under torchrun), and complete its summary."""
-    from .training import is_main_process
     if output is not None and is_main_process():
         save_model(fusion.graph, output, force, fusion.tensors)
         summary["output"] = str(output)

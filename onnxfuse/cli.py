@@ -352,9 +352,8 @@ def inspect(models, as_json):
 
 
 def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
-    from .training import is_main_process
     s = result.summary
-    if not is_main_process():      # under torchrun, rank 0 speaks for all
+    if not api.is_main_process():      # under torchrun, rank 0 speaks for all
         return
     if as_json:
         click.echo(json.dumps(s, indent=2))

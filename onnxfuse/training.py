@@ -195,11 +195,6 @@ def start_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def is_main_process() -> bool:
-    """Only rank 0 writes files and prints under torchrun."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _mean_over_ranks(total: float, count: int, world: int) -> float:
     if world == 1:
         return total / count
