@@ -171,8 +171,7 @@ def render(results: list[dict], env: dict, started: datetime.datetime, elapsed: 
     lines.append("- Where the ensemble costs more than N x a member: a request also pays N x onnxruntime's per-call "
                  "overhead and the averaging of the outputs, which dominate for the tiny sample models (a member "
                  "runs in microseconds); and N members' weights compete for the CPU caches, while one member "
-                 "timed alone keeps its weights cached (probably why 4 x 7.5 MB of MLP weights at batch 1 cost "
-                 "more than 4 x one member's latency on this machine's 32 MiB L3).")
+                 "timed alone keeps its weights cached." + _read_rates(results))
     wides = [(r["n"], r["batch_size"], ratio(r, "wide")) for r in results if r["models"].startswith("MLP 784")]
     if wides:
         lines.append("- Wide graph / member p50 on the 784-1024-1024-10 MLPs: "
@@ -206,6 +205,22 @@ def render(results: list[dict], env: dict, started: datetime.datetime, elapsed: 
         lines += ["", *[f"- Note: {n}" for n in notes]]
     lines.append("")
     return "\n".join(lines)
+
+
+def _read_rates(results: list[dict]) -> str:
+    """Weight bytes per request / p50 at batch 1 for the largest MLP set: a cached rate vs a memory-bound one."""
+    big = [r for r in results if r["models"].startswith("MLP 784") and r["batch_size"] == 1]
+    if not big:
+        return ""
+    r = max(big, key=lambda r: r["n"])
+    rate = {role: r[role]["file_bytes"] / (r[role]["p50_ms"] / 1e3) / 1e9 for role in ("member", "ensemble")}
+    text = (f" At batch 1 (N = {r['n']}, 784-1024-1024-10), file bytes / p50 is {rate['member']:.0f} GB/s for "
+            f"one member ({r['member']['file_bytes'] / MB:.1f} MB of weights) and {rate['ensemble']:.0f} GB/s for "
+            f"the ensemble ({r['ensemble']['file_bytes'] / MB:.1f} MB per request)")
+    if rate["member"] > 1.5 * rate["ensemble"]:
+        text += (": one member's weights stay in the caches, the ensemble's are read at memory bandwidth, "
+                 "so it costs more than N x a member")
+    return text + "."
 
 
 def plot(results: list[dict], path: Path) -> bool:
