@@ -37,10 +37,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -77,17 +78,6 @@ def versions() -> dict:
     return {"onnxfuse": onnxfuse.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "onnx": onnx.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
             "torch_threads": torch.get_num_threads()}
-
-
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "onnxfuse"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return head + (" (onnxfuse/ has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -53,6 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -350,17 +352,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "onnxfuse"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return head + (" (onnxfuse/ has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -40,12 +40,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
 
 import numpy as np
 
@@ -57,17 +58,6 @@ import onnxfuse  # noqa: E402
 
 DIAGNOSTIC = "NT + reconstruction + 1 epoch at lr 0.005"
 ENSEMBLE, BEFORE, AFTER = "ensemble (mean of logits)", "result before fine-tuning", "result after fine-tuning"
-
-
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "onnxfuse"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return head + (" (onnxfuse/ has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def dataset():
