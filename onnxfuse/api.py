@@ -37,6 +37,22 @@ class Fusion:
         return self.tensors.materialize(self.graph)
 
 
+class Phases:
+    """Wall seconds per phase of one call, for the summary: load (read and check the members), fuse (analysis,
+    selection or alignment, assembly, output check), reconstruct, deviation, tune (fine-tuning and scoring on
+    `val`), save. The fusion work alone can then be compared across methods without the file I/O they share."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """Charge the time since the previous mark to `phase`."""
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 4)
+        self._last = now
+
+
 def load_members(sources) -> list[Member]:
     if isinstance(sources, (str, Path, onnx.ModelProto)):
         sources = [sources]
@@ -73,6 +89,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     pre-activations on `calib_samples` of its samples (see onnxfuse.reconstruct); no training.
     """
     start = time.perf_counter()
+    phases = Phases()
     sources = [sources] if isinstance(sources, (str, Path, onnx.ModelProto)) else list(sources)
     if output is not None:
         check_output_path(output, sources, force)
@@ -88,6 +105,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     if calibrate is not None and method not in ("nt", "prune"):
         raise OnnxFuseError(f"--calibrate applies to neuron transplantation (and prune), not to method {method}")
     members = load_members(sources)
+    phases.mark("load")
     a, maps = _analyze_members(members)
     label = members[0].name
     _require_fusable(a, label)
@@ -123,6 +141,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
                          for g in a.groups() if not g.prunable],
         "parameters": {"member": member_params, "output": _count_params(graph)},
     }
+    phases.mark("fuse")
     if calibrate is not None:
         from .reconstruct import reconstruct
         wide = fuse(sources, "concat").model
@@ -133,18 +152,21 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
                 prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(str(calibrate)).name,
                                          "calib_samples": summary["reconstruction"]["samples"]}, sort_keys=True)
         fusion = Fusion(graph, tensors)
+        phases.mark("reconstruct")
     if exactness is not None:
         summary["exact"] = all(v is None for v in exactness.values())
         summary["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
                               for k, v in exactness.items()}
         if not summary["exact"]:
             summary["deviation"] = _measure_deviation(fusion.model, sources, data)
+            phases.mark("deviation")
     if data is not None or val is not None:
         _tune_and_score(fusion.model, sources, data, val, options, summary, progress)
         tuned = summary.pop("_model", None)
         if tuned is not None:
             fusion = Fusion(*TensorTable.detach(tuned))
-    return _written(fusion, summary, output, force, start)
+        phases.mark("tune")
+    return _written(fusion, summary, output, force, start, phases)
 
 
 def is_main_process() -> bool:
@@ -152,12 +174,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _written(fusion: Fusion, summary: dict, output, force: bool, start: float) -> Fusion:
+def _written(fusion: Fusion, summary: dict, output, force: bool, start: float, phases: Phases | None = None) -> Fusion:
     """Save the result if asked (only rank 0 under torchrun), and complete its summary."""
     if output is not None and is_main_process():
         save_model(fusion.graph, output, force, fusion.tensors)
         summary["output"] = str(output)
     summary["seconds"] = round(time.perf_counter() - start, 3)
+    if phases is not None:
+        if output is not None:
+            phases.mark("save")
+        summary["phases"] = phases.seconds
     fusion.summary = summary
     return fusion
 

@@ -399,7 +399,8 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     if "parameters" in s:
         p = s["parameters"]
         click.echo(f"  parameters: {p['output']:,} (one member: {p['member']:,})")
-    click.echo(f"  {s['seconds']:.2f} s")
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in s.get("phases", {}).items())
+    click.echo(f"  {s['seconds']:.2f} s" + (f" ({phases})" if phases else ""))
 
 
 def _echo_deviation(dev) -> None:

@@ -142,6 +142,8 @@ def test_cli_calibrate_then_finetune(tmp_path):
     summary = json.loads(result.stdout)
     assert [l["op"] for l in summary["reconstruction"]["layers"]] == ["Conv", "Gemm", "Gemm"]
     assert summary["training"]["options"]["epochs"] == 1
+    assert list(summary["phases"]) == ["load", "fuse", "reconstruct", "tune", "save"]
+    assert sum(summary["phases"].values()) <= summary["seconds"] + 1e-3
     acc = summary["accuracy"]
     # "before fine-tuning" is the reconstructed model: already about as good as the best member
     best = max(acc[f"digits_cnn_{i}.onnx"]["accuracy"] for i in range(2))
