@@ -226,22 +226,21 @@ def _s(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
-def cell_s(c: dict | None) -> str:
-    if c is None:
-        return ""
-    if "skipped" in c:
-        return "skipped (budget)"
-    return _s(c["seconds"]) + (" *" if c.get("emd_not_optimal") else "")
-
-
-def cell_fuse(c: dict | None) -> str:
-    if c is None:
-        return ""
-    return "skipped (budget)" if "skipped" in c else _s(c["fuse_s"])
-
-
-def ratio_cell(nt: dict | None, ot: dict | None, key: str) -> str:
-    return f"{ot[key] / nt[key]:.1f}x" if nt and ot and "skipped" not in nt and "skipped" not in ot else ""
+def time_table(title: str, table: dict, widths: list[int], methods: list[str], key: str,
+               with_paper: bool = False) -> list[str]:
+    """A markdown table of `key` (seconds) per width and method, with the OT / NT ratio."""
+    paper = " | paper averaging | paper NT | paper OT" if with_paper else ""
+    lines = ["", f"## {title}", "", "| w | " + " | ".join(LABEL[m] for m in methods) + f" | OT / NT{paper} |",
+             "|---:|" + "---:|" * len(methods) + "---:|" + ("---:|---:|---:|" if with_paper else "")]
+    for w in widths:
+        cells = [table[m].get(w) for m in methods]
+        row = ["" if c is None else "skipped (budget)" if "skipped" in c
+               else _s(c[key]) + (" *" if c.get("emd_not_optimal") else "") for c in cells]
+        nt, ot = table.get("nt", {}).get(w), table.get("ot", {}).get(w)
+        ratio = f"{ot[key] / nt[key]:.1f}x" if nt and ot and "skipped" not in nt and "skipped" not in ot else ""
+        extra = "".join(f" | {paper_cell(w, m)}" for m in ("average", "nt", "ot")) if with_paper else ""
+        lines.append(f"| {w} | " + " | ".join(row) + f" | {ratio}{extra} |")
+    return lines
 
 
 def cell_mb(c: dict | None) -> str:
@@ -304,27 +303,10 @@ def render(result: dict) -> str:
         "in memory, without file I/O.",
         "- Paper: the NT paper's CPU numbers (no file I/O; different hardware, torch instead of numpy).",
         "",
-        "## Fusion work alone (s), as the paper measured it",
-        "",
-        "| w | " + " | ".join(LABEL[m] for m in methods) + " | OT / NT | paper averaging | paper NT | paper OT |",
-        "|---:|" + "---:|" * len(methods) + "---:|---:|---:|---:|",
     ]
-    for w in widths:
-        row = [cell_fuse(table[m].get(w)) for m in methods]
-        ratio = ratio_cell(table.get("nt", {}).get(w), table.get("ot", {}).get(w), "fuse_s")
-        lines.append(f"| {w} | " + " | ".join(row) + f" | {ratio} | {paper_cell(w, 'average')} | "
-                     f"{paper_cell(w, 'nt')} | {paper_cell(w, 'ot')} |")
-    lines += [
-        "",
-        "## Wall time file to file (s): load + fusion + save",
-        "",
-        "| w | " + " | ".join(LABEL[m] for m in methods) + " | OT / NT |",
-        "|---:|" + "---:|" * len(methods) + "---:|",
-    ]
-    for w in widths:
-        row = [cell_s(table[m].get(w)) for m in methods]
-        ratio = ratio_cell(table.get("nt", {}).get(w), table.get("ot", {}).get(w), "seconds")
-        lines.append(f"| {w} | " + " | ".join(row) + f" | {ratio} |")
+    lines += time_table("Fusion work alone (s), as the paper measured it", table, widths, methods, "fuse_s",
+                        with_paper=True)
+    lines += time_table("Wall time file to file (s): load + fusion + save", table, widths, methods, "seconds")
     lines += ["", "## Peak RSS above idle (MB)", "",
               "| w | " + " | ".join(LABEL[m] for m in methods) + " | in + out files MB |",
               "|---:|" + "---:|" * len(methods) + "---:|"]
