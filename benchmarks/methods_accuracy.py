@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy of every fusion method (NT, averaging, weight matching, OT), before and after fine-tuning.
 
-Two datasets that need no download:
+Two datasets that need no download (three member sets):
 
   digits   scikit-learn's bundled digits (the sample split: 1257 training / 540 validation images, 64 pixels).
            Members: the shipped `sample_models/digits_mlp_{0,1,2}.onnx` (64 -> 64 -> 64 -> 10, ReLU) and a
@@ -12,6 +12,10 @@ Two datasets that need no download:
            1000 held-out sequences of length 40; its download function is never called). Members: MLP
            40 -> 100 -> 100 -> 10 (ReLU), seeds 0..3, trained and exported with `benchmarks/reconstruction.py`'s
            code (Adam, lr 1e-3, batch 100, 50 epochs, legacy exporter).
+  mnist1d-converged  the same data and MLPs, trained to convergence with reconstruction.py's "converged"
+           recipe (SGD, momentum 0.9, lr 0.05 decaying linearly to 0, batch 64, 60 epochs): onnxfuse's own
+           fine-tuning recipe run to the end, so that fine-tuning a member further no longer helps it, and what a
+           fused model gains over the control is fusion's doing.
 
 For N = 2, 3, 4 members (members 0..N-1) and each method we report the validation accuracy before fine-tuning
 and after E = 1..5 epochs (one separate run per E: the default learning rate decays linearly to 0 over the
@@ -102,7 +106,7 @@ def digits_members(folder: Path, log) -> tuple[list[str], str, str, dict]:
     return paths, str(SAMPLES / "digits_train.npz"), str(SAMPLES / "digits_val.npz"), {"retrain_check_max_abs": diff}
 
 
-def mnist1d_members(folder: Path, epochs: int, log) -> tuple[list[str], str, str, dict]:
+def mnist1d_members(folder: Path, epochs: int, log, recipe: str = "adam") -> tuple[list[str], str, str, dict]:
     import reconstruction as rec                       # benchmarks/reconstruction.py
     x, y, xt, yt = rec.dataset()
     factory, shape = rec.nets()["mlp"]
@@ -112,12 +116,16 @@ def mnist1d_members(folder: Path, epochs: int, log) -> tuple[list[str], str, str
     paths = []
     for s in MNIST1D_SEEDS:
         t = time.perf_counter()
-        paths.append(rec.export(rec.train_member(factory, shape, x, y, s, epochs), shape, folder / f"mnist1d_mlp_{s}.onnx"))
-        log(f"mnist1d: member {s} trained ({time.perf_counter() - t:.1f} s)")
+        paths.append(rec.export(rec.train_member(factory, shape, x, y, s, epochs, recipe), shape,
+                                folder / f"mnist1d_mlp_{recipe}_{s}.onnx"))
+        log(f"mnist1d ({recipe}): member {s} trained ({time.perf_counter() - t:.1f} s)")
     return paths, str(train), str(val), {"train": len(x), "test": len(xt), "member_epochs": epochs}
 
 
 # ============================================================================ runs
+
+NAMES = {"digits": "digits (sklearn)", "mnist1d": "MNIST-1D", "mnist1d-converged": "MNIST-1D, converged members"}
+
 
 def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -212,7 +220,7 @@ def pm(c, n_seeds):
 def render(result: dict) -> str:
     cfg, env, meta = result["config"], result["environment"], result["datasets"]
     seeds, epochs = cfg["seeds"], cfg["epochs"]
-    names = {"digits": "digits (sklearn)", "mnist1d": "MNIST-1D"}
+    names = NAMES
     lines = [
         "# Accuracy of every fusion method: NT, averaging, weight matching, OT, before and after fine-tuning",
         "",
@@ -227,6 +235,10 @@ def render(result: dict) -> str:
         f"{meta['digits']['retrain_check_max_abs']:.1e}.",
         f"- Members, MNIST-1D: MLP 40-100-100-10 ReLU, seeds 0..3, `benchmarks/reconstruction.py`'s recipe (Adam lr "
         f"1e-3, batch 100, {meta['mnist1d']['member_epochs']} epochs, legacy exporter).",
+        *([f"- Members, MNIST-1D converged: the same MLPs, seeds 0..3, trained with `benchmarks/reconstruction.py`'s "
+           f"\"converged\" recipe (SGD, momentum 0.9, lr 0.05 decaying linearly to 0, batch 64, "
+           f"{meta['mnist1d-converged']['member_epochs']} epochs): fine-tuning them further no longer helps them, "
+           "so a fused model's gain over the control is fusion's own."] if "mnist1d-converged" in meta else []),
         "- N members = members 0..N-1. Methods: `onnxfuse.fuse(paths, method)` with method nt (Neuron "
         "Transplantation), average, weight-matching, ot; all keep the original width.",
         f"- Fine-tuning: onnxfuse defaults (SGD, momentum 0.9, lr 0.05 decaying linearly to 0 over the run, batch 64); "
@@ -292,7 +304,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = {"digits": "digits (sklearn), 2 members", "mnist1d": "MNIST-1D, 2 members"}
+    names = {ds: f"{label}, {TARGET_N} members" for ds, label in NAMES.items()}
     datasets = [ds for ds in result["results"] if str(TARGET_N) in result["results"][ds]]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 5.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
@@ -337,7 +349,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: N = 2, E = 1..2, seed 0, 5 MNIST-1D member epochs")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the results (default: benchmarks/results; with --quick: print only)")
-    p.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"], choices=["digits", "mnist1d"])
+    p.add_argument("--datasets", nargs="+", default=list(NAMES), choices=list(NAMES))
     args = p.parse_args()
     import torch
     torch.set_num_threads(1)
@@ -350,16 +362,20 @@ def main() -> None:
     started, t0 = datetime.datetime.now().astimezone(), time.perf_counter()
     epochs, seeds, ns, member_epochs = ([1, 2], [0], [2], 5) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2], [2, 3, 4], 50)
     bench = Bench(epochs, seeds, log)
+    converged_epochs = 5 if args.quick else 60
     results, meta = {}, {"digits": {"retrain_check_max_abs": float("nan")},
                          "mnist1d": {"version": version("mnist1d"), "train": 4000, "test": 1000,
-                                     "member_epochs": member_epochs}}
+                                     "member_epochs": member_epochs},
+                         "mnist1d-converged": {"member_epochs": converged_epochs}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for ds in args.datasets:
             if ds == "digits":
                 paths, train, val, info = digits_members(tmp, log)
-            else:
+            elif ds == "mnist1d":
                 paths, train, val, info = mnist1d_members(tmp, member_epochs, log)
+            else:
+                paths, train, val, info = mnist1d_members(tmp, converged_epochs, log, "sgd")
             meta[ds].update(info)
             results[ds] = {}
             for n in ns:
