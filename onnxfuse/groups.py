@@ -57,6 +57,27 @@ class AttrConst:
 
 
 @dataclass
+class EqualPart:
+    """One output of a Split with `num_outputs`: its channels must stay as many as every other part's, since
+    the node divides its input evenly (checked when the kept channels are known)."""
+    node: str
+    segs: tuple[Seg, ...]
+
+
+@dataclass
+class DerivedBound:
+    """A Slice bound that the graph computes from the sliced tensor's own Shape (the legacy exporter's
+    torch.chunk): it follows the pruned width by itself, which is checked when the kept channels are known.
+    `compute(shape)` recomputes the bound; `segs` lie before it on an axis laid out as `axis_segs`."""
+    node: str
+    compute: object
+    segs: tuple[Seg, ...]
+    axis_segs: tuple[Seg, ...]
+    shape: list
+    axis: int
+
+
+@dataclass
 class Group:
     id: int
     width: int
@@ -109,6 +130,8 @@ class Analysis:
     frozen: dict[int, list[str]] = field(default_factory=dict)
     blocked: dict[int, list[str]] = field(default_factory=dict)
     attr_consts: list[AttrConst] = field(default_factory=list)
+    equal_parts: list[EqualPart] = field(default_factory=list)
+    derived_bounds: list[DerivedBound] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)    # unsupported ops touching channels
     mixing: dict[str, str] = field(default_factory=dict)  # node -> why it mixes channels of one axis
     retired: set[int] = field(default_factory=set)          # spaces replaced by their parts (refine)
@@ -171,8 +194,10 @@ class Analysis:
     def _rewrite(self, fn) -> None:
         for value, (axis, segs) in self.chan.items():
             self.chan[value] = (axis, fn(segs))
-        for item in self.touches + self.shape_consts + self.attr_consts:
+        for item in self.touches + self.shape_consts + self.attr_consts + self.equal_parts + self.derived_bounds:
             item.segs = fn(item.segs)
+        for item in self.derived_bounds:
+            item.axis_segs = fn(item.axis_segs)
 
     def width(self, space: int) -> int:
         return self.space_width[self.find(space)]
@@ -695,8 +720,12 @@ def _rule_split(a, node):
             a.chan[y] = (axis, segs)
         return
     sizes = _const(a, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "split")
-    if sizes is None:
-        return _unsupported(a, node, "splits channels into equal parts (num_outputs): give explicit sizes")
+    even = sizes is None                  # opset 18's num_outputs (torch.chunk): equal parts
+    if even:
+        size, count = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs}), len(node.output)
+        if size % count:
+            return _unsupported(a, node, f"splits {size} channels into {count} unequal parts (num_outputs)")
+        sizes = [size // count] * count
     sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
     bounds = np.cumsum([0, *sizes]).tolist()
     segs = _cut(a, x, axis, bounds[1:-1])
@@ -705,7 +734,9 @@ def _rule_split(a, node):
     for i, y in enumerate(node.output):
         part = _segs_between(a, segs, bounds[i], bounds[i + 1])
         a.chan[y] = (axis, part)
-        if len(node.input) > 1 and node.input[1]:
+        if even:
+            a.equal_parts.append(EqualPart(node.name or node.output[0], part))
+        elif len(node.input) > 1 and node.input[1]:
             a.shape_consts.append(ShapeConst(node.input[1], i, part))
         else:
             a.attr_consts.append(AttrConst(_node_index(a, node), "split", part, i))
@@ -719,6 +750,18 @@ def _rule_slice(a, node):
     starts, ends = _const(a, node.input[1]), _const(a, node.input[2])
     axes = _const(a, node.input[3]) if len(node.input) > 3 and node.input[3] else None
     steps = _const(a, node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    derived = {}
+    for which, value in (("starts", starts), ("ends", ends)):
+        if value is None and rank is not None:
+            derived[which] = _shape_function(a, node.input[1 if which == "starts" else 2], x)
+    if derived:
+        if not all(derived.values()):
+            return _unsupported(a, node, "slice bounds are neither constants nor computed from the sliced "
+                                         "tensor's shape")
+        shape = list(a.shapes[x])
+        shape[axis] = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs})
+        starts = derived["starts"](shape) if "starts" in derived else starts
+        ends = derived["ends"](shape) if "ends" in derived else ends
     if starts is None or ends is None or rank is None:
         return _unsupported(a, node, "slice bounds are not constants")
     axes = [int(v) % rank for v in (axes if axes is not None else range(len(starts)))]
@@ -734,10 +777,73 @@ def _rule_slice(a, node):
     if segs is None:
         return _unsupported(a, node, "slices inside a flattened channel")
     a.chan[node.output[0]] = (axis, _segs_between(a, segs, start, end))
-    if start > 0:
+    label = node.name or node.output[0]
+    if "starts" in derived:
+        a.derived_bounds.append(DerivedBound(label, lambda sh: int(derived["starts"](sh)[i]),
+                                             _segs_between(a, segs, 0, start), segs, shape, axis))
+    elif start > 0:
         a.shape_consts.append(ShapeConst(node.input[1], i, _segs_between(a, segs, 0, start)))
-    if int(ends[i]) <= size:
+    if "ends" in derived:
+        a.derived_bounds.append(DerivedBound(label, lambda sh: int(derived["ends"](sh)[i]),
+                                             _segs_between(a, segs, 0, end), segs, shape, axis))
+    elif int(ends[i]) <= size:
         a.shape_consts.append(ShapeConst(node.input[2], i, _segs_between(a, segs, 0, end)))
+
+
+SHAPE_ARITHMETIC = {"Gather", "Add", "Sub", "Mul", "Div", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity",
+                    "Slice", "Floor", "Ceil", "Max", "Min", "Reshape", "Neg"}
+
+
+def _shape_function(a: Analysis, value: str, x: str):
+    """If `value` is computed from constants and Shape(x) alone (how the legacy exporter writes torch.chunk's
+    bounds), a function of x's shape that recomputes it with onnx's reference evaluator; else None. The
+    unknown (symbolic) dims of x must not matter: the result is checked to be the same for two guesses."""
+    from onnx.reference import ReferenceEvaluator
+    producer = {out: (i, node) for i, node in enumerate(a.model.graph.node) for out in node.output}
+    needed, todo = {}, [value]
+    while todo:
+        v = todo.pop()
+        if not v or v in needed or v in a.tensors:
+            continue
+        if v not in producer:
+            return None
+        i, node = producer[v]
+        if node.op_type == "Shape":
+            if node.input[0] != x or node.attribute:
+                return None
+        elif node.op_type not in SHAPE_ARITHMETIC or node.domain not in ("", "ai.onnx"):
+            return None
+        else:
+            todo.extend(node.input)
+        for out in node.output:
+            needed[out] = (i, node)
+    nodes = []
+    for _, node in sorted({id(n): (i, n) for i, n in needed.values()}.values(), key=lambda t: t[0]):
+        if node.op_type == "Shape":
+            node = helper.make_node("Identity", ["onnxfuse_shape"], list(node.output))
+        nodes.append(node)
+    leaves = {v for n in nodes for v in n.input if v and v in a.tensors and v not in needed}
+    inits = [onnx.numpy_helper.from_array(np.asarray(a.tensors.array(v)), v) for v in sorted(leaves)]
+    graph = helper.make_graph(nodes, "bound", [helper.make_tensor_value_info("onnxfuse_shape", onnx.TensorProto.INT64,
+                                                                             [None])],
+                              [helper.make_tensor_value_info(value, onnx.TensorProto.UNDEFINED, None)], inits)
+    model = helper.make_model(graph, opset_imports=list(a.model.opset_import), ir_version=a.model.ir_version)
+    try:
+        evaluator = ReferenceEvaluator(model)
+    except Exception:
+        return None
+
+    def compute(shape, guess=1):
+        dims = [d if isinstance(d, int) else guess for d in shape]
+        return np.asarray(evaluator.run(None, {"onnxfuse_shape": np.array(dims, dtype=np.int64)})[0]).reshape(-1)
+
+    try:
+        first = a.shapes.get(x)
+        if first is None or not np.array_equal(compute(first, 1), compute(first, 7)):
+            return None
+    except Exception:
+        return None
+    return compute
 
 
 @rule(*CHANNEL_REDUCERS)
@@ -774,6 +880,21 @@ def is_linear(node) -> bool:
                                                           "Unsqueeze", "Add", "Sub", "Concat", "Shape", "Size"}
 
 
+SIZE_INPUTS = {"Slice": {1, 2, 3, 4}, "Reshape": {1}, "Split": {1}, "Expand": {1}, "Tile": {1}}
+
+
+def _shape_state(node, ins: list) -> tuple[str, str | None] | None:
+    """Exactness of a node that reads the shape of a widened value, or computes with such a shape: the
+    result is 'shape' (sizes, checked where they meet the channels), or None when the shape values only
+    give a data op its sizes (then the op is judged on its data inputs)."""
+    if node.op_type in SHAPE_READERS or node.op_type in SHAPE_ARITHMETIC and all(
+            s[0] in ("shape", "same") for s in ins):
+        return ("shape", None)
+    if all(s[0] != "shape" or i in SIZE_INPUTS.get(node.op_type, ()) for i, s in enumerate(ins)):
+        return None
+    return ("derived", f"{node.op_type} at node '{node.name}' computes with the shape of a widened value")
+
+
 def output_exactness(a: Analysis, differing: set[str]) -> dict[str, str | None]:
     """For each graph output: None if the wide model's output is exactly the mean of the members' outputs
     (or identical to them), else the reason why not.
@@ -786,6 +907,13 @@ def output_exactness(a: Analysis, differing: set[str]) -> dict[str, str | None]:
         if node.op_type == "Constant":
             continue
         ins = [state.get(x, ("same", None)) for x in node.input if x]
+        if any(s[0] == "shape" for s in ins) or (node.op_type in SHAPE_READERS and ins[0][0] != "same"):
+            result = _shape_state(node, [state.get(x, ("same", None)) for x in node.input])
+            if result is not None:
+                for y in node.output:
+                    state[y] = result
+                continue
+            ins = [("same", None) if s[0] == "shape" else s for s in ins]
         derived = next((s for s in ins if s[0] == "derived"), None)
         out_wide = node.output[0] in a.chan and all(a.is_widened(s.space) for s in a.chan[node.output[0]][1])
         in_wide = node.input[0] in a.chan and all(a.is_widened(s.space) for s in a.chan[node.input[0]][1])
@@ -807,5 +935,5 @@ def output_exactness(a: Analysis, differing: set[str]) -> dict[str, str | None]:
             result = ("same", None)
         for y in node.output:
             state[y] = result
-    return {o.name: (None if state.get(o.name, ("same", None))[0] in ("mean", "same")
+    return {o.name: (None if state.get(o.name, ("same", None))[0] in ("mean", "same", "shape")
                      else state[o.name][1]) for o in a.model.graph.output}

@@ -297,8 +297,10 @@ def _slice(m, at, x, starts, ends, axes=None, steps=None):
 
 @op("Gather")
 def _gather(m, at, x, idx):
-    return torch.index_select(x, at.get("axis", 0), idx.reshape(-1).long()).reshape(
-        x.shape[:at.get("axis", 0)] + idx.shape + x.shape[at.get("axis", 0) + 1:])
+    axis = at.get("axis", 0) % x.dim()
+    flat = idx.reshape(-1).long()
+    flat = torch.where(flat < 0, flat + x.shape[axis], flat)       # ONNX counts negative indices from the end
+    return torch.index_select(x, axis, flat).reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
 
 
 @op("Shape")
@@ -366,12 +368,19 @@ def _binary(fn):
     return lambda m, at, a, b: fn(a, b)
 
 
+def _div(a, b):
+    """ONNX Div of integers (shape arithmetic) truncates; torch.div would return floats."""
+    if not a.is_floating_point() and not b.is_floating_point():
+        return torch.div(a, b, rounding_mode="trunc")
+    return torch.div(a, b)
+
+
 def _unary(fn):
     return lambda m, at, x: fn(x)
 
 
 OPS.update({
-    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(torch.div),
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(_div),
     "Pow": _binary(torch.pow), "Max": _binary(torch.maximum), "Min": _binary(torch.minimum),
     "Where": lambda m, at, c, a, b: torch.where(c, a, b), "Equal": _binary(torch.eq),
     "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),

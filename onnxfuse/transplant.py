@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .errors import IncompatibleMembersError
+from .errors import IncompatibleMembersError, UnsupportedGraphError
 from .groups import Analysis
 from .model_io import FLOAT_TYPES, Member, TensorTable
 from .select import tensor_scale
@@ -127,6 +127,7 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
             for m, member in enumerate(members):
                 member.tensors.arrays.pop(load.maps[m].get(name, name), None)
     widths = {r: (len(kept[r]) if r in kept else a.space_width[r]) for r in {a.find(s) for s in a.parent}}
+    _check_runtime_sizes(a, widths)
     for const in a.shape_consts:
         target = tensors.array(const.tensor).copy()
         target.reshape(-1)[const.index] = a.axis_size(const.segs, widths)
@@ -143,6 +144,29 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)
     return model, tensors
+
+
+def _check_runtime_sizes(a: Analysis, widths: dict[int, int]) -> None:
+    """Sizes the graph computes at run time must follow the kept channels: a Split with num_outputs divides
+    its input evenly, a Slice bound computed from the input's shape (torch.chunk) moves with it."""
+    sizes: dict[str, list[int]] = {}
+    for part in a.equal_parts:
+        sizes.setdefault(part.node, []).append(a.axis_size(part.segs, widths))
+    for node, parts in sizes.items():
+        if len(set(parts)) > 1:
+            raise UnsupportedGraphError(f"Split '{node}' divides its channels into {len(parts)} equal parts "
+                                        f"(num_outputs), but the kept channels per part would be {parts}: "
+                                        f"use a --keep that keeps them equal, or export explicit split sizes")
+    for bound in a.derived_bounds:
+        size = a.axis_size(bound.axis_segs, widths)
+        shape = list(bound.shape)
+        shape[bound.axis] = size
+        want = a.axis_size(bound.segs, widths)
+        got = bound.compute(shape)
+        if got != want and not got >= size == want:          # an end past the last channel is clamped
+            raise UnsupportedGraphError(f"Slice '{bound.node}' computes its bound from the input's shape: with "
+                                        f"{size} channels kept it would cut at {got}, not at {want} where the "
+                                        f"kept channels of its part end")
 
 
 def _shared_value(load: MemberTensors, name: str, n: int, members: list[Member]):

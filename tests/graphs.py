@@ -154,6 +154,50 @@ def dense_slices(seed):
     return b.model(["batch", 5], h, ["batch", 3])
 
 
+def dense_chunks(seed):
+    """torch.chunk as the new exporter writes it (opset 18 Split with num_outputs): a gated unit."""
+    b = Builder(seed)
+    h = b.op("Gemm", ["x", b.weight((8, 5)), b.weight((8,))], transB=1)
+    out = b.name("split")
+    b.nodes.append(helper.make_node("Split", [h], [out + "_a", out + "_b"], name=out, axis=1, num_outputs=2))
+    h = b.op("Mul", [out + "_a", b.op("Sigmoid", [out + "_b"])])
+    h = b.op("Gemm", [h, b.weight((3, 4)), b.weight((3,))], transB=1)
+    return b.model(["batch", 5], h, ["batch", 3], opset=18)
+
+
+def dense_chunks_refined(seed):
+    """Equal parts (num_outputs) of which one is split again: a --keep can make the parts unequal."""
+    b = Builder(seed)
+    h = b.op("Gemm", ["x", b.weight((16, 5)), b.weight((16,))], transB=1)
+    out, sub = b.name("split"), b.name("split")
+    b.nodes.append(helper.make_node("Split", [h], [out + "_a", out + "_b"], name=out, axis=1, num_outputs=2))
+    b.nodes.append(helper.make_node("Split", [out + "_a", b.const(np.array([3, 5], dtype=np.int64))],
+                                    [sub + "_a", sub + "_b"], name=sub, axis=1))
+    gemm = lambda v, width: b.op("Gemm", [v, b.weight((3, width)), b.weight((3,))], transB=1)
+    h = b.op("Add", [gemm(b.op("Relu", [sub + "_a"]), 3), gemm(b.op("Tanh", [sub + "_b"]), 5)])
+    h = b.op("Add", [h, gemm(b.op("Sigmoid", [out + "_b"]), 8)])
+    return b.model(["batch", 5], h, ["batch", 3], opset=18)
+
+
+def dense_chunks_by_shape(seed, refine="second"):
+    """torch.chunk as the legacy exporter writes it: Slice bounds computed from the tensor's Shape
+    ((C + 1) // 2 and twice that). One of the two halves is split again, so a --keep can make them unequal."""
+    b = Builder(seed)
+    const = lambda v: b.const(np.array(v, dtype=np.int64))
+    h = b.op("Gemm", ["x", b.weight((16, 5)), b.weight((16,))], transB=1)
+    half = b.op("Div", [b.op("Add", [b.op("Gather", [b.op("Shape", [h]), const([-1])], axis=0), const([1])]),
+                        const([2])])
+    first = b.op("Slice", [h, const([0]), b.op("Mul", [half, const([1])]), const([-1])])
+    second = b.op("Slice", [h, b.op("Mul", [half, const([1])]), b.op("Mul", [half, const([2])]), const([-1])])
+    cut, whole = (second, first) if refine == "second" else (first, second)
+    out = b.name("split")
+    b.nodes.append(helper.make_node("Split", [cut, const([3, 5])], [out + "_a", out + "_b"], name=out, axis=1))
+    gemm = lambda v, width: b.op("Gemm", [v, b.weight((3, width)), b.weight((3,))], transB=1)
+    h = b.op("Add", [gemm(b.op("Relu", [out + "_a"]), 3), gemm(b.op("Tanh", [out + "_b"]), 5)])
+    h = b.op("Add", [h, gemm(b.op("Sigmoid", [whole]), 8)])
+    return b.model(["batch", 5], h, ["batch", 3])
+
+
 # --------------------------------------------------------------------------- running
 
 def session(model) -> ort.InferenceSession:

@@ -29,7 +29,20 @@ def cnn1d():
                          nn.Flatten(), nn.Linear(4 * 5, 3))
 
 
-NETS = {"mlp": (mlp, (12,)), "cnn": (cnn, (3, 8, 8)), "cnn1d": (cnn1d, (2, 10))}
+class Gated(nn.Module):
+    """torch.chunk of a layer's channels (a gated linear unit): the new exporter writes a Split with
+    num_outputs, the legacy one two Slices whose bounds it computes from the tensor's Shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 16), nn.Linear(8, 4)
+
+    def forward(self, x):
+        u, v = self.a(x).chunk(2, dim=-1)
+        return self.b(u * torch.sigmoid(v))
+
+
+NETS = {"mlp": (mlp, (12,)), "cnn": (cnn, (3, 8, 8)), "cnn1d": (cnn1d, (2, 10)), "gated": (Gated, (12,))}
 
 
 def export(net, shape, path, dynamo):
@@ -91,6 +104,17 @@ def test_merge_on_torch_exports(exported, name, dynamo, tmp_path):
     assert fused.graph.input == ref.graph.input and fused.graph.output == ref.graph.output
     x = np.random.default_rng(0).normal(size=(4, *NETS[name][1])).astype(np.float32)
     assert np.isfinite(run(fused, x)).all()
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_chunked_channels_fuse_and_train(exported, dynamo, tmp_path):
+    """torch.chunk: the fused model runs, and the torch bridge (fine-tuning) computes what onnxruntime does."""
+    from onnxfuse.torch_bridge import OnnxModule
+    fused = onnxfuse.merge(exported["gated", dynamo][:2])
+    x = np.random.default_rng(1).normal(size=(6, 12)).astype(np.float32)
+    with torch.no_grad():
+        bridged = OnnxModule(fused).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(bridged, run(fused, x), atol=1e-5)
 
 
 def test_legacy_export_keeps_batchnorm_in_its_groups(exported):

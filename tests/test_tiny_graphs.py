@@ -5,7 +5,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxfuse
-from graphs import cnn, conv_concat, conv_split, dense_slices, gemm_mlp, matmul_mlp, mean_of, random_input, residual_mlp, run, to_float32
+from graphs import cnn, conv_concat, conv_split, dense_chunks, dense_chunks_by_shape, dense_chunks_refined, dense_slices, gemm_mlp, matmul_mlp, mean_of, random_input, residual_mlp, run, to_float32
 
 ARCHITECTURES = {
     "gemm_transB1": lambda s: gemm_mlp(s, trans_b=1),
@@ -25,6 +25,9 @@ ARCHITECTURES = {
     "channel_concat": conv_concat,
     "channel_split": conv_split,
     "channel_slices": dense_slices,
+    "channel_chunks": dense_chunks,
+    "channel_chunks_refined": dense_chunks_refined,
+    "channel_chunks_by_shape": dense_chunks_by_shape,
 }
 
 
@@ -162,6 +165,36 @@ def test_residual_and_concat_groups():
     assert len(residual) == 1 and residual[0]["prunable"]        # stem + both skip branches: one group
     fusion = onnxfuse.fuse([conv_concat(s) for s in range(2)], "nt")
     assert [g["width"] for g in fusion.summary["groups"]] == [3, 4, 2]
+
+
+def test_even_split_keeps_equal_parts_or_refuses():
+    """Split with num_outputs (torch.chunk, new exporter) needs parts of equal width in the fused model too."""
+    groups = onnxfuse.fuse([dense_chunks(s) for s in range(2)], "nt").summary["groups"]
+    assert [g["kept"] for g in groups] == [4]            # gate and value are multiplied: one group of 4
+    members = [dense_chunks_refined(s) for s in range(2)]
+    # the first part is split again (3 + 5): kept counts are rounded per group, 2 + 3 against 8 -> 4
+    with pytest.raises(onnxfuse.UnsupportedGraphError, match=r"equal parts .* would be \[5, 4\]"):
+        onnxfuse.fuse(members, "nt", keep=0.25)
+    with pytest.raises(onnxfuse.UnsupportedGraphError, match=r"equal parts .* would be \[5, 4\]"):
+        onnxfuse.prune(members[0], keep=0.5)
+
+
+def test_slice_bounds_computed_from_shape_follow_the_kept_width():
+    """The legacy exporter's torch.chunk: bounds (C + 1) // 2 * i recomputed by the graph at run time."""
+    members = [dense_chunks_by_shape(s) for s in range(2)]
+    x = random_input(members[0])
+    assert onnxfuse.fuse(members, "concat").summary["exact"]
+    fused = onnxfuse.merge(members)                         # parts keep 8 + 8: the bounds land on them
+    assert run(fused, x).shape == (5, 3)
+    # keep 0.25: the second half (3 + 5 -> 2 + 3 = 5) outgrows the first (8 -> 4): the graph would cut at
+    # (9 + 1) // 2 = 5, not at 4
+    with pytest.raises(onnxfuse.UnsupportedGraphError, match=r"would cut at 5, not at 4"):
+        onnxfuse.fuse(members, "nt", keep=0.25)
+    other = [dense_chunks_by_shape(s, refine="first") for s in range(2)]
+    wide = onnxfuse.concat(other)
+    narrow = onnxfuse.fuse(other, "nt", keep=0.25).model   # 5 + 4: cut at 5, end 10 clamped to 9
+    np.testing.assert_allclose(run(wide, x), mean_of(other, x), atol=1e-5)
+    assert np.isfinite(run(narrow, x)).all()
 
 
 def test_split_and_slice_make_one_group_per_part():
