@@ -102,69 +102,20 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     options = _train_options(training)
     if options is not None and calibrate is not None and options.lr is None:
         options = replace(options, lr=options.learning_rate() * RECONSTRUCTED_LR_SCALE)
-    if method not in ("nt", "concat", "prune", *alignment.METHODS):
-        raise OnnxFuseError(f"unknown method '{method}' (nt, {', '.join(alignment.METHODS)}, concat or prune)")
-    if (method == "nt" or method in alignment.METHODS) and len(sources) < 2:
-        raise OnnxFuseError(f"merge needs at least 2 models, got {len(sources)}")
-    if method in alignment.METHODS and keep is not None:
-        raise OnnxFuseError(f"--keep applies to neuron transplantation only, not to --method {method}")
-    if method == "prune" and (len(sources) != 1 or keep is None):
-        raise OnnxFuseError("prune takes one model and a --keep fraction")
-    if calibrate is not None and method not in ("nt", "prune"):
-        raise OnnxFuseError(f"--calibrate applies to neuron transplantation (and prune), not to method {method}")
+    _check_method(method, sources, keep, calibrate)
     members = load_members(sources)
     phases.mark("load")
-    a, maps = _analyze_members(members)
-    label = members[0].name
-    _require_fusable(a, label)
-    n = len(members)
-    load = MemberTensors(members, maps)
-    widened = a.widened_touches()
-    groups = [g for g in a.groups() if g.prunable]
-    if method == "concat":
-        kept = {g.id: np.arange(n * g.width) for g in groups}
-    elif method in alignment.METHODS:
-        kept = None
-    else:
-        scores = channel_scores(a, load, n, widened)
-        kept = {g.id: top_k(scores[g.id], kept_count(g.width, n, keep)) for g in groups}
-    exactness = output_exactness(a, load.differing()) if method == "concat" else None
-    names = [m.name for m in members]
-    member_params = _count_params(members[0].model)
-    if kept is None:
-        graph, tensors, moved = alignment.fuse_aligned(method, members, load, a)
-    else:
-        graph, tensors = transplant(members, load, a, kept, release=True)
-    _verify_shapes(graph, label)
-    _stamp(graph, method, keep, members)
-    fusion = Fusion(graph, tensors)
-    summary = {
-        "method": method, "members": names, "keep": keep,
-        "groups": [{"id": g.id, "width": g.width, "kept": int(len(kept[g.id])),
-                    "kept_per_member": np.bincount(kept[g.id] // g.width, minlength=n).tolist(),
-                    "layers": g.layers} for g in groups] if kept is not None else
-                  [{"id": g.id, "width": g.width, "moved_per_member": moved[g.id], "layers": g.layers}
-                   for g in groups],
-        "fixed_groups": [{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
-                         for g in a.groups() if not g.prunable],
-        "parameters": {"member": member_params, "output": _count_params(graph)},
-    }
+    built = _build(members, method, keep)
+    fusion, summary = Fusion(built.graph, built.tensors), built.summary
     phases.mark("fuse")
     if calibrate is not None:
-        from .reconstruct import reconstruct
-        wide = fuse(sources, "concat").model
-        summary["reconstruction"] = reconstruct(graph, tensors, wide, a, kept, n, calibrate, calib_samples)
-        del wide
-        for prop in graph.metadata_props:       # provenance: the weights were refitted on this data
-            if prop.key == "onnxfuse.options":
-                prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(str(calibrate)).name,
-                                         "calib_samples": summary["reconstruction"]["samples"]}, sort_keys=True)
-        fusion = Fusion(graph, tensors)
+        _reconstruct(built, sources, calibrate, calib_samples)
+        fusion = Fusion(built.graph, built.tensors)
         phases.mark("reconstruct")
-    if exactness is not None:
-        summary["exact"] = all(v is None for v in exactness.values())
+    if built.exactness is not None:
+        summary["exact"] = all(v is None for v in built.exactness.values())
         summary["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
-                              for k, v in exactness.items()}
+                              for k, v in built.exactness.items()}
         if not summary["exact"]:
             summary["deviation"] = _measure_deviation(fusion.model, sources, data)
             phases.mark("deviation")
@@ -175,6 +126,81 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
             fusion = Fusion(*TensorTable.detach(tuned))
         phases.mark("tune")
     return _written(fusion, summary, output, force, start, phases)
+
+
+def _check_method(method: str, sources: list, keep, calibrate) -> None:
+    if method not in ("nt", "concat", "prune", *alignment.METHODS):
+        raise OnnxFuseError(f"unknown method '{method}' (nt, {', '.join(alignment.METHODS)}, concat or prune)")
+    if (method == "nt" or method in alignment.METHODS) and len(sources) < 2:
+        raise OnnxFuseError(f"merge needs at least 2 models, got {len(sources)}")
+    if method in alignment.METHODS and keep is not None:
+        raise OnnxFuseError(f"--keep applies to neuron transplantation only, not to --method {method}")
+    if method == "prune" and (len(sources) != 1 or keep is None):
+        raise OnnxFuseError("prune takes one model and a --keep fraction")
+    if calibrate is not None and method not in ("nt", "prune"):
+        raise OnnxFuseError(f"--calibrate applies to neuron transplantation (and prune), not to method {method}")
+
+
+@dataclass
+class _Built:
+    """The assembled model (graph without weights + tensors) and what later steps need to know about it."""
+    graph: onnx.ModelProto
+    tensors: TensorTable
+    analysis: Analysis
+    kept: dict | None                  # group -> kept wide channels (None: an averaging method)
+    n: int
+    exactness: dict | None             # concat only: per output, why it is not the members' mean
+    summary: dict
+
+
+def _build(members: list[Member], method: str, keep) -> _Built:
+    """Analyse the members, choose the kept channels (or align them), assemble and check the result."""
+    a, maps = _analyze_members(members)
+    label = members[0].name
+    _require_fusable(a, label)
+    n = len(members)
+    load = MemberTensors(members, maps)
+    groups = [g for g in a.groups() if g.prunable]
+    if method == "concat":
+        kept = {g.id: np.arange(n * g.width) for g in groups}
+    elif method in alignment.METHODS:
+        kept = None
+    else:
+        scores = channel_scores(a, load, n, a.widened_touches())
+        kept = {g.id: top_k(scores[g.id], kept_count(g.width, n, keep)) for g in groups}
+    exactness = output_exactness(a, load.differing()) if method == "concat" else None
+    member_params = _count_params(members[0].model)
+    if kept is None:
+        graph, tensors, moved = alignment.fuse_aligned(method, members, load, a)
+        described = [{"id": g.id, "width": g.width, "moved_per_member": moved[g.id], "layers": g.layers}
+                     for g in groups]
+    else:
+        graph, tensors = transplant(members, load, a, kept, release=True)
+        described = [{"id": g.id, "width": g.width, "kept": int(len(kept[g.id])),
+                      "kept_per_member": np.bincount(kept[g.id] // g.width, minlength=n).tolist(),
+                      "layers": g.layers} for g in groups]
+    _verify_shapes(graph, label)
+    _stamp(graph, method, keep, members)
+    summary = {
+        "method": method, "members": [m.name for m in members], "keep": keep, "groups": described,
+        "fixed_groups": [{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
+                         for g in a.groups() if not g.prunable],
+        "parameters": {"member": member_params, "output": _count_params(graph)},
+    }
+    return _Built(graph, tensors, a, kept, n, exactness, summary)
+
+
+def _reconstruct(built: _Built, sources, calibrate, calib_samples) -> None:
+    """Refit the layers after pruned groups on the calibration data (in place), and record the provenance."""
+    from .reconstruct import reconstruct
+    wide = fuse(sources, "concat").model
+    report = reconstruct(built.graph, built.tensors, wide, built.analysis, built.kept, built.n, calibrate,
+                         calib_samples)
+    built.summary["reconstruction"] = report
+    for prop in built.graph.metadata_props:       # provenance: the weights were refitted on this data
+        if prop.key == "onnxfuse.options":
+            prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(str(calibrate)).name,
+                                     "calib_samples": report["samples"]}, sort_keys=True)
 
 
 def is_main_process() -> bool:
