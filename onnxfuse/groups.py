@@ -233,7 +233,8 @@ class Analysis:
         result = []
         for root in roots:
             spaces = [s for s in self.parent if self.find(s) == root and s not in self.retired]
-            result.append(Group(root, self.space_width[root], spaces, [self.space_layer[s] for s in spaces],
+            layers = list(dict.fromkeys(self.space_layer[s] for s in spaces))     # parts of one layer: once
+            result.append(Group(root, self.space_width[root], spaces, layers,
                                 frozen[root], blocked[root]))
         return result
 
