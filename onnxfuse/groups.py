@@ -763,6 +763,8 @@ def _rule_slice(a, node):
         shape[axis] = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs})
         starts = derived["starts"](shape) if "starts" in derived else starts
         ends = derived["ends"](shape) if "ends" in derived else ends
+        if len(starts) != len(ends) or (axes is not None and len(axes) != len(starts)):
+            return _unsupported(a, node, "slice bounds of different lengths")
     if starts is None or ends is None or rank is None:
         return _unsupported(a, node, "slice bounds are not constants")
     axes = [int(v) % rank for v in (axes if axes is not None else range(len(starts)))]

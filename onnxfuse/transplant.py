@@ -162,7 +162,11 @@ def _check_runtime_sizes(a: Analysis, widths: dict[int, int]) -> None:
         shape = list(bound.shape)
         shape[bound.axis] = size
         want = a.axis_size(bound.segs, widths)
-        got = bound.compute(shape)
+        try:
+            got = bound.compute(shape)
+        except Exception as exc:            # the graph's own arithmetic failed for the kept width
+            raise UnsupportedGraphError(f"Slice '{bound.node}': its bound cannot be computed for {size} kept "
+                                        f"channels ({type(exc).__name__})") from None
         if got != want and not got >= size == want:          # an end past the last channel is clamped
             raise UnsupportedGraphError(f"Slice '{bound.node}' computes its bound from the input's shape: with "
                                         f"{size} channels kept it would cut at {got}, not at {want} where the "
