@@ -8,6 +8,9 @@ Two MLP members A and B of one architecture, on two datasets that need no downlo
   mnist1d  MLPs 40 -> 100 -> 100 -> 10 (ReLU; W = 100), seeds 0 and 1, trained here with
            `benchmarks/reconstruction.py`'s recipe (Adam lr 1e-3, batch 100, 50 epochs) on MNIST-1D generated
            locally by the `mnist1d` package (default arguments: 4000 training / 1000 held-out sequences).
+  mnist1d-converged  the same MLPs trained to convergence with reconstruction.py's "converged" recipe (SGD,
+           momentum 0.9, lr 0.05 decaying linearly to 0, batch 64, 60 epochs), so that 3 more epochs of
+           fine-tuning no longer help a member by themselves.
 
 For r = 0, 0.1, ..., 1, in every prunable channel group (every hidden layer) of width W we keep the
 round((1 - r) W) highest-importance neurons of member A and the W - round((1 - r) W) highest of member B
@@ -73,7 +76,7 @@ def digits_members(folder: Path, member_epochs: int, log):
             str(SAMPLES / "digits_train.npz"), str(SAMPLES / "digits_val.npz"), {})
 
 
-def mnist1d_members(folder: Path, member_epochs: int, log):
+def mnist1d_members(folder: Path, member_epochs: int, log, recipe: str = "adam"):
     import reconstruction as rec                       # benchmarks/reconstruction.py
     x, y, xt, yt = rec.dataset()
     factory, shape = rec.nets()["mlp"]
@@ -83,13 +86,20 @@ def mnist1d_members(folder: Path, member_epochs: int, log):
     paths = []
     for s in (0, 1):
         t = time.perf_counter()
-        paths.append(rec.export(rec.train_member(factory, shape, x, y, s, member_epochs), shape,
-                                folder / f"mnist1d_mlp_{s}.onnx"))
-        log(f"mnist1d: member {s} trained ({time.perf_counter() - t:.1f} s)")
+        paths.append(rec.export(rec.train_member(factory, shape, x, y, s, member_epochs, recipe), shape,
+                                folder / f"mnist1d_mlp_{recipe}_{s}.onnx"))
+        log(f"mnist1d ({recipe}): member {s} trained ({time.perf_counter() - t:.1f} s)")
     return paths, str(train), str(val), {"train": len(x), "test": len(xt), "member_epochs": member_epochs}
 
 
-DATASETS = {"digits": digits_members, "mnist1d": mnist1d_members}
+def mnist1d_converged_members(folder: Path, member_epochs: int, log):
+    return mnist1d_members(folder, CONVERGED_EPOCHS if member_epochs > 5 else member_epochs, log, "sgd")
+
+
+CONVERGED_EPOCHS = 60
+DATASETS = {"digits": digits_members, "mnist1d": mnist1d_members, "mnist1d-converged": mnist1d_converged_members}
+NAMES = {"digits": "digits (sklearn), W = 64", "mnist1d": "MNIST-1D, W = 100",
+         "mnist1d-converged": "MNIST-1D, converged members, W = 100"}
 
 
 # ============================================================================ the sweep
@@ -202,7 +212,7 @@ def pct(x):
 
 def render(result: dict) -> str:
     env, cfg, meta = result["environment"], result["config"], result["datasets"]
-    names = {"digits": "digits (sklearn), W = 64", "mnist1d": "MNIST-1D, W = 100"}
+    names = NAMES
     yes = lambda b: "**yes**" if b else "**no**"  # noqa: E731
     lines = [
         "# Transplantation sweep: r of every hidden layer's neurons from member B, 1 - r from member A",
@@ -210,8 +220,10 @@ def render(result: dict) -> str:
         "- Members: **digits** = the shipped `digits_mlp_0/1.onnx` (64-64-64-10 ReLU) on the sample split of "
         "scikit-learn's digits (1257 / 540); **MNIST-1D** = MLPs 40-100-100-10 ReLU, seeds 0 and 1, "
         f"`benchmarks/reconstruction.py`'s recipe ({meta.get('mnist1d', {}).get('member_epochs', '-')} epochs), on "
-        "MNIST-1D generated locally by `mnist1d` (default arguments, 4000 / 1000). Accuracies in %, on the "
-        "validation / held-out samples.",
+        "MNIST-1D generated locally by `mnist1d` (default arguments, 4000 / 1000); **MNIST-1D, converged "
+        "members** = the same MLPs trained with reconstruction.py's \"converged\" recipe (SGD, momentum 0.9, lr "
+        f"0.05 decaying linearly to 0, batch 64, {meta.get('mnist1d-converged', {}).get('member_epochs', '-')} "
+        "epochs). Accuracies in %, on the validation / held-out samples.",
         "- Each point: in every hidden layer (prunable channel group) of width W, the round((1 - r) W) "
         "highest-importance neurons of A and the rest (≈ r W) highest of B (`select.channel_scores`, wide "
         "numbering), transplanted by `transplant.transplant` as in `onnxfuse.fuse(..., \"nt\")`. The output layer "
@@ -270,7 +282,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = {"digits": "digits (sklearn), W = 64", "mnist1d": "MNIST-1D, W = 100"}
+    names = NAMES
     ds_list = list(result["results"])
     fig, axes = plt.subplots(1, len(ds_list), figsize=(6.2 * len(ds_list), 5.2), squeeze=False)
     for ax, ds in zip(axes[0], ds_list):
