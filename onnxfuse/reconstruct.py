@@ -25,7 +25,10 @@ convolutions (each output channel sees one input channel: nothing to mix in), we
 layers, and Gemm layers with a bias that is neither per-output nor a scalar. BatchNormalization after a
 refitted layer keeps its parameters: the layer is fitted to the wide model's BN *input*, and the fused BN
 holds the wide model's statistics of the kept channels, so the BN output follows (re-estimating the
-statistics on the calibration data would move the model away from the ensemble it should reproduce).
+statistics on the calibration data would move the model away from the ensemble it should reproduce: on digits
+ResNet- / MobileNet-like pairs exported with their BatchNormalization nodes, re-estimating the BNs that follow
+refitted layers took the reconstructed models from 92.5% to 92.3% and from 75.0% to 26.8%; see
+benchmarks/bn_reestimation.py).
 """
 from __future__ import annotations
 
