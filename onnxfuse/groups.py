@@ -827,9 +827,9 @@ def _shape_function(a: Analysis, value: str, x: str):
         nodes.append(node)
     leaves = {v for n in nodes for v in n.input if v and v in a.tensors and v not in needed}
     inits = [onnx.numpy_helper.from_array(np.asarray(a.tensors.array(v)), v) for v in sorted(leaves)]
-    graph = helper.make_graph(nodes, "bound", [helper.make_tensor_value_info("onnxfuse_shape", onnx.TensorProto.INT64,
-                                                                             [None])],
-                              [helper.make_tensor_value_info(value, onnx.TensorProto.UNDEFINED, None)], inits)
+    shape_input = helper.make_tensor_value_info("onnxfuse_shape", onnx.TensorProto.INT64, [None])
+    result = helper.make_tensor_value_info(value, onnx.TensorProto.UNDEFINED, None)
+    graph = helper.make_graph(nodes, "bound", [shape_input], [result], inits)
     model = helper.make_model(graph, opset_imports=list(a.model.opset_import), ir_version=a.model.ir_version)
     try:
         evaluator = ReferenceEvaluator(model)

@@ -5,7 +5,8 @@ import pytest
 from onnx import numpy_helper
 
 import onnxfuse
-from graphs import cnn, conv_concat, conv_split, dense_chunks, dense_chunks_by_shape, dense_chunks_refined, dense_slices, gemm_mlp, matmul_mlp, mean_of, random_input, residual_mlp, run, to_float32
+from graphs import (cnn, conv_concat, conv_split, dense_chunks, dense_chunks_by_shape, dense_chunks_refined,
+                    dense_slices, gemm_mlp, matmul_mlp, mean_of, random_input, residual_mlp, run, to_float32)
 
 ARCHITECTURES = {
     "gemm_transB1": lambda s: gemm_mlp(s, trans_b=1),
