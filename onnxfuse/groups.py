@@ -219,6 +219,10 @@ class Analysis:
         """Size of an axis laid out as `segs`, given a width per group root."""
         return sum(widths[self.find(s.space)] * s.inner for s in segs)
 
+    def size(self, segs) -> int:
+        """Size of an axis laid out as `segs` in the analysed graph (every group at its own width)."""
+        return sum(self.width(s.space) * s.inner for s in segs)
+
     # -- groups, for reports and for selection
     def groups(self) -> list[Group]:
         roots = sorted({self.find(s) for s in self.parent if s not in self.retired})
@@ -339,7 +343,7 @@ def _weight_layer(a, node, x: str, w: str, in_axis: int, out_axis: int, x_axis: 
         axis, segs = a.chan[x]
         if axis != x_axis:
             return _unsupported(a, node, f"channels on axis {axis} of its input, expected axis {x_axis}")
-        if a.tensors.shape(w)[in_axis] != a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs}):
+        if a.tensors.shape(w)[in_axis] != a.size(segs):
             return _unsupported(a, node, "weight does not match its input's channel count")
         a.touches.append(Touch(w, in_axis, segs, "in", node.name))
     out_segs = _open_space(a, node, a.tensors.shape(w)[out_axis], node.output[0], out_chan_axis)
@@ -409,8 +413,7 @@ def _depthwise_conv(a, node, group: int):
     if x not in a.chan or w not in a.tensors:
         return _unsupported(a, node, f"grouped convolution (group={group}) of a graph input")
     axis, segs = a.chan[x]
-    widths = {a.find(s.space): a.width(s.space) for s in segs}
-    if axis != 1 or len(segs) != 1 or segs[0].inner != 1 or a.axis_size(segs, widths) != group:
+    if axis != 1 or len(segs) != 1 or segs[0].inner != 1 or a.size(segs) != group:
         return _unsupported(a, node, f"grouped convolution with group={group} (only depthwise, group = input "
                                      f"channels, is supported)")
     multiplier = a.tensors.shape(w)[0] // group
@@ -434,7 +437,7 @@ def _bias(a, node, b: str, y: str):
     shape = a.tensors.shape(b)
     rank = _rank(a, y) or axis + 1
     b_axis = axis - (rank - len(shape))
-    size = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs})
+    size = a.size(segs)
     # a size-1 axis on a 1-wide layer is taken as per-channel: concatenating it is right either way
     if b_axis >= 0 and shape[b_axis] == size:
         a.touches.append(Touch(b, b_axis, segs, "param", node.name))
@@ -723,7 +726,7 @@ def _rule_split(a, node):
     sizes = _const(a, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "split")
     even = sizes is None                  # opset 18's num_outputs (torch.chunk): equal parts
     if even:
-        size, count = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs}), len(node.output)
+        size, count = a.size(segs), len(node.output)
         if size % count:
             return _unsupported(a, node, f"splits {size} channels into {count} unequal parts (num_outputs)")
         sizes = [size // count] * count
@@ -751,6 +754,7 @@ def _rule_slice(a, node):
     starts, ends = _const(a, node.input[1]), _const(a, node.input[2])
     axes = _const(a, node.input[3]) if len(node.input) > 3 and node.input[3] else None
     steps = _const(a, node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    size = a.size(segs)
     derived = {}
     for which, value in (("starts", starts), ("ends", ends)):
         if value is None and rank is not None:
@@ -760,7 +764,7 @@ def _rule_slice(a, node):
             return _unsupported(a, node, "slice bounds are neither constants nor computed from the sliced "
                                          "tensor's shape")
         shape = list(a.shapes[x])
-        shape[axis] = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs})
+        shape[axis] = size
         starts = derived["starts"](shape) if "starts" in derived else starts
         ends = derived["ends"](shape) if "ends" in derived else ends
         if len(starts) != len(ends) or (axes is not None and len(axes) != len(starts)):
@@ -772,7 +776,6 @@ def _rule_slice(a, node):
         a.chan[node.output[0]] = (axis, segs)
         return
     i = axes.index(axis)
-    size = a.axis_size(segs, {a.find(s.space): a.width(s.space) for s in segs})
     start, end = int(starts[i]), min(int(ends[i]), size)
     if start < 0 or end < 0 or (steps is not None and int(steps[i]) != 1):
         return _unsupported(a, node, "slices channels with negative bounds or a step")
