@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -19,12 +19,6 @@ from .model_io import (Member, TensorTable, check_compatible, check_output_path,
 from .select import channel_scores, kept_count, top_k
 from .transplant import MemberTensors, transplant
 from . import methods as alignment
-
-
-# A reconstructed model starts close to the ensemble: a full-size first step of fine-tuning undoes much of the
-# reconstruction (benchmarks/results/reconstruction.md), so its default learning rate is 10x lower -- the initial
-# rate discounted by how far fusion moved the model, in the spirit of Zimmer et al.'s adaptive linear schedule.
-RECONSTRUCTED_LR_SCALE = 0.1
 
 
 @dataclass
@@ -100,8 +94,6 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     if output is not None:
         check_output_path(output, sources, force)
     options = _train_options(training)
-    if options is not None and calibrate is not None and options.lr is None:
-        options = replace(options, lr=options.learning_rate() * RECONSTRUCTED_LR_SCALE)
     _check_method(method, sources, keep, calibrate)
     members = load_members(sources)
     phases.mark("load")

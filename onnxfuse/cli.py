@@ -86,7 +86,7 @@ def _training_options(fn):
         click.option("--distill", is_flag=True,
                      help="Train on the members' mean logits (KL, T=2) instead of labels; needs no labels."),
         click.option("--lr", type=float, default=None,
-                     help="Initial learning rate (default 0.05 SGD, 1e-3 Adam; 10x lower after --calibrate)."),
+                     help="Initial learning rate (default 0.05 SGD, 1e-3 Adam)."),
         click.option("--batch-size", type=int, default=64, show_default=True),
         click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
                      help="SGD has momentum 0.9."),
@@ -133,8 +133,8 @@ def _training(kw: dict) -> dict:
 @click.option("--calibrate", type=str, default=None, metavar="CALIB.npz",
               help="Reconstruct without training: refit every layer that consumes pruned neurons by least "
                    "squares so the fused model reproduces the wide model (the ensemble) on these inputs "
-                   "(labels unused). Fine-tuning with --data, if given, starts from the result, at a 10x "
-                   "lower default --lr (0.005 SGD, 1e-4 Adam) so that it does not undo the reconstruction.")
+                   "(labels unused). Fine-tuning with --data, if given, starts from the result; for a single "
+                   "epoch, --lr 0.005 keeps more of the reconstruction than the default rate.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=2048, show_default=True,
               help="How many samples of --calibrate to use (a fixed random subset if it has more).")
 @_training_options

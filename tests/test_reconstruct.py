@@ -142,7 +142,7 @@ def test_cli_calibrate_then_finetune(tmp_path):
     summary = json.loads(result.stdout)
     assert [l["op"] for l in summary["reconstruction"]["layers"]] == ["Conv", "Gemm", "Gemm"]
     assert summary["training"]["options"]["epochs"] == 1
-    assert summary["training"]["options"]["lr"] == pytest.approx(0.005)   # 10x below SGD's 0.05 after --calibrate
+    assert summary["training"]["options"]["lr"] == pytest.approx(0.05)   # the plain default: it suits >= 3 epochs
     assert list(summary["phases"]) == ["load", "fuse", "reconstruct", "tune", "save"]
     assert sum(summary["phases"].values()) <= summary["seconds"] + 1e-3
     acc = summary["accuracy"]
@@ -153,14 +153,14 @@ def test_cli_calibrate_then_finetune(tmp_path):
     assert "reconstructed 3 layers on 1257 calibration samples" in text
 
 
-def test_explicit_lr_is_kept_after_calibration():
+def test_lr_after_calibration_is_the_default_or_the_given_one():
     members, train, _ = DATA["mlp"]
     summary = onnxfuse.fuse(members[:2], "nt", data=train, calibrate=train, calib_samples=500,
-                            training={"epochs": 1, "lr": 0.03}).summary
-    assert summary["training"]["options"]["lr"] == 0.03
+                            training={"epochs": 1, "lr": 0.005}).summary
+    assert summary["training"]["options"]["lr"] == 0.005
     adam = onnxfuse.fuse(members[:2], "nt", data=train, calibrate=train, calib_samples=500,
                          training={"epochs": 1, "optimizer": "adam"}).summary
-    assert adam["training"]["options"]["lr"] == pytest.approx(1e-4)
+    assert adam["training"]["options"]["lr"] == pytest.approx(1e-3)
 
 
 def test_cli_errors(tmp_path):
