@@ -135,6 +135,25 @@ def export(net, shape, path: Path) -> str:
     return str(path)
 
 
+def mlp_members(folder: Path, seeds, epochs: int, recipe: str, log) -> tuple[list[str], str, str, dict]:
+    """MNIST-1D MLP members for methods_accuracy.py and transplant_sweep.py: the training set as
+    `mnist1d_train.npz`, the large generated held-out set (heldout()) as `mnist1d_heldout.npz`."""
+    x, y, _, _ = dataset()
+    xh, yh = heldout()
+    factory, shape = nets()["mlp"]
+    train, val = folder / "mnist1d_train.npz", folder / "mnist1d_heldout.npz"
+    np.savez(train, x=x, y=y)
+    np.savez(val, x=xh, y=yh)
+    paths = []
+    for s in seeds:
+        t = time.perf_counter()
+        paths.append(export(train_member(factory, shape, x, y, s, epochs, recipe), shape,
+                            folder / f"mnist1d_mlp_{recipe}_{s}.onnx"))
+        log(f"mnist1d ({recipe}): member {s} trained ({time.perf_counter() - t:.1f} s)")
+    return paths, str(train), str(val), {"train": len(x), "heldout": len(xh), "heldout_seed": HELDOUT_SEED,
+                                         "member_epochs": epochs}
+
+
 def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
