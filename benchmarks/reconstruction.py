@@ -38,7 +38,7 @@ Targets (from the issue; reported, not tuned for):
   2. NT + reconstruction + 1 epoch beats NT + 5 epochs (mean over seeds; the better of the two rates).
 Also reported: whether NT + reconstruction + 5 epochs beats NT + 5 epochs (same recipe).
 
-    python benchmarks/reconstruction.py            # about fifteen minutes on 2 CPU cores
+    python benchmarks/reconstruction.py            # about four minutes on 2 CPU cores
     python benchmarks/reconstruction.py --quick    # smoke run: 5 member epochs, fine-tuning seed 0 only
 
 Writes benchmarks/results/reconstruction.md and .json (or --out DIR) and prints the table.
