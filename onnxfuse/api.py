@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .errors import IncompatibleMembersError, OnnxFuseError, UnsupportedGraphError
+from .errors import IncompatibleMembersError, InputError, OnnxFuseError, UnsupportedGraphError
 from .groups import Analysis, analyze, output_exactness
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
                        save_model)
@@ -76,7 +76,8 @@ def _require_fusable(a: Analysis, source: str) -> None:
 
 
 def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = False, data=None, val=None,
-         training: dict | None = None, progress: bool = False, calibrate=None, calib_samples: int = 2048) -> Fusion:
+         training: dict | None = None, progress: bool = False, calibrate=None, calib_samples: int = 2048,
+         quantize: str | None = None, quantize_exclude=()) -> Fusion:
     """Fuse N models of one architecture. method: 'nt' (transplant the top-k neurons), 'concat' (the wide
     ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), or a baseline that averages
     the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion).
@@ -117,7 +118,25 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         if tuned is not None:
             fusion = Fusion(*TensorTable.detach(tuned))
         phases.mark("tune")
+    if quantize is not None:
+        fusion = _quantized(fusion, quantize, quantize_exclude, calibrate or data, val, summary)
+        phases.mark("quantize")
     return _written(fusion, summary, output, force, start, phases)
+
+
+def _quantized(fusion: Fusion, mode: str, exclude, calibration, val, summary: dict) -> Fusion:
+    """The int8/fp16 version of the result, calibrated on `calibration` (the --calibrate file, else --data);
+    scored on `val` beside the float result."""
+    from .data import load_data
+    from .quantization import quantize as run_quantize
+    model = fusion.model
+    calib = load_data(calibration, model) if calibration is not None and mode == "int8" else None
+    result, summary["quantization"] = run_quantize(model, mode, calib, exclude, name=summary["members"][0])
+    if val is not None and "accuracy" in summary:
+        from .runtime import Runner, scores
+        val_set = load_data(val, model)
+        summary["accuracy"][f"result in {mode}"] = scores(Runner(result)(val_set), val_set.y)
+    return Fusion(*TensorTable.detach(result))
 
 
 def _check_method(method: str, sources: list, keep, calibrate) -> None:
@@ -245,15 +264,39 @@ def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> 
 
 
 def merge(models, output=None, keep=None, force: bool = False, data=None, val=None, method: str = "nt",
-          calibrate=None, calib_samples: int = 2048, **training) -> onnx.ModelProto:
+          calibrate=None, calib_samples: int = 2048, quantize: str | None = None, quantize_exclude=(),
+          **training) -> onnx.ModelProto:
     """Neuron Transplantation: fuse N >= 2 models into one of the original width (or `keep` * N * width).
     method 'average', 'weight-matching' or 'ot' averages the (aligned) members instead.
 
     Fine-tune with `data="train.npz", epochs=3` (and any TrainOptions field: lr, distill, schedule, ...).
     Reconstruct without training (before any fine-tuning) with `calibrate="calib.npz"`.
+    `quantize="int8"` (calibrated on `calibrate`, else `data`) or `"fp16"` writes the edge version.
     """
     return fuse(models, method, keep, output, force, data, val, training, calibrate=calibrate,
-                calib_samples=calib_samples).model
+                calib_samples=calib_samples, quantize=quantize, quantize_exclude=quantize_exclude).model
+
+
+def quantize(model, output=None, mode: str = "int8", calibrate=None, exclude=(), calib_samples: int = 512,
+             force: bool = False) -> onnx.ModelProto:
+    """The int8 (static QDQ with `calibrate` inputs, else dynamic for MatMul/Gemm-only graphs) or fp16 version
+    of any float model, checked to run in onnxruntime (see onnxfuse.quantization)."""
+    return quantize_with_report(model, output, mode, calibrate, exclude, calib_samples, force).model
+
+
+def quantize_with_report(model, output=None, mode: str = "int8", calibrate=None, exclude=(),
+                         calib_samples: int = 512, force: bool = False) -> Fusion:
+    from .data import load_data
+    from .quantization import quantize as run_quantize
+    start = time.perf_counter()
+    if output is not None:
+        check_output_path(output, [model], force)
+    member = load_member(model)
+    full = member.tensors.materialize(member.model)
+    calib = load_data(calibrate, full) if calibrate is not None and mode == "int8" else None
+    result, report = run_quantize(full, mode, calib, exclude, calib_samples, member.name)
+    summary = {"method": "quantize", "members": [member.name], "quantization": report}
+    return _written(Fusion(*TensorTable.detach(result)), summary, output, force, start)
 
 
 def concat(models, output=None, force: bool = False) -> onnx.ModelProto:
@@ -365,8 +408,19 @@ def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> lis
     from .data import load_data
     from .runtime import evaluate as run_evaluate
     models = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
-    first = load_member(models[0])
-    return run_evaluate(models, load_data(data, first.model), ensemble, provider)
+    if not models:
+        raise InputError("no models to evaluate")
+    return run_evaluate(models, load_data(data, _graph_only(models[0])), ensemble, provider)
+
+
+def _graph_only(source) -> onnx.ModelProto:
+    """The graph of a model to score, without its weights: quantized and fp16 models are scored too."""
+    if isinstance(source, onnx.ModelProto):
+        return source
+    try:
+        return onnx.load(str(source), load_external_data=False)
+    except Exception as exc:
+        raise InputError(f"{source}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
 
 
 def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cpu", threads: int = 1,

@@ -137,10 +137,17 @@ def _training(kw: dict) -> dict:
                    "epoch, --lr 0.005 keeps more of the reconstruction than the default rate.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=2048, show_default=True,
               help="How many samples of --calibrate to use (a fixed random subset if it has more).")
+@click.option("--quantize", type=click.Choice(["int8", "fp16"]), default=None,
+              help="Write the edge version of the result: int8 (static QDQ, per-channel weights, activations "
+                   "calibrated on --calibrate, else on --data; dynamic for MatMul/Gemm-only graphs without "
+                   "either) or fp16 (float32 inputs and outputs kept). See `onnxfuse quantize --help`.")
+@click.option("--quantize-exclude", "quantize_exclude", multiple=True, metavar="NODE",
+              help="A node to keep in float when quantizing to int8 (repeat for several).")
 @_training_options
 @_common
 @_reports_errors
-def merge(models, output, keep, method, calibrate, calib_samples, force, quiet, as_json, **kw):
+def merge(models, output, keep, method, calibrate, calib_samples, quantize, quantize_exclude, force, quiet,
+          as_json, **kw):
     """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation (or, with --method, by
     averaging their aligned weights).
 
@@ -154,7 +161,8 @@ def merge(models, output, keep, method, calibrate, calib_samples, force, quiet, 
     """
     training = _training(kw)
     _finish(api.fuse(models, method, keep, output, force, kw["data"], kw["val"], training,
-                     progress=_show_progress(quiet, as_json), calibrate=calibrate, calib_samples=calib_samples),
+                     progress=_show_progress(quiet, as_json), calibrate=calibrate, calib_samples=calib_samples,
+                     quantize=quantize, quantize_exclude=quantize_exclude),
             quiet, as_json)
 
 
@@ -315,6 +323,37 @@ def concat(models, output, data, force, quiet, as_json):
     _finish(api.fuse(models, "concat", None, output, force, data=data), quiet, as_json)
 
 
+@main.command(short_help="int8 or fp16 version of a model, for edge devices.")
+@click.argument("model")
+@_output_options
+@click.option("--calibrate", default=None, metavar="CALIB.npz",
+              help="Inputs (as for --data; labels unused) on which activations are calibrated: static int8 "
+                   "quantization. Without it, int8 is dynamic, which only MatMul/Gemm-only graphs allow.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=512, show_default=True,
+              help="How many samples of --calibrate to use (a fixed random subset if it has more).")
+@click.option("--fp16", is_flag=True, help="float16 weights and compute instead of int8 (float32 inputs and "
+                                           "outputs kept).")
+@click.option("--exclude", "exclude", multiple=True, metavar="NODE",
+              help="A node to keep in float (int8 only; repeat for several), e.g. the last layer.")
+@_common
+@_reports_errors
+def quantize(model, output, calibrate, calib_samples, fp16, exclude, force, quiet, as_json):
+    """Write the int8 (default) or fp16 version of MODEL with onnxruntime's quantization tools.
+
+    int8 is static QDQ quantization (per-channel int8 weights, int8 activations calibrated on
+    --calibrate) or, without --calibrate, dynamic quantization of MatMul/Gemm weights. The result
+    is run once in onnxruntime before it is written. Compare it with `onnxfuse eval` (accuracy)
+    and `onnxfuse bench` (size, latency, memory).
+
+    \b
+    Example:
+      onnxfuse quantize fused.onnx -o fused.int8.onnx --calibrate train.npz
+      onnxfuse eval fused.onnx fused.int8.onnx --data val.npz
+    """
+    _finish(api.quantize_with_report(model, output, "fp16" if fp16 else "int8", calibrate, exclude, calib_samples,
+                                     force), quiet, as_json)
+
+
 @main.command(short_help="Structured magnitude pruning of one model.")
 @click.argument("model")
 @_output_options
@@ -363,7 +402,7 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     if quiet:
         return
     what = {"nt": "fused by neuron transplantation", "concat": "concatenated (wide ensemble)",
-            "prune": "pruned", "finetune": "fine-tuned", "average": "averaged",
+            "prune": "pruned", "finetune": "fine-tuned", "average": "averaged", "quantize": "quantized",
             "weight-matching": "averaged after weight matching", "ot": "averaged after OT alignment"}[s["method"]]
     click.echo(f"{what}: {', '.join(s['members'])} -> {s.get('output', '(not written)')}")
     for g in s.get("groups", []):
@@ -393,6 +432,12 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
         o = s["training"]["options"]
         click.echo(f"  fine-tuned {o['epochs']} epochs ({'distillation' if o['distill'] else 'labels'}, "
                    f"{o['optimizer']}, {o['schedule']} lr)")
+    if "quantization" in s:
+        q = s["quantization"]
+        how = q.get("kind") or q.get("io")
+        extra = f", calibrated on {q['calibration_samples']} samples" if "calibration_samples" in q else ""
+        kept = f"; kept in float: {', '.join(q['excluded'])}" if q.get("excluded") else ""
+        click.echo(f"  quantized to {q['mode']} ({how}{extra}{kept})")
     if "accuracy" in s:
         width = max(len(k) for k in s["accuracy"])
         for name, sc in s["accuracy"].items():

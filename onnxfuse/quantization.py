@@ -1,0 +1,178 @@
+"""Edge export: int8 and fp16 versions of a (fused) model, with onnxruntime's own tools.
+
+- int8, static: QDQ format, per-channel int8 weights, activations calibrated (min/max) on inputs the user
+  gives (`onnxruntime.quantization.quantize_static` with a CalibrationDataReader over them), after
+  onnxruntime's pre-processing (shape inference, graph optimization).
+- int8, dynamic: no calibration data; weights of MatMul/Gemm in int8, activations quantized at run time
+  (`quantize_dynamic`). Only for graphs whose weight layers are all MatMul/Gemm: dynamic Conv is slow or
+  unsupported on the CPU provider, so a Conv graph needs calibration data instead.
+- fp16: float16 weights and compute (`onnxruntime.transformers.float16`), graph inputs and outputs kept in
+  float32 so callers feed and read the same arrays.
+
+Every result is run once in onnxruntime before it is returned: a model that does not run is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import InputError, UnsupportedGraphError
+
+MODES = ("int8", "fp16")
+WEIGHT_LAYERS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+DYNAMIC_LAYERS = {"MatMul", "Gemm"}
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+           "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
+def quantize(model: onnx.ModelProto, mode: str = "int8", calibration=None, exclude=(), calib_samples: int = 512,
+             name: str = "model", seed: int = 0) -> tuple[onnx.ModelProto, dict]:
+    """The `mode` version of `model` (a complete ModelProto with its weights) and a report of what was done.
+
+    calibration: a data.Dataset of the model's inputs (int8 static); None gives dynamic int8 where the graph
+    allows it. exclude: node names to keep in float (e.g. the last layer)."""
+    if mode not in MODES:
+        raise InputError(f"unknown quantization '{mode}' (choose {' or '.join(MODES)})")
+    _refuse_quantized(model, name)
+    nodes = {n.name for n in model.graph.node}
+    missing = [e for e in exclude if e not in nodes]
+    if missing:
+        raise InputError(f"{name}: no node named {missing[0]!r} to exclude from quantization (node names are "
+                         f"listed by `onnxfuse inspect`)")
+    if mode == "fp16":
+        if exclude:
+            raise InputError("--quantize-exclude applies to int8 quantization only")
+        result, report = _fp16(model), {"mode": "fp16", "io": "float32 inputs and outputs kept"}
+    else:
+        layers = {n.op_type for n in model.graph.node if n.op_type in WEIGHT_LAYERS and n.name not in exclude}
+        if not layers:
+            raise UnsupportedGraphError(f"{name}: nothing to quantize: onnxruntime quantizes Conv, MatMul and "
+                                        f"Gemm layers, and this graph has none (outside --quantize-exclude)")
+        if calibration is None:
+            if not layers <= DYNAMIC_LAYERS:
+                op = sorted(layers - DYNAMIC_LAYERS)[0]
+                raise InputError(f"{name}: int8 quantization of a graph with {op} layers needs calibration "
+                                 f"inputs (--calibrate CALIB.npz); dynamic quantization without them covers "
+                                 f"MatMul/Gemm-only graphs")
+            result, report = _dynamic(model, exclude, name), {"mode": "int8", "kind": "dynamic"}
+        else:
+            feeds = _subset(calibration.inputs, calib_samples, seed)
+            result = _static(model, feeds, exclude, name)
+            report = {"mode": "int8", "kind": "static (QDQ, per-channel weights)",
+                      "calibration_samples": len(next(iter(feeds.values())))}
+        quantized = sum(n.op_type in QDQ_OPS for n in result.graph.node)
+        if not quantized:
+            raise UnsupportedGraphError(f"{name}: onnxruntime quantized no layer of this graph (its weight layers: "
+                                        f"{', '.join(sorted(layers))})")
+        report["excluded"] = list(exclude)
+    check_runs(result, model, name)
+    result.metadata_props.add(key="onnxfuse.quantization", value=json.dumps(report, sort_keys=True))
+    return result, report
+
+
+def _refuse_quantized(model: onnx.ModelProto, name: str) -> None:
+    for node in model.graph.node:
+        if node.op_type in QDQ_OPS:
+            raise InputError(f"{name}: already quantized (node '{node.name}', op {node.op_type}); quantize the "
+                             f"float model")
+
+
+def _subset(inputs: dict[str, np.ndarray], limit: int, seed: int) -> dict[str, np.ndarray]:
+    """A fixed random subset of at most `limit` samples (calibration cost grows with the sample count)."""
+    n = len(next(iter(inputs.values())))
+    pick = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False)) if n > limit else np.arange(n)
+    return {k: v[pick] for k, v in inputs.items()}
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """onnxruntime's quantization tools log advice through the root logger; the report says what was done."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _static(model: onnx.ModelProto, feeds: dict[str, np.ndarray], exclude, name: str) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            n = len(next(iter(feeds.values())))
+            self.batches = iter([{k: v[i:i + 64] for k, v in feeds.items()} for i in range(0, n, 64)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="onnxfuse-quantize-") as tmp:
+        source, pre, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, source)
+        try:
+            with _quiet_logging():
+                quant_pre_process(str(source), str(pre), skip_optimization=bool(exclude), skip_symbolic_shape=True)
+        except Exception:        # an optimization (which would rename nodes to --exclude): go on without it
+            pre = source
+        try:
+            with _quiet_logging():
+                quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                nodes_to_exclude=list(exclude) or None)
+        except Exception as exc:
+            raise UnsupportedGraphError(f"{name}: onnxruntime could not quantize this graph "
+                                        f"({_first_line(exc)})") from None
+        return onnx.load(str(out))
+
+
+def _dynamic(model: onnx.ModelProto, exclude, name: str) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with tempfile.TemporaryDirectory(prefix="onnxfuse-quantize-") as tmp:
+        source, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, source)
+        try:
+            with _quiet_logging():
+                quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=list(exclude) or None)
+        except Exception as exc:
+            raise UnsupportedGraphError(f"{name}: onnxruntime could not quantize this graph "
+                                        f"({_first_line(exc)})") from None
+        return onnx.load(str(out))
+
+
+def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    return convert_float_to_float16(model, keep_io_types=True)
+
+
+def check_runs(result: onnx.ModelProto, reference: onnx.ModelProto, name: str) -> None:
+    """Run `result` once on random inputs and compare its output shapes with `reference`'s."""
+    import onnxruntime as ort
+    from .runtime import random_feeds
+    feeds = random_feeds(reference, batch=2)
+    if feeds is None:                           # integer inputs: a session must still be created
+        feeds = {}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        shapes = []
+        for model in (reference, result):
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            shapes.append([o.shape for o in session.run(None, feeds)] if feeds else None)
+    except Exception as exc:
+        raise UnsupportedGraphError(f"{name}: the quantized model does not run in onnxruntime "
+                                    f"({_first_line(exc)}); nothing was written") from None
+    if shapes[0] != shapes[1]:
+        raise UnsupportedGraphError(f"{name}: the quantized model's outputs have shapes {shapes[1]}, the "
+                                    f"model's {shapes[0]}; nothing was written")
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
