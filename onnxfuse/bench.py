@@ -72,7 +72,7 @@ class _Entry:
 
 def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cpu", threads: int = 1,
               warmup: int = 10, seconds: float = 2.0, memory: bool = True, wide: bool = True, seed: int = 0,
-              log=None) -> list[dict]:
+              log=None, data=None) -> list[dict]:
     """Time each of `models` and, given `ensemble` (2 or more files), the ensemble served as N sessions per
     request and (if the members can be concatenated) its wide graph, at every batch size.
 
@@ -81,7 +81,9 @@ def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cp
     mean_ms, throughput (samples/s), runs, file_bytes, peak_memory_bytes (None without `memory`),
     p50_vs_first (p50 / the first row's p50 at that batch size) and note. A wide graph that cannot be built
     gives a row with its reason in `note`, `skipped` True and no figures.
-    Models are paths or onnx.ModelProto objects.
+    Models are paths or onnx.ModelProto objects. With `data` (an .npz with labels), every row also has the
+    entry's `accuracy` and `loss` on it (an ensemble: of the mean of its members' logits), so that float,
+    int8 and fp16 versions can be compared side by side.
     """
     models = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models or ())
     ensemble = list(ensemble or ())
@@ -111,6 +113,7 @@ def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cp
                     entries.append(built)
                 else:
                     skipped = _skipped_row(f"wide graph of {n} (concat)", built, provider, threads)
+        quality = _quality(entries, data) if data is not None else {}
         for e in entries:
             e.sessions = [_session(p, e.name, used_providers, threads, provider) for p in e.paths]
             e.averaged = [i for i, o in enumerate(e.sessions[0].get_outputs())
@@ -120,7 +123,8 @@ def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cp
             log(f"batch size {batch}: {warmup} warm-up runs, then {seconds:g} s of interleaved timing per model")
             feeds = [[_feeds(s, batch, seed, e.name) for s in e.sessions] for e in entries]
             latencies = _time_interleaved(entries, feeds, warmup, seconds)
-            batch_rows = [_row(e, batch, ns, provider, threads) for e, ns in zip(entries, latencies)]
+            batch_rows = [{**_row(e, batch, ns, provider, threads), **quality.get(e.name, {})}
+                          for e, ns in zip(entries, latencies)]
             timed.extend(zip(batch_rows, entries))
             if skipped is not None:
                 batch_rows.append({**skipped, "batch_size": batch})
@@ -192,6 +196,45 @@ def _wide_entry(ensemble, n: int, tmp: Path, log):
         note = "not exactly the ensemble: " + "; ".join(v for v in summary.get("outputs", {}).values()
                                                         if v.startswith("not exact"))
     return _Entry(f"wide graph of {n} (concat)", "wide", [str(path)], _file_bytes(path), note)
+
+
+def _quality(entries: list[_Entry], data) -> dict[str, dict]:
+    """Accuracy and loss of every entry on `data` (an ensemble: of its members' mean logits)."""
+    from .data import load_data
+    from .runtime import Runner, scores
+    dataset = load_data(data, onnx.load(entries[0].paths[0], load_external_data=False))
+    return {e.name: scores(np.mean([Runner(p)(dataset) for p in e.paths], axis=0), dataset.y) for e in entries}
+
+
+def plot_accuracy_latency(rows: list[dict], path) -> Path:
+    """One point per model (members, ensemble, wide graph, fused model and its int8/fp16 versions): accuracy
+    against p50 latency, one panel per batch size."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'onnxfuse[bench]'") from None
+    rows = [r for r in rows if r.get("accuracy") is not None and r["p50_ms"] is not None]
+    if not rows:
+        raise InputError("--plot needs --data with labels (accuracy against latency)")
+    batches = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for r in (r for r in rows if r["batch_size"] == batch):
+            ax.scatter(r["p50_ms"], 100 * r["accuracy"], s=36)
+            ax.annotate(r["name"], (r["p50_ms"], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 latency (ms, log scale)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"batch size {batch}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def _skipped_row(name: str, reason: str, provider: str, threads: int) -> dict:

@@ -257,9 +257,14 @@ def _batch_sizes(ctx, param, value: str) -> list[int]:
               help="Timed seconds per model and batch size (interleaved with the other models).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one fresh process per "
                                                 "model and batch size).")
+@click.option("--data", default=None, metavar="VAL.npz",
+              help="Also score every model (and the ensemble) on this labelled data, to compare float, int8 "
+                   "and fp16 versions side by side.")
+@click.option("--plot", default=None, metavar="PLOT.png",
+              help="Write a plot of accuracy against latency (needs --data and matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @_reports_errors
-def bench(models, ensemble, batch_sizes, provider, threads, warmup, seconds, no_memory, as_json):
+def bench(models, ensemble, batch_sizes, provider, threads, warmup, seconds, no_memory, data, plot, as_json):
     """Latency (p50/p90/p99), throughput, file size and peak memory of MODELS with onnxruntime.
 
     Inputs are random (symbolic dimensions = batch size); the models' timing rounds are
@@ -269,11 +274,19 @@ def bench(models, ensemble, batch_sizes, provider, threads, warmup, seconds, no_
     \b
     Example (the fused model should cost about one member, the ensemble about N):
       onnxfuse bench a.onnx fused.onnx --ensemble a.onnx b.onnx --batch-size 1,32
+
+    \b
+    Edge versions side by side (accuracy, size, latency, memory) and their plot:
+      onnxfuse bench a.onnx fused.onnx fused.int8.onnx fused.fp16.onnx --data val.npz --plot edge.png
     """
-    from .bench import benchmark
+    from .bench import benchmark, plot_accuracy_latency
+    if plot is not None and data is None:
+        raise OnnxFuseError("--plot needs --data (accuracy against latency)")
     log = (lambda m: click.echo(f"onnxfuse: {m}", err=True)) if not as_json and sys.stderr.isatty() else None
     rows = benchmark(list(models), list(ensemble), batch_sizes, provider, threads, warmup, seconds,
-                     memory=not no_memory, log=log)
+                     memory=not no_memory, log=log, data=data)
+    if plot is not None:
+        plot_accuracy_latency(rows, plot)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -281,14 +294,18 @@ def bench(models, ensemble, batch_sizes, provider, threads, warmup, seconds, no_
     click.echo(f"provider: {', '.join(used)} (asked for: {provider}); {threads} intra-op thread"
                f"{'s' if threads > 1 else ''} per session; {seconds:g} s per model and batch size, interleaved")
     width = max(len(r["name"]) for r in rows)
+    scored = data is not None
     click.echo(f"{'batch':>5}  {'model':<{width}}  {'p50 ms':>9}  {'p90 ms':>9}  {'p99 ms':>9}  "
-               f"{'samples/s':>10}  {'x first':>7}  {'file':>9}  {'peak mem':>9}")
+               f"{'samples/s':>10}  {'x first':>7}  {'file':>9}  {'peak mem':>9}" + ("  accuracy" if scored else ""))
     for r in rows:
         if r.get("skipped"):
             continue
+        acc = "" if not scored else "  " + ("-" if r.get("accuracy") is None else f"{r['accuracy']:>8.4f}")
         click.echo(f"{r['batch_size']:>5}  {r['name']:<{width}}  {r['p50_ms']:>9.4f}  {r['p90_ms']:>9.4f}  "
                    f"{r['p99_ms']:>9.4f}  {r['throughput']:>10,.0f}  {r['p50_vs_first']:>7.2f}  "
-                   f"{_size(r['file_bytes']):>9}  {_size(r['peak_memory_bytes']):>9}")
+                   f"{_size(r['file_bytes']):>9}  {_size(r['peak_memory_bytes']):>9}{acc}")
+    if plot is not None:
+        click.echo(f"plot: {plot}")
     for note in dict.fromkeys(f"{r['name']}: {r['note']}" for r in rows if r["note"]):
         click.echo(f"note: {note}")
 

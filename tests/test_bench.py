@@ -124,3 +124,27 @@ def test_timing_rounds_interleave_the_models():
     assert all(len(t) >= 3 for t in times)
     runs = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]   # one letter per time slice
     assert len(runs) >= 9 and set(runs[:3]) == set("ABC") and runs[3] == "B"
+
+
+def test_float_int8_and_fp16_side_by_side_with_accuracy_and_a_plot(tmp_path):
+    calib, val = str(SAMPLES / "digits_images_train.npz"), str(SAMPLES / "digits_images_val.npz")
+    int8, fp16 = tmp_path / "m.int8.onnx", tmp_path / "m.fp16.onnx"
+    onnxfuse.quantize(CNN[0], int8, calibrate=calib)
+    onnxfuse.quantize(CNN[0], fp16, mode="fp16")
+    plot = tmp_path / "edge.png"
+    out = onnxfuse_cli(CNN[0], int8, fp16, "--ensemble", *CNN, "--data", val, "--plot", plot, "--batch-size", "1",
+                       "--no-memory", *FAST, "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    expected = {p: onnxfuse.evaluate([p], val)[0]["accuracy"] for p in (CNN[0], int8, fp16)}
+    for path, acc in expected.items():
+        assert rows[onnx_name(path)]["accuracy"] == pytest.approx(acc)
+    assert rows["ensemble of 2 (2 sessions)"]["accuracy"] == pytest.approx(
+        onnxfuse.evaluate(CNN, val, ensemble=True)[-1]["accuracy"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_data = onnxfuse_cli(CNN[0], "--plot", tmp_path / "p.png", *FAST)
+    assert no_data.returncode == 2 and no_data.stderr.count("\n") == 1 and "--plot needs --data" in no_data.stderr
+
+
+def onnx_name(path):
+    return __import__("pathlib").Path(path).name
