@@ -299,6 +299,48 @@ def quantize_with_report(model, output=None, mode: str = "int8", calibrate=None,
     return _written(Fusion(*TensorTable.detach(result)), summary, output, force, start)
 
 
+def soup(models, output=None, mode: str = "uniform", val=None, force: bool = False) -> onnx.ModelProto:
+    """The weight average of models that share one graph (a model soup; see onnxfuse.soups). mode 'greedy'
+    adds models in order of their score on `val` and keeps each only if the soup's score does not drop."""
+    return soup_with_report(models, output, mode, val, force).model
+
+
+def soup_with_report(models, output=None, mode: str = "uniform", val=None, force: bool = False) -> Fusion:
+    from .soups import make_soup
+    start = time.perf_counter()
+    sources = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
+    if output is not None:
+        check_output_path(output, sources, force)
+    members = load_members(sources)
+    result = make_soup(members, mode, _held_out_score(val, members[0]) if val is not None else None)
+    _stamp_soup(result.graph, members, result.report)
+    summary = {"method": "soup", "members": [m.name for m in members], "soup": result.report}
+    return _written(Fusion(result.graph, result.tensors), summary, output, force, start)
+
+
+def _held_out_score(val, member: Member):
+    """score(model) -> accuracy on `val` (higher is better), or minus the loss where there are no labels."""
+    from .data import load_data
+    from .runtime import Runner, scores
+    val_set = load_data(val, member.model)
+
+    def score(model: onnx.ModelProto) -> float:
+        s = scores(Runner(model)(val_set), val_set.y)
+        if s["accuracy"] is None:
+            raise OnnxFuseError(f"{val}: scoring the soup's ingredients needs labels 'y'")
+        return round(float(s["accuracy"]), 6)
+    return score
+
+
+def _stamp_soup(model: onnx.ModelProto, members: list[Member], report: dict) -> None:
+    kept = [p for p in model.metadata_props if not p.key.startswith("onnxfuse.soup")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key="onnxfuse.soup", value=json.dumps(
+        {"mode": report["mode"], "ingredients": [{"file": Path(m.name).name, "sha256": m.sha256} for m in members],
+         "kept": report["kept"]}, sort_keys=True))
+
+
 def concat(models, output=None, force: bool = False) -> onnx.ModelProto:
     """The wide model: all members side by side; its output is the mean of the members' outputs."""
     return fuse(models, "concat", None, output, force).model

@@ -371,6 +371,31 @@ def quantize(model, output, calibrate, calib_samples, fp16, exclude, force, quie
                                      force), quiet, as_json)
 
 
+@main.command(short_help="Average models that share one graph (a model soup).")
+@click.argument("models", nargs=-1, required=True)
+@_output_options
+@click.option("--mode", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True,
+              help="uniform: the mean of all MODELS; greedy: MODELS in order of --val accuracy, each kept "
+                   "only if the soup's --val accuracy does not drop.")
+@click.option("--val", default=None, metavar="VAL.npz",
+              help="Labelled held-out data: every model's and the soup's accuracy are reported (greedy needs it).")
+@_common
+@_reports_errors
+def soup(models, output, mode, val, force, quiet, as_json):
+    """Average the weights of MODELS, which must share one graph (same ops, wiring and tensor shapes).
+
+    Made for models fine-tuned from one starting point, e.g. copies of one fused model
+    fine-tuned with different seeds (`merge --soup K` does that in one step). Independently
+    trained networks do not share their neurons' order: average them with `merge --method`
+    instead. Models that do not share one graph are refused, naming the first difference.
+
+    \b
+    Example:
+      onnxfuse soup tuned_0.onnx tuned_1.onnx tuned_2.onnx -o soup.onnx --val val.npz --mode greedy
+    """
+    _finish(api.soup_with_report(list(models), output, mode, val, force), quiet, as_json)
+
+
 @main.command(short_help="Structured magnitude pruning of one model.")
 @click.argument("model")
 @_output_options
@@ -419,7 +444,7 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     if quiet:
         return
     what = {"nt": "fused by neuron transplantation", "concat": "concatenated (wide ensemble)",
-            "prune": "pruned", "finetune": "fine-tuned", "average": "averaged", "quantize": "quantized",
+            "prune": "pruned", "finetune": "fine-tuned", "average": "averaged", "quantize": "quantized", "soup": "averaged (soup)",
             "weight-matching": "averaged after weight matching", "ot": "averaged after OT alignment"}[s["method"]]
     click.echo(f"{what}: {', '.join(s['members'])} -> {s.get('output', '(not written)')}")
     for g in s.get("groups", []):
@@ -449,6 +474,14 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
         o = s["training"]["options"]
         click.echo(f"  fine-tuned {o['epochs']} epochs ({'distillation' if o['distill'] else 'labels'}, "
                    f"{o['optimizer']}, {o['schedule']} lr)")
+    if "soup" in s:
+        r = s["soup"]
+        click.echo(f"  {r['mode']} soup of {len(r['kept'])} of {len(r['ingredients'])} models "
+                   f"(kept: {', '.join(str(i) for i in r['kept'])})")
+        for i, value in enumerate(r.get("ingredient_scores", [])):
+            click.echo(f"    model {i} {r['ingredients'][i]}: held-out accuracy {value:.4f}")
+        if "soup_score" in r:
+            click.echo(f"    soup: held-out accuracy {r['soup_score']:.4f}")
     if "quantization" in s:
         q = s["quantization"]
         how = q.get("kind") or q.get("io")
