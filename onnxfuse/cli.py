@@ -141,12 +141,13 @@ def _training(kw: dict) -> dict:
               help="Write the edge version of the result: int8 (static QDQ, per-channel weights, activations "
                    "calibrated on --calibrate, else on --data; dynamic for MatMul/Gemm-only graphs without "
                    "either) or fp16 (float32 inputs and outputs kept). See `onnxfuse quantize --help`.")
+@click.option("--fp16", is_flag=True, help="Same as --quantize fp16.")
 @click.option("--quantize-exclude", "quantize_exclude", multiple=True, metavar="NODE",
               help="A node to keep in float when quantizing to int8 (repeat for several).")
 @_training_options
 @_common
 @_reports_errors
-def merge(models, output, keep, method, calibrate, calib_samples, quantize, quantize_exclude, force, quiet,
+def merge(models, output, keep, method, calibrate, calib_samples, quantize, fp16, quantize_exclude, force, quiet,
           as_json, **kw):
     """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation (or, with --method, by
     averaging their aligned weights).
@@ -160,6 +161,9 @@ def merge(models, output, keep, method, calibrate, calib_samples, quantize, quan
       onnxfuse merge a.onnx b.onnx -o fused.onnx --data train.npz --val val.npz
     """
     training = _training(kw)
+    if fp16 and quantize not in (None, "fp16"):
+        raise click.UsageError("--fp16 and --quantize int8 exclude each other")
+    quantize = "fp16" if fp16 else quantize
     _finish(api.fuse(models, method, keep, output, force, kw["data"], kw["val"], training,
                      progress=_show_progress(quiet, as_json), calibrate=calibrate, calib_samples=calib_samples,
                      quantize=quantize, quantize_exclude=quantize_exclude),
