@@ -24,11 +24,14 @@ from .transplant import MemberTensors
 MODES = ("uniform", "greedy")
 
 
-def average(members: list[Member], picked: list[int] | None = None) -> tuple[onnx.ModelProto, TensorTable]:
-    """Member 0's graph with every float tensor the mean of the picked members' tensors (in float64, so the
-    mean of identical tensors is that tensor, bit for bit). Raises IncompatibleMembersError, naming the first
-    difference, when the models do not share one graph."""
+def average(members: list[Member], picked: list[int] | None = None,
+            coefficients: list[float] | None = None) -> tuple[onnx.ModelProto, TensorTable]:
+    """Member 0's graph with every float tensor the mean of the picked members' tensors (or their combination
+    with `coefficients`, one per picked member: a point on the path between models). Computed in float64, and
+    tensors equal in every picked member are kept bit for bit. Raises IncompatibleMembersError, naming the
+    first difference, when the models do not share one graph."""
     picked = list(range(len(members))) if picked is None else picked
+    coefficients = [1 / len(picked)] * len(picked) if coefficients is None else coefficients
     maps = check_compatible(members)
     load = MemberTensors(members, maps)
     model = onnx.ModelProto()
@@ -37,7 +40,10 @@ def average(members: list[Member], picked: list[int] | None = None) -> tuple[onn
     for name in members[0].tensors.names():
         if members[0].tensors.dtype(name) in FLOAT_TYPES:
             arrays = [load(name, m) for m in picked]
-            value = arrays[0] if len(arrays) == 1 else sum(a.astype(np.float64) for a in arrays) / len(arrays)
+            if all(np.array_equal(arrays[0], a) for a in arrays[1:]):
+                value = arrays[0]
+            else:
+                value = sum(c * a.astype(np.float64) for c, a in zip(coefficients, arrays))
             if not np.array_equal(value, load(name, 0)):
                 tensors.set(name, value)
         else:
