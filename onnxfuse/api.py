@@ -351,8 +351,10 @@ def prune(model, keep: float, output=None, force: bool = False) -> onnx.ModelPro
     return fuse([model], "prune", keep, output, force).model
 
 
-def inspect(models) -> dict:
-    """The channel groups of the first model, and whether all the given models can be fused together."""
+def inspect(models, data=None) -> dict:
+    """The channel groups of the first model, and whether all the given models can be fused together; for
+    several models also how alike they are (`similarity`: shared tensors, weight distance and, on `data`, the
+    loss barrier between them) and which regime that puts them in (see onnxfuse.similarity)."""
     members = load_members(models)
     report = {"models": [m.name for m in members]}
     a = analyze(members[0].model, members[0].tensors, members[0].name)
@@ -368,7 +370,10 @@ def inspect(models) -> dict:
             report["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
                                  for k, v in exactness.items()}
             if not report["exact"] and not a.problems:
-                report["deviation"] = fuse(models, "concat").summary.get("deviation")
+                report["deviation"] = fuse(models, "concat", data=data).summary.get("deviation")
+            from .similarity import similarity
+            from .data import load_data
+            report["similarity"] = similarity(members, load_data(data, members[0].model) if data else None)
         except IncompatibleMembersError as exc:
             report["compatible"] = False
             report["incompatibility"] = str(exc)

@@ -414,11 +414,20 @@ def prune(model, output, keep, force, quiet, as_json):
 
 @main.command(short_help="Channel groups of models, and whether they can be fused.")
 @click.argument("models", nargs=-1, required=True)
+@click.option("--data", default=None, metavar="DATA.npz",
+              help="Labelled data on which to measure the loss barrier between the members (how alike they are) "
+                   "and the deviation of a non-exact wide model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_reports_errors
-def inspect(models, as_json):
-    """Show the channel groups of MODELS and whether they can be fused together."""
-    report = api.inspect(models)
+def inspect(models, data, as_json):
+    """Show the channel groups of MODELS and whether they can be fused together.
+
+    Given several models, also how alike they are: the share of identical tensors, the
+    distance of their weights and, with --data, the loss along the straight line between
+    them. One line says which regime that is: fine-tunes of one checkpoint (one basin:
+    weight averaging works), independently trained (averaging fails; use nt), or identical.
+    """
+    report = api.inspect(models, data)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -435,6 +444,15 @@ def inspect(models, as_json):
         for name, verdict in report.get("outputs", {}).items():
             click.echo(f"  wide output '{name}': {verdict}")
         _echo_deviation(report.get("deviation"))
+    if "similarity" in report:
+        for p in report["similarity"]["pairs"]:
+            line = (f"  {p['member']} vs member 0: {p['shared_tensors']} of {p['tensors']} tensors identical, "
+                    f"relative weight distance {p['relative_distance']:.3f}")
+            if "path" in p:
+                line += (f", loss along the line {' '.join(f'{v:.3f}' for v in p['path']['loss'])} "
+                         f"(barrier {p['barrier']:.3f})")
+            click.echo(line)
+        click.echo(f"regime: {report['similarity']['regime']} ({report['similarity']['why']})")
     click.echo("can be fused: " + ("yes" if report["fusable"] else "no"))
 
 
