@@ -77,7 +77,8 @@ def _require_fusable(a: Analysis, source: str) -> None:
 
 def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = False, data=None, val=None,
          training: dict | None = None, progress: bool = False, calibrate=None, calib_samples: int = 2048,
-         quantize: str | None = None, quantize_exclude=()) -> Fusion:
+         quantize: str | None = None, quantize_exclude=(), soup: int | None = None,
+         soup_mode: str = "uniform") -> Fusion:
     """Fuse N models of one architecture. method: 'nt' (transplant the top-k neurons), 'concat' (the wide
     ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), or a baseline that averages
     the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion).
@@ -112,7 +113,10 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         if not summary["exact"]:
             summary["deviation"] = _measure_deviation(fusion.model, sources, data)
             phases.mark("deviation")
-    if data is not None or val is not None:
+    if soup is not None:
+        fusion = _souped(fusion.model, sources, data, val, options, soup, soup_mode, summary, progress)
+        phases.mark("tune")
+    elif data is not None or val is not None:
         _tune_and_score(fusion.model, sources, data, val, options, summary, progress)
         tuned = summary.pop("_model", None)
         if tuned is not None:
@@ -137,6 +141,39 @@ def _quantized(fusion: Fusion, mode: str, exclude, calibration, val, summary: di
         val_set = load_data(val, model)
         summary["accuracy"][f"result in {mode}"] = scores(Runner(result)(val_set), val_set.y)
     return Fusion(*TensorTable.detach(result))
+
+
+def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: str, summary: dict,
+            progress: bool) -> Fusion:
+    """Fine-tune `k` copies of `model` (seeds seed .. seed + k - 1: other batch orders and dropout), and return
+    their soup (onnxfuse.soups): uniform, or greedy on `val`. Every copy's and the soup's scores are reported."""
+    from dataclasses import replace
+    from .soups import make_soup
+    if data is None or options is None or options.epochs < 1:
+        raise OnnxFuseError("--soup needs --data and at least one epoch of fine-tuning")
+    if k < 2:
+        raise OnnxFuseError(f"--soup needs at least 2 copies, got {k}")
+    copies, histories = [], []
+    for i in range(k):
+        part: dict = {}
+        _tune_and_score(model, sources, data, val, replace(options, seed=options.seed + i), part, progress)
+        copies.append(load_member(part.pop("_model"), i))
+        histories.append(part["training"])
+        summary.update({key: value for key, value in part.items() if key not in ("training", "accuracy")})
+        if "accuracy" in part:
+            summary.setdefault("accuracy", {k_: v for k_, v in part["accuracy"].items() if k_ != "result after fine-tuning"})
+            summary["accuracy"][f"copy {i} (seed {options.seed + i})"] = part["accuracy"]["result after fine-tuning"]
+    result = make_soup(copies, mode, _held_out_score(val, copies[0]) if val is not None else None)
+    result.report["ingredients"] = [f"copy {i} (seed {options.seed + i})" for i in range(k)]
+    summary["training"] = {**histories[0], "copies": k}
+    summary["soup"] = result.report
+    if val is not None:
+        from .data import load_data
+        from .runtime import Runner, scores
+        val_set = load_data(val, model)
+        summary["accuracy"][f"{mode} soup of {len(result.report['kept'])}"] = scores(
+            Runner(result.tensors.materialize(result.graph))(val_set), val_set.y)
+    return Fusion(result.graph, result.tensors)
 
 
 def _check_method(method: str, sources: list, keep, calibrate) -> None:
@@ -265,16 +302,19 @@ def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> 
 
 def merge(models, output=None, keep=None, force: bool = False, data=None, val=None, method: str = "nt",
           calibrate=None, calib_samples: int = 2048, quantize: str | None = None, quantize_exclude=(),
-          **training) -> onnx.ModelProto:
+          soup: int | None = None, soup_mode: str = "uniform", **training) -> onnx.ModelProto:
     """Neuron Transplantation: fuse N >= 2 models into one of the original width (or `keep` * N * width).
     method 'average', 'weight-matching' or 'ot' averages the (aligned) members instead.
 
     Fine-tune with `data="train.npz", epochs=3` (and any TrainOptions field: lr, distill, schedule, ...).
     Reconstruct without training (before any fine-tuning) with `calibrate="calib.npz"`.
     `quantize="int8"` (calibrated on `calibrate`, else `data`) or `"fp16"` writes the edge version.
+    `soup=K` fine-tunes K copies with different seeds and writes their weight average (`soup_mode="greedy"`
+    keeps a copy only if the soup's score on `val` does not drop).
     """
     return fuse(models, method, keep, output, force, data, val, training, calibrate=calibrate,
-                calib_samples=calib_samples, quantize=quantize, quantize_exclude=quantize_exclude).model
+                calib_samples=calib_samples, quantize=quantize, quantize_exclude=quantize_exclude, soup=soup,
+                soup_mode=soup_mode).model
 
 
 def quantize(model, output=None, mode: str = "int8", calibrate=None, exclude=(), calib_samples: int = 512,
