@@ -318,14 +318,14 @@ def merge(models, output=None, keep=None, force: bool = False, data=None, val=No
 
 
 def quantize(model, output=None, mode: str = "int8", calibrate=None, exclude=(), calib_samples: int = 512,
-             force: bool = False) -> onnx.ModelProto:
+             force: bool = False, activations: str = "uint8") -> onnx.ModelProto:
     """The int8 (static QDQ with `calibrate` inputs, else dynamic for MatMul/Gemm-only graphs) or fp16 version
     of any float model, checked to run in onnxruntime (see onnxfuse.quantization)."""
-    return quantize_with_report(model, output, mode, calibrate, exclude, calib_samples, force).model
+    return quantize_with_report(model, output, mode, calibrate, exclude, calib_samples, force, activations).model
 
 
 def quantize_with_report(model, output=None, mode: str = "int8", calibrate=None, exclude=(),
-                         calib_samples: int = 512, force: bool = False) -> Fusion:
+                         calib_samples: int = 512, force: bool = False, activations: str = "uint8") -> Fusion:
     from .data import load_data
     from .quantization import quantize as run_quantize
     start = time.perf_counter()
@@ -334,7 +334,7 @@ def quantize_with_report(model, output=None, mode: str = "int8", calibrate=None,
     member = load_member(model)
     full = member.tensors.materialize(member.model)
     calib = load_data(calibrate, full) if calibrate is not None and mode == "int8" else None
-    result, report = run_quantize(full, mode, calib, exclude, calib_samples, member.name)
+    result, report = run_quantize(full, mode, calib, exclude, calib_samples, member.name, activations=activations)
     summary = {"method": "quantize", "members": [member.name], "quantization": report}
     return _written(Fusion(*TensorTable.detach(result)), summary, output, force, start)
 

@@ -36,6 +36,13 @@ def test_static_int8_of_a_cnn_keeps_its_accuracy_and_stores_int8_weights():
     assert abs(accuracy(q, x, y) - accuracy(float_model, x, y)) <= 0.02
     meta = {p.key: p.value for p in q.metadata_props}
     assert '"mode": "int8"' in meta["onnxfuse.quantization"]
+    inits = {t.name: t for t in q.graph.initializer}
+    zero_points = {inits[n.input[2]].data_type for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert zero_points == {onnx.TensorProto.UINT8}                   # activations: the fast x86 path (U8S8)
+    s8 = onnxfuse.quantize(CNN, calibrate=str(SAMPLES / "digits_images_train.npz"), activations="int8")
+    inits = {t.name: t for t in s8.graph.initializer}
+    assert {inits[n.input[2]].data_type for n in s8.graph.node if n.op_type == "QuantizeLinear"} == \
+        {onnx.TensorProto.INT8}
 
 
 def test_dynamic_int8_for_a_matmul_only_graph_and_refused_for_convolutions(tmp_path):
