@@ -78,7 +78,7 @@ def _require_fusable(a: Analysis, source: str) -> None:
 def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = False, data=None, val=None,
          training: dict | None = None, progress: bool = False, calibrate=None, calib_samples: int = 2048,
          quantize: str | None = None, quantize_exclude=(), soup: int | None = None,
-         soup_mode: str = "uniform") -> Fusion:
+         soup_mode: str = "uniform", soup_epochs: int | None = None) -> Fusion:
     """Fuse N models of one architecture. method: 'nt' (transplant the top-k neurons), 'concat' (the wide
     ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), or a baseline that averages
     the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion).
@@ -114,7 +114,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
             summary["deviation"] = _measure_deviation(fusion.model, sources, data)
             phases.mark("deviation")
     if soup is not None:
-        fusion = _souped(fusion.model, sources, data, val, options, soup, soup_mode, summary, progress)
+        fusion = _souped(fusion.model, sources, data, val, options, soup, soup_mode, summary, progress, soup_epochs)
         phases.mark("tune")
     elif data is not None or val is not None:
         _tune_and_score(fusion.model, sources, data, val, options, summary, progress)
@@ -144,33 +144,40 @@ def _quantized(fusion: Fusion, mode: str, exclude, calibration, val, summary: di
 
 
 def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: str, summary: dict,
-            progress: bool) -> Fusion:
-    """Fine-tune `k` copies of `model` (seeds seed .. seed + k - 1: other batch orders and dropout), and return
-    their soup (onnxfuse.soups): uniform, or greedy on `val`. Every copy's and the soup's scores are reported."""
+            progress: bool, soup_epochs: int | None = None) -> Fusion:
+    """Fine-tune `model` as usual, then `k` copies of the result for `soup_epochs` more epochs each (seeds
+    seed+1 .. seed+k: other batch orders and dropout), and return their soup (onnxfuse.soups): uniform, or
+    greedy on `val`. The copies branch from one fine-tuned model, as the sparse-model-soups recipe retrains
+    copies of one good pruned model: branched straight from the transplanted model they drift into different
+    basins and their average lost to each of them (benchmarks/soup.py)."""
     from dataclasses import replace
+    from .data import load_data
+    from .runtime import Runner, scores
     from .soups import make_soup
+    from .training import finetune
     if data is None or options is None or options.epochs < 1:
         raise OnnxFuseError("--soup needs --data and at least one epoch of fine-tuning")
     if k < 2:
         raise OnnxFuseError(f"--soup needs at least 2 copies, got {k}")
-    copies, histories = [], []
+    _tune_and_score(model, sources, data, val, options, summary, progress)
+    start = summary.pop("_model")
+    train_set = load_data(data, start)
+    val_set = load_data(val, start) if val is not None else None
+    teacher = _teacher_logits(sources, train_set) if options.distill else None
+    epochs = soup_epochs or options.epochs
+    copies = []
     for i in range(k):
-        part: dict = {}
-        _tune_and_score(model, sources, data, val, replace(options, seed=options.seed + i), part, progress)
-        copies.append(load_member(part.pop("_model"), i))
-        histories.append(part["training"])
-        summary.update({key: value for key, value in part.items() if key not in ("training", "accuracy")})
-        if "accuracy" in part:
-            summary.setdefault("accuracy", {k_: v for k_, v in part["accuracy"].items() if k_ != "result after fine-tuning"})
-            summary["accuracy"][f"copy {i} (seed {options.seed + i})"] = part["accuracy"]["result after fine-tuning"]
+        copy = replace(options, seed=options.seed + 1 + i, epochs=epochs, checkpoint_dir=None, resume=False)
+        tuned = finetune(start, train_set, copy, None, teacher, progress).model
+        copies.append(load_member(tuned, i))
+        if val_set is not None:
+            summary["accuracy"][f"copy {i} (+{epochs} epochs, seed {copy.seed})"] = scores(Runner(tuned)(val_set),
+                                                                                         val_set.y)
     result = make_soup(copies, mode, _held_out_score(val, copies[0]) if val is not None else None)
-    result.report["ingredients"] = [f"copy {i} (seed {options.seed + i})" for i in range(k)]
-    summary["training"] = {**histories[0], "copies": k}
+    result.report["ingredients"] = [f"copy {i} (seed {options.seed + 1 + i})" for i in range(k)]
+    result.report["epochs_per_copy"] = epochs
     summary["soup"] = result.report
-    if val is not None:
-        from .data import load_data
-        from .runtime import Runner, scores
-        val_set = load_data(val, model)
+    if val_set is not None:
         summary["accuracy"][f"{mode} soup of {len(result.report['kept'])}"] = scores(
             Runner(result.tensors.materialize(result.graph))(val_set), val_set.y)
     return Fusion(result.graph, result.tensors)
@@ -302,19 +309,21 @@ def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> 
 
 def merge(models, output=None, keep=None, force: bool = False, data=None, val=None, method: str = "nt",
           calibrate=None, calib_samples: int = 2048, quantize: str | None = None, quantize_exclude=(),
-          soup: int | None = None, soup_mode: str = "uniform", **training) -> onnx.ModelProto:
+          soup: int | None = None, soup_mode: str = "uniform", soup_epochs: int | None = None,
+          **training) -> onnx.ModelProto:
     """Neuron Transplantation: fuse N >= 2 models into one of the original width (or `keep` * N * width).
     method 'average', 'weight-matching' or 'ot' averages the (aligned) members instead.
 
     Fine-tune with `data="train.npz", epochs=3` (and any TrainOptions field: lr, distill, schedule, ...).
     Reconstruct without training (before any fine-tuning) with `calibrate="calib.npz"`.
     `quantize="int8"` (calibrated on `calibrate`, else `data`) or `"fp16"` writes the edge version.
-    `soup=K` fine-tunes K copies with different seeds and writes their weight average (`soup_mode="greedy"`
-    keeps a copy only if the soup's score on `val` does not drop).
+    `soup=K` fine-tunes the result, then K copies of it for `soup_epochs` (default: epochs) more epochs with
+    other seeds, and writes their weight average (`soup_mode="greedy"` keeps a copy only if the soup's score on
+    `val` does not drop).
     """
     return fuse(models, method, keep, output, force, data, val, training, calibrate=calibrate,
                 calib_samples=calib_samples, quantize=quantize, quantize_exclude=quantize_exclude, soup=soup,
-                soup_mode=soup_mode).model
+                soup_mode=soup_mode, soup_epochs=soup_epochs).model
 
 
 def quantize(model, output=None, mode: str = "int8", calibrate=None, exclude=(), calib_samples: int = 512,

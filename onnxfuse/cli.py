@@ -142,8 +142,11 @@ def _training(kw: dict) -> dict:
                    "calibrated on --calibrate, else on --data; dynamic for MatMul/Gemm-only graphs without "
                    "either) or fp16 (float32 inputs and outputs kept). See `onnxfuse quantize --help`.")
 @click.option("--soup", type=click.IntRange(min=2), default=None, metavar="K",
-              help="Fine-tune K copies of the transplanted model with seeds --seed .. --seed+K-1 (other batch "
-                   "orders) and write their weight average, a model soup (needs --data).")
+              help="After fine-tuning, fine-tune K copies of the result for --soup-epochs more epochs with seeds "
+                   "--seed+1 .. --seed+K (other batch orders) and write their weight average, a model soup "
+                   "(needs --data).")
+@click.option("--soup-epochs", type=click.IntRange(min=1), default=None, metavar="E",
+              help="Epochs of each soup copy (default: --epochs).")
 @click.option("--soup-mode", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True,
               help="greedy: copies in order of --val accuracy, each kept only if the soup's does not drop.")
 @click.option("--fp16", is_flag=True, help="Same as --quantize fp16.")
@@ -152,8 +155,8 @@ def _training(kw: dict) -> dict:
 @_training_options
 @_common
 @_reports_errors
-def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_mode, quantize, fp16, quantize_exclude,
-          force, quiet, as_json, **kw):
+def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_epochs, soup_mode, quantize, fp16,
+          quantize_exclude, force, quiet, as_json, **kw):
     """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation (or, with --method, by
     averaging their aligned weights).
 
@@ -171,7 +174,8 @@ def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_mod
     quantize = "fp16" if fp16 else quantize
     _finish(api.fuse(models, method, keep, output, force, kw["data"], kw["val"], training,
                      progress=_show_progress(quiet, as_json), calibrate=calibrate, calib_samples=calib_samples,
-                     quantize=quantize, quantize_exclude=quantize_exclude, soup=soup, soup_mode=soup_mode),
+                     quantize=quantize, quantize_exclude=quantize_exclude, soup=soup, soup_mode=soup_mode,
+                     soup_epochs=soup_epochs),
             quiet, as_json)
 
 

@@ -85,17 +85,19 @@ def test_models_that_do_not_share_one_graph_are_refused_naming_the_difference(co
     assert not out.exists()
 
 
-def test_merge_soup_fine_tunes_copies_and_writes_their_average(tmp_path):
+def test_merge_soup_branches_copies_from_the_fine_tuned_model_and_writes_their_average(tmp_path):
     out = tmp_path / "soup.onnx"
     fusion = onnxfuse.fuse(MLP, output=out, data=TRAIN, val=VAL, training={"epochs": 1, "lr": 0.05}, soup=2)
     s = fusion.summary
-    copies = [s["accuracy"][f"copy {i} (seed {i})"]["accuracy"] for i in range(2)]
     soup_acc = s["accuracy"]["uniform soup of 2"]["accuracy"]
-    assert copies[0] != copies[1] or s["soup"]["kept"] == [0, 1]
     assert onnxfuse.evaluate([str(out)], VAL)[0]["accuracy"] == pytest.approx(soup_acc)
-    assert s["soup"]["kept"] == [0, 1] and s["training"]["copies"] == 2
-    # the written weights are the mean of the two copies, each fine-tuned from the same transplanted model
-    ones = [onnxfuse.fuse(MLP, data=TRAIN, training={"epochs": 1, "lr": 0.05, "seed": i}).model for i in range(2)]
+    assert s["soup"]["kept"] == [0, 1] and s["soup"]["epochs_per_copy"] == 1
+    assert [k for k in s["accuracy"] if k.startswith("copy")] == ["copy 0 (+1 epochs, seed 1)",
+                                                                  "copy 1 (+1 epochs, seed 2)"]
+    # the written weights are the mean of two copies fine-tuned from the same fine-tuned model
+    start = tmp_path / "start.onnx"
+    onnxfuse.merge(MLP, output=start, data=TRAIN, epochs=1, lr=0.05)
+    ones = [onnxfuse.finetune(str(start), TRAIN, epochs=1, lr=0.05, seed=1 + i) for i in range(2)]
     soup = weights(str(out))
     for t in ones[0].graph.initializer:
         other = next(u for u in ones[1].graph.initializer if u.name == t.name)
