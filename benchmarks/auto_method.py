@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""`--method auto` against every fusion method, on members of three kinds.
+
+Member sets (N = 3, trained here, exported with the legacy torch.onnx exporter), for an MLP 40-100-100-10 and a
+1-D CNN on MNIST-1D (scored on 20000 generated held-out sequences; benchmarks/reconstruction.py's generator),
+and a transformer encoder classifier over the 8 rows of scikit-learn's digits (benchmarks/edge.py's model):
+  - independent: three seeds from scratch (Adam, lr 1e-3);
+  - fine-tunes: one base model trained here (Adam), then fine-tuned three times with different seeds (Adam,
+    lr 3e-4, other batch orders), every layer trained;
+  - frozen: the same, with the first half of the layers frozen (their tensors identical in every member).
+
+Every method (nt, average, weight-matching, ot) and auto fuse each set; the result is scored before and
+after E = 3 epochs of fine-tuning with the default recipe (`onnxfuse.fuse(members, method, data=train,
+val=heldout, training={"epochs": E})`). Target (issue 20): auto within 0.3 pp of the best method of each set,
+with and without fine-tuning, and no method crashes.
+
+    python benchmarks/auto_method.py           # about 30 minutes on 2 CPU cores
+    python benchmarks/auto_method.py --quick   # the MLP sets only, smaller; prints, writes nothing
+
+Writes benchmarks/results/auto_method.md and auto_method.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+import onnxfuse  # noqa: E402
+from _common import git_state  # noqa: E402
+
+METHODS = ("nt", "average", "weight-matching", "ot")
+KINDS = ("independent", "fine-tunes", "frozen")
+EPOCHS = 3
+
+
+def train(net, x, y, seed: int, epochs: int, lr: float, frozen: int = 0):
+    """Adam on (x, y); the first `frozen` parameter tensors (in definition order) are not trained."""
+    import torch
+    torch.manual_seed(seed)
+    params = list(net.parameters())
+    for p in params[:frozen]:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in params if p.requires_grad], lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    net.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(100):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
+            opt.step()
+    for p in params:
+        p.requires_grad_(True)
+    return net.eval()
+
+
+def members(kind: str, factory, x, y, epochs: int, folder: Path, tag: str, export) -> list[str]:
+    import copy
+    if kind == "independent":
+        nets = [train(factory(), x, y, seed, epochs, 1e-3) for seed in range(3)]
+    else:
+        base = train(factory(), x, y, 100, epochs, 1e-3)
+        frozen = len(list(base.parameters())) // 2 if kind == "frozen" else 0
+        nets = [train(copy.deepcopy(base), x, y, seed, max(2, epochs // 3), 3e-4, frozen) for seed in range(3)]
+    return [export(net, folder / f"{tag}_{kind}_{i}.onnx") for i, net in enumerate(nets)]
+
+
+def families(quick: bool, folder: Path) -> list[dict]:
+    import torch
+    import reconstruction as r
+    import edge
+    torch.set_num_threads(1)
+    x, y, _, _ = r.dataset()
+    xh, yh = r.heldout(4000 if quick else 20000)
+    out = []
+    for kind_name in (("mlp",) if quick else ("mlp", "cnn")):
+        factory, shape = r.nets()[kind_name]
+        train_npz, val_npz = folder / f"m1d_{kind_name}_train.npz", folder / f"m1d_{kind_name}_val.npz"
+        np.savez(train_npz, x=x.reshape(-1, *shape), y=y)
+        np.savez(val_npz, x=xh.reshape(-1, *shape), y=yh)
+        out.append({"family": f"MNIST-1D {kind_name.upper()}", "factory": factory, "x": x.reshape(-1, *shape),
+                    "y": y, "epochs": 10 if quick else 20, "train": str(train_npz), "val": str(val_npz),
+                    "export": lambda net, path, shape=shape: r.export(net, shape, path)})
+    if not quick:
+        (ttr, ytr), (tva, yva) = edge.digits((8, 8))
+        train_npz, val_npz = folder / "tok_train.npz", folder / "tok_val.npz"
+        np.savez(train_npz, x=ttr, y=ytr)
+        np.savez(val_npz, x=tva, y=yva)
+        out.append({"family": "transformer (digits rows)", "factory": edge.transformer, "x": ttr, "y": ytr,
+                    "epochs": 6, "train": str(train_npz), "val": str(val_npz),
+                    "export": lambda net, path: edge_export(net, path)})
+    return out
+
+
+def edge_export(net, path: Path) -> str:
+    import warnings
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(2, 8, 8),), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    return str(path)
+
+
+def run_set(paths: list[str], train: str, val: str, log) -> dict:
+    acc = lambda s, key: s["accuracy"][key]["accuracy"]
+    row = {"members": None, "ensemble": None, "untuned": {}, "tuned": {}, "errors": {}}
+    for method in METHODS + ("auto",):
+        for epochs, where in ((0, "untuned"), (EPOCHS, "tuned")):
+            try:
+                s = onnxfuse.fuse(paths, method, data=train, val=val, training={"epochs": epochs}).summary
+            except Exception as exc:                      # a crash is a result here: it is what we count
+                row["errors"][f"{method} E={epochs}"] = f"{type(exc).__name__}: {exc}"
+                log(traceback.format_exc())
+                continue
+            row["members"] = [acc(s, Path(p).name) for p in paths]
+            row["ensemble"] = acc(s, "ensemble (mean of logits)")
+            row[where][method] = acc(s, "result after fine-tuning" if epochs else "result before fine-tuning")
+            if method == "auto":
+                row.setdefault("auto", {})[where] = {"chose": s["auto"]["method"], "why": s["auto"]["why"],
+                                                     "regime": s["auto"]["regime"]}
+            log(f"    {method:<16} E={epochs}: {row[where][method]:.4f}")
+    for where in ("untuned", "tuned"):
+        scores = {m: v for m, v in row[where].items() if m != "auto"}
+        if scores and "auto" in row[where]:
+            row.setdefault("regret_pp", {})[where] = round(100 * (max(scores.values()) - row[where]["auto"]), 2)
+    return row
+
+
+def markdown(rows: list[dict], commit: str) -> str:
+    lines = ["# `--method auto` against every fusion method", "",
+             f"`python benchmarks/auto_method.py`, commit {commit}, {datetime.date.today()}, 2 CPU cores. N = 3 "
+             f"members per set; held-out accuracy (%) before fine-tuning (E = 0) and after E = {EPOCHS} epochs with "
+             "the default recipe. Regret: the best method's accuracy minus auto's (target <= 0.3 pp).", ""]
+    header = " | ".join(f"{m} E=0 | {m} E={EPOCHS}" for m in METHODS)
+    lines += [f"| family | members | best member | ensemble | {header} | auto E=0 | auto E={EPOCHS} | auto chose "
+              f"(E=0 / E={EPOCHS}) | regret E=0 | regret E={EPOCHS} |",
+              "|---|---|---:|---:|" + "---:|" * (2 * len(METHODS) + 2) + "---|---:|---:|"]
+    for r in rows:
+        cells = " | ".join(f"{_pct(r['untuned'].get(m))} | {_pct(r['tuned'].get(m))}" for m in METHODS)
+        chose = " / ".join(r.get("auto", {}).get(w, {}).get("chose", "-") for w in ("untuned", "tuned"))
+        regret = r.get("regret_pp", {})
+        lines.append(f"| {r['family']} | {r['kind']} | {_pct(max(r['members'] or [0]))} | {_pct(r['ensemble'])} | "
+                     f"{cells} | {_pct(r['untuned'].get('auto'))} | {_pct(r['tuned'].get('auto'))} | {chose} | "
+                     f"{regret.get('untuned', '-')} | {regret.get('tuned', '-')} |")
+    errors = [(r["family"], r["kind"], k, v) for r in rows for k, v in r["errors"].items()]
+    regrets = [v for r in rows for v in r.get("regret_pp", {}).values()]
+    lines += ["", f"Crashes: {len(errors)}." + "".join(f"\n- {f} {k}, {m}: {e}" for f, k, m, e in errors),
+              "", f"auto within 0.3 pp of the best method in {sum(v <= 0.3 for v in regrets)} of {len(regrets)} "
+              f"comparisons (worst regret {max(regrets, default=0):.2f} pp).", "", "Why auto chose what it chose:", ""]
+    for r in rows:
+        for where, a in r.get("auto", {}).items():
+            lines.append(f"- {r['family']}, {r['kind']}, {where}: {a['chose']} ({a['why']})")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--quick", action="store_true", help="the MLP sets only, smaller; writes nothing")
+    args = parser.parse_args()
+    commit = git_state()
+    log = lambda m: print(m, flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxfuse-auto-") as tmp:
+        folder = Path(tmp)
+        for fam in families(args.quick, folder):
+            for kind in KINDS:
+                tag = fam["family"].split()[-1].lower().strip("()")
+                paths = members(kind, fam["factory"], fam["x"], fam["y"], fam["epochs"], folder, tag, fam["export"])
+                log(f"{fam['family']}, {kind}:")
+                rows.append({"family": fam["family"], "kind": kind, **run_set(paths, fam["train"], fam["val"], log)})
+    text = markdown(rows, commit)
+    print(text)
+    if not args.quick:
+        (HERE / "results" / "auto_method.md").write_text(text)
+        (HERE / "results" / "auto_method.json").write_text(json.dumps({"commit": commit, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
