@@ -92,10 +92,12 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     phases = Phases()
     sources = [sources] if isinstance(sources, (str, Path, onnx.ModelProto)) else list(sources)
     if output is not None:
-        check_output_path(output, sources, force)
+        check_output_path(output, [*sources, data, val, calibrate], force)
     options = _train_options(training)
     _check_method(method, sources, keep, calibrate)
     members = load_members(sources)
+    if output is not None:       # and now with every file the members read (their external data)
+        check_output_path(output, members, force)
     phases.mark("load")
     built = _build(members, method, keep)
     fusion, summary = Fusion(built.graph, built.tensors), built.summary
@@ -343,8 +345,10 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
     from .training import finetune as run_finetune
     start = time.perf_counter()
     if output is not None:
-        check_output_path(output, [model, *(teachers or [])], force)
+        check_output_path(output, [model, *(teachers or []), data, val], force)
     member = load_member(model)
+    if output is not None:
+        check_output_path(output, [member], force)
     full = member.tensors.materialize(member.model)
     options = _train_options(training) or _train_options({"epochs": 3})
     train_set = load_data(data, full)

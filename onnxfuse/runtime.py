@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from .data import Dataset
 from .errors import OnnxFuseError
+from .model_io import read_model
 
 SOFTMAXES = {"Softmax", "LogSoftmax"}
 PASS_THROUGH = {"Identity", "Cast"}
@@ -69,7 +70,7 @@ class Runner:
     """An onnxruntime session that also returns the logits value."""
 
     def __init__(self, source, output: str | None = None, provider: str = "cpu"):
-        model = onnx.load(str(source)) if not isinstance(source, onnx.ModelProto) else source
+        model = read_model(source)
         self.name = str(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
         self.logits = logits_output(model, output)
         if self.logits not in {o.name for o in model.graph.output}:

@@ -1,0 +1,226 @@
+"""Hostile and careless input (issue 17): every bad input is one line on stderr, exit code 2, and no file
+written; no file outside a model's folder is ever read; no read is larger than the graph declares."""
+import errno
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxfuse
+from onnxfuse.cli import main
+from graphs import SAMPLES, gemm_mlp
+
+MLP = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(2)]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def files_under(folder: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if not p.is_symlink()
+            and p.is_file()} | {p: "dir" for p in folder.rglob("*") if p.is_dir()}
+
+
+def refused(folder: Path, *args, says: str) -> str:
+    """Run the CLI; it must exit 2 with one `onnxfuse: error:` line that says `says`, and change no file."""
+    before = files_under(folder)
+    result = cli(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("onnxfuse: error: "), result.stderr
+    assert says.lower() in lines[0].lower(), lines[0]
+    assert files_under(folder) == before, "a file was written or changed"
+    return lines[0]
+
+
+def tiny(seed=0, **kw) -> onnx.ModelProto:
+    return gemm_mlp(seed, widths=(4, 6, 3), **kw)
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def pair(tmp_path, first: onnx.ModelProto, second: onnx.ModelProto | None = None) -> list[Path]:
+    return [save(first, tmp_path / "a.onnx"), save(second or tiny(1), tmp_path / "b.onnx")]
+
+
+def external(t: TensorProto, location: str, offset=None, length=None) -> None:
+    t.ClearField("raw_data")
+    del t.float_data[:]
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    if offset is not None:
+        t.external_data.add(key="offset", value=str(offset))
+    if length is not None:
+        t.external_data.add(key="length", value=str(length))
+
+
+# --------------------------------------------------------------------------- security
+
+def test_constant_node_external_data_is_confined_to_the_model_folder(tmp_path, monkeypatch):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(24, dtype=np.float32).tobytes())     # the size of the 6x4 weight
+    folder = tmp_path / "models"
+    folder.mkdir()
+    monkeypatch.chdir(folder)                    # onnx's helpers would resolve against the working directory
+    for location in ("../secret.bin", str(secret), "secret.bin"):
+        model = tiny(0, constants_as_nodes=True)
+        external(model.graph.node[0].attribute[0].t, location)
+        a, b = save(model, folder / "a.onnx"), save(tiny(1, constants_as_nodes=True), folder / "b.onnx")
+        message = refused(tmp_path, "merge", a, b, "-o", folder / "wide.onnx", says=location)
+        assert "outside the model's folder" in message or "missing" in message
+    # a tensor inside a subgraph (an If branch) is confined alike
+    leak = numpy_helper.from_array(np.zeros(24, np.float32), "leak")
+    external(leak, "../secret.bin")
+    branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=leak)], "branch", [],
+                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [24])])
+    model = tiny(0)
+    model.graph.node.append(helper.make_node("If", ["flag"], ["unused"], then_branch=branch, else_branch=branch))
+    model.graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    refused(tmp_path, "inspect", save(model, folder / "if.onnx"), says="outside the model's folder")
+
+
+def test_constant_external_data_inside_the_folder_is_read(tmp_path):
+    model = tiny(0, constants_as_nodes=True)
+    value = model.graph.node[0].attribute[0].t
+    (tmp_path / "w.bin").write_bytes(value.raw_data)
+    external(value, "w.bin")
+    a, b = pair(tmp_path, model, tiny(1, constants_as_nodes=True))
+    result = cli("merge", a, b, "-o", tmp_path / "fused.onnx")
+    assert result.exit_code == 0, result.stderr
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(tmp_path / "fused.onnx", moved / "fused.onnx")
+    onnx.checker.check_model(onnx.load(moved / "fused.onnx"), full_check=True)     # self-contained
+
+
+def test_output_may_not_be_an_input_or_its_external_data(tmp_path):
+    for name in ("digits_cnn_0.onnx", "digits_cnn_0.onnx.data", "digits_cnn_1.onnx", "digits_cnn_1.onnx.data"):
+        shutil.copy(SAMPLES / name, tmp_path / name)
+    a, b = tmp_path / "digits_cnn_0.onnx", tmp_path / "digits_cnn_1.onnx"
+    (tmp_path / "link.data").symlink_to(tmp_path / "digits_cnn_0.onnx.data")
+    os.link(tmp_path / "digits_cnn_0.onnx.data", tmp_path / "hard.data")
+    for out in ("digits_cnn_0.onnx.data", "link.data", "hard.data", "digits_cnn_0.onnx"):
+        refused(tmp_path, "merge", a, b, "-o", tmp_path / out, "--force", says="overwrite")
+    train = tmp_path / "train.npz"
+    shutil.copy(SAMPLES / "digits_images_train.npz", train)
+    refused(tmp_path, "merge", a, b, "-o", train, "--force", "--data", train, "--epochs", "0", says="overwrite")
+
+
+# --------------------------------------------------------------------------- malformed weights
+
+def weight(model):
+    return next(t for t in model.graph.initializer if len(t.dims) == 2)
+
+
+def mutated(fn):
+    model = tiny(0)
+    fn(model)
+    return model
+
+
+@pytest.mark.parametrize("case,says", [
+    ("negative_dims", "negative"), ("overflowing_dims", "invalid ONNX model"), ("wrong_field", "double_data"),
+    ("nul_location", "malformed"), ("long_location", "malformed"), ("loop", "cannot be used"),
+    ("directory", "not a regular file"), ("fifo", "not a regular file"), ("huge_length", "holds"),
+])
+def test_malformed_weights(tmp_path, case, says):
+    model = tiny(0)
+    w = weight(model)
+    if case == "negative_dims":
+        w.dims[0] = -6
+    elif case == "overflowing_dims":
+        w.ClearField("raw_data")
+        del w.dims[:]
+        w.dims.extend([2 ** 32, 2 ** 32])
+    elif case == "wrong_field":
+        values = numpy_helper.to_array(w).ravel().tolist()
+        w.ClearField("raw_data")
+        w.double_data.extend(values)
+    elif case == "nul_location":
+        external(w, "w\0.bin")
+    elif case == "long_location":
+        external(w, "x" * 5000)
+    elif case == "loop":
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        external(w, "loop")
+    elif case == "directory":
+        (tmp_path / "dir").mkdir()
+        external(w, "dir")
+    elif case == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        external(w, "fifo")
+    elif case == "huge_length":
+        with open(tmp_path / "big.bin", "wb") as f:        # sparse: 10 GB declared, nothing on disk
+            f.truncate(10 << 30)
+        external(w, "big.bin", 0, 10 << 30)
+    a, b = pair(tmp_path, model)
+    refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says=says)
+
+
+def test_a_file_of_zero_bytes_is_refused_at_once(tmp_path):
+    zeros = tmp_path / "zeros.onnx"
+    with open(zeros, "wb") as f:
+        f.write(bytes(8 << 20))
+    with open(tmp_path / "sparse.onnx", "wb") as f:
+        f.truncate(10 << 30)
+    for path in (zeros, tmp_path / "sparse.onnx"):
+        start = time.perf_counter()
+        refused(tmp_path, "inspect", path, says="not a readable ONNX model")
+        assert time.perf_counter() - start < 1.0
+
+
+def test_unused_initializer_in_one_member_only(tmp_path):
+    model = tiny(1)
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "stray"))
+    a, b = pair(tmp_path, tiny(0), model)
+    refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says="stray")
+
+
+def test_legacy_models_that_list_initializers_as_inputs_fuse(tmp_path):
+    def legacy(seed):
+        model = tiny(seed)
+        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in model.graph.initializer)
+        model.ir_version = 3
+        del model.opset_import[:]
+        model.opset_import.add(domain="", version=7)
+        onnx.checker.check_model(model)
+        return model
+    a, b = pair(tmp_path, legacy(0), legacy(1))
+    result = cli("merge", a, b, "-o", tmp_path / "fused.onnx")
+    assert result.exit_code == 0, result.stderr
+    onnx.checker.check_model(onnx.load(tmp_path / "fused.onnx"), full_check=True)
+
+
+# --------------------------------------------------------------------------- members
+
+def with_opset(model, version):
+    model.opset_import[0].version = version
+    return model
+
+
+def test_structural_difference_is_named_before_opsets(tmp_path):
+    a, b = pair(tmp_path, tiny(0), with_opset(gemm_mlp(1, widths=(4, 6, 5, 3)), 13))
+    message = refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says="nodes")
+    assert "opset" not in message
+    refused(tmp_path, "inspect", a, b, says="not compatible")
+
+
+def test_one_architecture_at_two_opsets_fuses_when_its_ops_mean_the_same(tmp_path):
+    a, b = pair(tmp_path, tiny(0), with_opset(tiny(1), 16))       # Gemm, Relu, Identity: the same at 16 and 17
+    result = cli("merge", a, b, "-o", tmp_path / "fused.onnx")
+    assert result.exit_code == 0, result.stderr
+    a, b = pair(tmp_path, tiny(0), with_opset(tiny(1), 15))       # Identity changed at 16
+    refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says="opsets differ")
