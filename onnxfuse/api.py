@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .errors import IncompatibleMembersError, OnnxFuseError, UnsupportedGraphError
+from .errors import IncompatibleMembersError, InputError, OnnxFuseError, UnsupportedGraphError
 from .groups import Analysis, analyze, output_exactness
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
                        save_model)
@@ -53,10 +53,25 @@ class Phases:
         self._last = now
 
 
+def _sources(sources) -> list:
+    """One model or several (paths or ModelProtos) as a non-empty list; anything else is an InputError."""
+    if isinstance(sources, (str, os.PathLike, onnx.ModelProto)):
+        return [sources]
+    if isinstance(sources, (bytes, bytearray)):
+        raise InputError("expected model paths or onnx.ModelProto objects, got bytes (load them with "
+                         "onnx.load_from_string first)")
+    try:
+        sources = list(sources)
+    except TypeError:
+        raise InputError(f"expected model paths or onnx.ModelProto objects, got {type(sources).__name__}") \
+            from None
+    if not sources:
+        raise InputError("no models given")
+    return sources
+
+
 def load_members(sources) -> list[Member]:
-    if isinstance(sources, (str, Path, onnx.ModelProto)):
-        sources = [sources]
-    return [load_member(s, i) for i, s in enumerate(sources)]
+    return [load_member(s, i) for i, s in enumerate(_sources(sources))]
 
 
 def _analyze_members(members: list[Member]) -> tuple[Analysis, list[dict[str, str]]]:
@@ -90,7 +105,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     """
     start = time.perf_counter()
     phases = Phases()
-    sources = [sources] if isinstance(sources, (str, Path, onnx.ModelProto)) else list(sources)
+    sources = _sources(sources)
     if output is not None:
         check_output_path(output, [*sources, data, val, calibrate], force)
     options = _train_options(training)
@@ -297,11 +312,14 @@ def inspect(models) -> dict:
 def _train_options(training: dict | None):
     if not training:
         return None
-    from .training import TrainOptions
+    from .training import TrainOptions, require_torch
     unknown = set(training) - set(TrainOptions.__dataclass_fields__)
     if unknown:
         raise OnnxFuseError(f"unknown training options: {sorted(unknown)}")
-    return TrainOptions(**training)
+    options = TrainOptions(**training)
+    if options.epochs > 0:
+        require_torch()
+    return options
 
 
 def _teacher_logits(teachers, data):
@@ -368,7 +386,7 @@ def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> lis
     """Accuracy and loss of each model on an .npz, and of their ensemble (mean of logits)."""
     from .data import load_data
     from .runtime import evaluate as run_evaluate
-    models = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
+    models = _sources(models)
     first = load_member(models[0])
     return run_evaluate(models, load_data(data, first.model), ensemble, provider)
 

@@ -669,7 +669,7 @@ def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: Ten
         if (target.exists() or target.is_symlink()) and not force:
             raise OutputError(f"{target}: already exists (use --force to overwrite)")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".onnxfuse-", dir=out.absolute().parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", dir=out.absolute().parent))
     except OSError as exc:
         raise OutputError(f"{out}: cannot write into {out.absolute().parent} ({exc.strerror})") from None
     try:

@@ -87,7 +87,12 @@ class Runner:
         for start in range(0, len(data), batch_size):
             feeds = {k: v[start:start + batch_size] for k, v in data.inputs.items()}
             chunks.append(self.session.run([self.logits], feeds)[0])
-        return np.concatenate(chunks).astype(np.float64)
+        logits = np.concatenate(chunks).astype(np.float64)
+        if data.y is not None and len(data.y) and (logits.ndim != 2 or data.y.min() < 0 or
+                                                   data.y.max() >= logits.shape[1]):
+            raise OnnxFuseError(f"{data.source}: labels range over [{data.y.min()}, {data.y.max()}] but "
+                                f"{Path(self.name).name}'s output '{self.logits}' has shape {list(logits.shape)}")
+        return logits
 
 
 def scores(logits: np.ndarray, y: np.ndarray | None) -> dict:

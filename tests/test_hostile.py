@@ -215,7 +215,7 @@ def test_structural_difference_is_named_before_opsets(tmp_path):
     a, b = pair(tmp_path, tiny(0), with_opset(gemm_mlp(1, widths=(4, 6, 5, 3)), 13))
     message = refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says="nodes")
     assert "opset" not in message
-    refused(tmp_path, "inspect", a, b, says="not compatible")
+    refused(tmp_path, "inspect", a, b, says="cannot be fused together")
 
 
 def test_one_architecture_at_two_opsets_fuses_when_its_ops_mean_the_same(tmp_path):
@@ -224,3 +224,104 @@ def test_one_architecture_at_two_opsets_fuses_when_its_ops_mean_the_same(tmp_pat
     assert result.exit_code == 0, result.stderr
     a, b = pair(tmp_path, tiny(0), with_opset(tiny(1), 15))       # Identity changed at 16
     refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says="opsets differ")
+
+
+# --------------------------------------------------------------------------- options and usage
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """The CLI installs SIGTERM/SIGHUP handlers in this process; put pytest's back."""
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+TRAIN = str(SAMPLES / "digits_train.npz")
+
+
+@pytest.mark.parametrize("args,says", [
+    ([], "missing argument"),
+    (["--bogus"], "no such option"),
+    (["--keep", "nan"], "finite"), (["--keep", "inf"], "finite"), (["--keep", "1e400"], "finite"),
+    (["--keep", "0"], "finite number > 0"), (["--keep", "1.5"], "<= 1"),
+    (["--lr", "-1", "--data", TRAIN], "--lr"), (["--lr", "nan", "--data", TRAIN], "--lr"),
+    (["--seed", str(10 ** 23), "--data", TRAIN], "--seed"),
+    (["--epochs", "-1"], "--epochs"), (["--epochs", "2"], "needs --data"),
+    (["--distill"], "needs --data"), (["--batch-size", "0", "--data", TRAIN], "--batch-size"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--checkpoint-dir", MLP[0], "--data", TRAIN], "is a file"),
+])
+def test_bad_merge_options(tmp_path, args, says):
+    models = MLP if args else []
+    message = refused(tmp_path, "merge", *models, "-o", tmp_path / "out.onnx", *args, says=says)
+    assert "Usage:" not in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("args,says", [
+    ([], "--data is required"),
+    (["--data", TRAIN, "--epochs", "0"], "at least 1"),
+    (["--data", TRAIN, "--teacher", MLP[1]], "--teacher is used only with --distill"),
+])
+def test_bad_finetune_options(tmp_path, args, says):
+    refused(tmp_path, "finetune", MLP[0], "-o", tmp_path / "out.onnx", *args, says=says)
+
+
+def test_fine_tuning_without_torch_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)      # `import torch` now fails
+    refused(tmp_path, "merge", *MLP, "-o", tmp_path / "out.onnx", "--data", TRAIN, "--epochs", "1",
+            says="fine-tuning needs torch: pip install 'onnxfuse[train]'")
+    refused(tmp_path, "finetune", MLP[0], "-o", tmp_path / "out.onnx", "--data", TRAIN,
+            says="pip install 'onnxfuse[train]'")
+
+
+def test_api_refuses_empty_and_wrong_sources(tmp_path):
+    for call in (lambda: onnxfuse.concat([]), lambda: onnxfuse.inspect([]),
+                 lambda: onnxfuse.evaluate([], TRAIN), lambda: onnxfuse.merge(b"not a model"),
+                 lambda: onnxfuse.merge([b"a", b"b"]), lambda: onnxfuse.finetune(b"x", TRAIN)):
+        with pytest.raises(onnxfuse.OnnxFuseError):
+            call()
+
+
+# --------------------------------------------------------------------------- data
+
+def test_bad_data_files(tmp_path):
+    model = MLP[0]
+    x = np.load(TRAIN)["x"][:8]
+    cases = {}
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    cases["text.npz"] = "not an .npz file"
+    np.savez(tmp_path / "nan.npz", x=np.where(np.arange(x.size).reshape(x.shape) == 3, np.nan, x), y=np.zeros(8, int))
+    cases["nan.npz"] = "NaN"
+    np.savez(tmp_path / "huge_label.npz", x=x, y=np.full(8, 2 ** 64 - 1, np.uint64))
+    cases["huge_label.npz"] = "too large"
+    np.savez(tmp_path / "range.npz", x=x, y=np.full(8, 12))
+    cases["range.npz"] = "range.npz: labels range over [12, 12]"
+    np.savez(tmp_path / "unnamed.npz", features=x)
+    cases["unnamed.npz"] = "name it 'x')"
+    for name, says in cases.items():
+        refused(tmp_path, "eval", model, "--data", tmp_path / name, says=says)
+
+
+def zip_entry(archive: zipfile.ZipFile, name: str, header_shape, payload: bytes, declared: int | None = None):
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.float32))
+    header["shape"] = tuple(header_shape)
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    archive.writestr(name, buf.getvalue() + payload)
+
+
+def test_npz_reads_only_the_arrays_it_needs_and_no_more_than_they_declare(tmp_path):
+    x = np.load(TRAIN)["x"][:8].astype(np.float32)
+    path = tmp_path / "bomb.npz"
+    np.savez(path, x=x, y=np.zeros(8, np.int64))
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as archive:    # 4 GB of zeros, never to be read
+        zip_entry(archive, "junk.npy", (1 << 30,), b"")
+    rows = onnxfuse.evaluate([MLP[0]], str(path))
+    assert rows[0]["accuracy"] is not None
+    liar = tmp_path / "liar.npz"
+    with zipfile.ZipFile(liar, "w") as archive:              # its header claims 4 GB in an entry of 80 bytes
+        zip_entry(archive, "x.npy", (1 << 28, 4), b"\0" * 16)
+    refused(tmp_path, "eval", MLP[0], "--data", liar, says="declares shape")
