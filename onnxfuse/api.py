@@ -133,7 +133,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         tuned = summary.pop("_model", None)
         if tuned is not None:
             fusion = Fusion(*TensorTable.detach(tuned))
-        phases.mark("tune")
+        phases.mark("tune" if tuned is not None else "score")     # nothing was tuned: only scored
     return _written(fusion, summary, output, force, start, phases)
 
 
@@ -191,7 +191,9 @@ def _build(members: list[Member], method: str, keep) -> _Built:
     _verify_shapes(graph, label)
     _stamp(graph, method, keep, members)
     summary = {
-        "method": method, "members": [m.name for m in members], "keep": keep, "groups": described,
+        "method": method, "members": [m.name for m in members],
+        "keep": keep if keep is not None else (1.0 if method == "concat" else 1 / n),   # the effective fraction
+        "groups": described,
         "fixed_groups": [{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
                          for g in a.groups() if not g.prunable],
         "parameters": {"member": member_params, "output": _count_params(graph)},
@@ -339,7 +341,9 @@ def _tune_and_score(model, sources, data, val, options, summary, progress) -> No
                                scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
         if len(sources) > 1:
             summary["accuracy"]["ensemble (mean of logits)"] = scores(np.mean(member_logits, 0), val_set.y)
-        summary["accuracy"]["result before fine-tuning"] = scores(Runner(model)(val_set), val_set.y)
+        tuning = train_set is not None and options is not None and options.epochs > 0
+        summary["accuracy"]["result before fine-tuning" if tuning else "result"] = \
+            scores(Runner(model)(val_set), val_set.y)
     if train_set is not None and options is not None and options.epochs > 0:
         from .training import finetune
         teacher = _teacher_logits(sources, train_set) if options.distill else None

@@ -27,9 +27,10 @@ def _reports_errors(fn):
         except click.ClickException:                   # usage errors: one line, from _OneLineErrors
             raise
         except ModuleNotFoundError as exc:
-            if (exc.name or "").split(".")[0] != "torch":
+            needed = _EXTRAS.get((exc.name or "").split(".")[0])
+            if needed is None:
                 raise
-            _fail("fine-tuning needs torch: pip install 'onnxfuse[train]'")
+            _fail(needed)
         except KeyboardInterrupt:
             click.echo("onnxfuse: interrupted; nothing was written (with --checkpoint-dir, --resume continues "
                        "the fine-tuning)", err=True)
@@ -41,6 +42,12 @@ def _reports_errors(fn):
                        f"(set ONNXFUSE_DEBUG=1 for a traceback, and please report it)", err=True)
             sys.exit(1)
     return wrapper
+
+
+_EXTRAS = {   # optional dependencies, and the install command that brings each
+    "torch": "fine-tuning needs torch: pip install 'onnxfuse[train]'",
+    "onnxruntime": "this needs onnxruntime: pip install 'onnxfuse[cpu]' (or 'onnxfuse[gpu]' for CUDA; never both)",
+}
 
 
 def _interrupt(signum, frame):

@@ -325,3 +325,128 @@ def test_npz_reads_only_the_arrays_it_needs_and_no_more_than_they_declare(tmp_pa
     with zipfile.ZipFile(liar, "w") as archive:              # its header claims 4 GB in an entry of 80 bytes
         zip_entry(archive, "x.npy", (1 << 28, 4), b"\0" * 16)
     refused(tmp_path, "eval", MLP[0], "--data", liar, says="declares shape")
+
+
+# --------------------------------------------------------------------------- output files
+
+def test_output_file_errors_are_clean(tmp_path, monkeypatch):
+    from onnxfuse import model_io
+    out = tmp_path / "out.onnx"
+    refused(tmp_path, "merge", *MLP, "-o", tmp_path / ("n" * 300 + ".onnx"), says="not a usable output path")
+    long_name = tmp_path / ("n" * 250 + ".onnx")
+    assert cli("merge", *MLP, "-o", long_name).exit_code == 0 and long_name.is_file()
+    long_name.unlink()
+
+    def fail(error):
+        def raiser(*args, **kwargs):
+            raise OSError(error, os.strerror(error))
+        return raiser
+    with monkeypatch.context() as m:                          # root ignores permissions: simulate them
+        m.setattr(model_io.tempfile, "mkdtemp", fail(errno.EACCES))
+        refused(tmp_path, "merge", *MLP, "-o", out, says="permission denied")
+    with monkeypatch.context() as m:
+        m.setattr(model_io, "_write_streaming", fail(errno.ENOSPC))
+        refused(tmp_path, "merge", *MLP, "-o", out, says="no space left")
+    with monkeypatch.context() as m:
+        m.setattr(model_io.os, "link", fail(errno.EXDEV))
+        m.setattr(model_io.os, "replace", fail(errno.EXDEV))
+        refused(tmp_path, "merge", *MLP, "-o", out, says="cross-device")
+
+
+def test_two_runs_racing_on_one_new_output_cannot_both_succeed(tmp_path, monkeypatch):
+    from onnxfuse import model_io
+    out = tmp_path / "out.onnx"
+    streaming = model_io._write_streaming
+
+    def the_other_run_finishes_first(f, *args):
+        out.write_bytes(b"the other run's model")
+        streaming(f, *args)
+    monkeypatch.setattr(model_io, "_write_streaming", the_other_run_finishes_first)
+    result = cli("merge", *MLP, "-o", out)
+    assert result.exit_code == 2 and "already exists" in result.stderr, result.stderr
+    assert out.read_bytes() == b"the other run's model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_external_data_file_is_never_replaced_without_force_nor_left_mismatched(tmp_path, monkeypatch):
+    from onnxfuse import model_io
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out, data = tmp_path / "out.onnx", tmp_path / "out.onnx.data"
+    data.write_bytes(b"someone's weights")
+    refused(tmp_path, "merge", *MLP, "-o", out, says="out.onnx.data: already exists")
+    out.write_bytes(b"old model")
+    replace = os.replace
+
+    def interrupted_before_the_model(source, target):
+        if Path(target) == out:
+            raise KeyboardInterrupt
+        replace(source, target)
+    monkeypatch.setattr(model_io.os, "replace", interrupted_before_the_model)
+    result = cli("merge", *MLP, "-o", out, "--force")
+    assert result.exit_code == 130
+    assert not out.exists() and data.read_bytes() != b"someone's weights"     # never old .onnx + new .data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx.data"]     # no temporary folder left
+
+
+def test_sighup_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import signal
+    from onnxfuse import model_io
+    streaming = model_io._write_streaming
+
+    def hangup(f, *args):
+        streaming(f, *args)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(1)
+    monkeypatch.setattr(model_io, "_write_streaming", hangup)
+    result = cli("merge", *MLP, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_paths_read_by_eval_teacher_and_val_are_checked_like_members(tmp_path):
+    model = tiny(0)
+    external(weight(model), "../secret.bin")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(bytes(96))
+    evil = save(model, folder / "evil.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((4, 4), np.float32), y=np.zeros(4, np.int64))
+    refused(tmp_path, "eval", save(tiny(1), folder / "good.onnx"), evil, "--data", data, says="outside the model's folder")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+class Pwn:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_never_unpickles_code_and_refuses_a_corrupt_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    args = ("merge", *MLP, "-o", tmp_path / "out.onnx", "--data", TRAIN, "--epochs", "1", "--checkpoint-dir",
+            folder, "--resume")
+    torch.save({"fingerprint": "x", "epoch": Pwn(marker)}, folder / "onnxfuse-finetune.pt")
+    refused(tmp_path, *args, says="not a readable onnxfuse checkpoint")
+    assert not marker.exists()
+    (folder / "onnxfuse-finetune.pt").write_bytes(os.urandom(1000))
+    refused(tmp_path, *args, says="not a readable onnxfuse checkpoint")
+
+
+def test_resume_from_a_weights_only_checkpoint_gives_the_uninterrupted_result(tmp_path):
+    pytest.importorskip("torch")
+    base = ("merge", *MLP, "--data", TRAIN, "--batch-size", "256", "--quiet")
+    ckpt = tmp_path / "ckpt"
+    assert cli(*base, "-o", tmp_path / "one.onnx", "--epochs", "1", "--checkpoint-dir", ckpt).exit_code == 0
+    # the same run with 2 epochs has another fingerprint: resuming it is refused, the 1-epoch state is kept
+    refused(tmp_path, *base, "-o", tmp_path / "x.onnx", "--epochs", "2", "--checkpoint-dir", ckpt, "--resume",
+            says="belongs to another run")
+    result = cli(*base, "-o", tmp_path / "resumed.onnx", "--epochs", "1", "--checkpoint-dir", ckpt, "--resume")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
