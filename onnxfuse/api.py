@@ -114,7 +114,12 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     if output is not None:       # and now with every file the members read (their external data)
         check_output_path(output, members, force)
     phases.mark("load")
-    built = _build(members, method, keep)
+    try:
+        built = _build(members, method, keep)
+    except UnsupportedGraphError as exc:           # an analysis error that does not say which model
+        message = str(exc)
+        raise UnsupportedGraphError(message if members[0].name in message else f"{members[0].name}: {message}") \
+            from None
     fusion, summary = Fusion(built.graph, built.tensors), built.summary
     phases.mark("fuse")
     if calibrate is not None:

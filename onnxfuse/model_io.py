@@ -566,10 +566,13 @@ def _match(ref: Member, other: Member) -> dict[str, str]:
             a, b = n0.output[0], n1.output[0]
             if ref.tensors.shape(a) != other.tensors.shape(b):
                 raise IncompatibleMembersError(f"constant shapes differ at {where}")
-    unused = [t.name for t in g1.initializer if t.name not in set(names.values())]
-    if unused:
-        raise IncompatibleMembersError(f"{other.name} has initializer '{unused[0]}' that no node uses and "
-                                       f"{ref.name} does not have")
+    used = set(names.values())                  # initializers no node uses: matched in order, or refused
+    u0 = [t for t in g0.initializer if t.name not in names]
+    u1 = [t for t in g1.initializer if t.name not in used]
+    if [(list(t.dims), t.data_type) for t in u0] != [(list(t.dims), t.data_type) for t in u1]:
+        raise IncompatibleMembersError(f"initializers that no node uses differ: {[t.name for t in u0][:5]} in "
+                                       f"{ref.name}, {[t.name for t in u1][:5]} in {other.name}")
+    names.update({a.name: b.name for a, b in zip(u0, u1)})
     _check_opsets(ref, other)
     return names
 

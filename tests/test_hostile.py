@@ -186,6 +186,10 @@ def test_unused_initializer_in_one_member_only(tmp_path):
     model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "stray"))
     a, b = pair(tmp_path, tiny(0), model)
     refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says="stray")
+    first = tiny(0)                               # the same unused tensor in every member: fused as the rest
+    first.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "idle"))
+    a, b = pair(tmp_path, first, model)
+    assert cli("merge", a, b, "-o", tmp_path / "fused.onnx").exit_code == 0
 
 
 def test_legacy_models_that_list_initializers_as_inputs_fuse(tmp_path):
@@ -450,3 +454,30 @@ def test_resume_from_a_weights_only_checkpoint_gives_the_uninterrupted_result(tm
     result = cli(*base, "-o", tmp_path / "resumed.onnx", "--epochs", "1", "--checkpoint-dir", ckpt, "--resume")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
+
+
+def test_a_symlinked_model_reads_its_data_from_one_folder_everywhere(tmp_path):
+    real, links = tmp_path / "real", tmp_path / "links"
+    real.mkdir()
+    links.mkdir()
+    for i in range(2):
+        model = tiny(i)
+        onnx.save(model, real / f"m{i}.onnx", save_as_external_data=True, location=f"m{i}.data", size_threshold=0)
+        (links / f"m{i}.onnx").symlink_to(real / f"m{i}.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((4, 4), np.float32), y=np.zeros(4, np.int64))
+    paths = [links / "m0.onnx", links / "m1.onnx"]
+    assert cli("merge", *paths, "-o", tmp_path / "fused.onnx").exit_code == 0
+    result = cli("eval", *paths, "--data", data)
+    assert result.exit_code == 0, result.stderr
+
+
+def test_a_shared_tensor_error_names_the_model(tmp_path):
+    def shared(seed):
+        model = gemm_mlp(seed, widths=(4, 4, 4, 3))
+        unused = model.graph.node[2].input[1]
+        model.graph.node[2].input[1] = model.graph.node[0].input[1]     # one weight for two layers
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == unused))
+        return model
+    a, b = pair(tmp_path, shared(0), shared(1))
+    refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says="a.onnx: tensor 'w1' is shared")
