@@ -15,7 +15,7 @@ from . import __version__
 from .errors import IncompatibleMembersError, InputError, OnnxFuseError, UnsupportedGraphError
 from .groups import Analysis, analyze, output_exactness
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
-                       save_model)
+                       read_model, save_model)
 from .select import channel_scores, kept_count, top_k
 from .transplant import MemberTensors, transplant
 from . import methods as alignment
@@ -329,9 +329,9 @@ def _train_options(training: dict | None):
     return options
 
 
-def _teacher_logits(teachers, data):
+def _teacher_logits(teachers, data, files: set | None = None):
     from .runtime import Runner
-    return np.mean([Runner(t)(data) for t in teachers], axis=0)
+    return np.mean([Runner(t, files=files)(data) for t in teachers], axis=0)
 
 
 def _tune_and_score(model, sources, data, val, options, summary, progress) -> None:
@@ -380,7 +380,10 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
     options = _train_options(training) or _train_options({"epochs": 3})
     train_set = load_data(data, full)
     val_set = load_data(val, full) if val is not None else None
-    teacher = _teacher_logits(teachers, train_set) if options.distill and teachers else None
+    read = set()
+    teacher = _teacher_logits(teachers, train_set, read) if options.distill and teachers else None
+    if output is not None and read:             # the teachers' external data may not be overwritten either
+        check_output_path(output, sorted(read), force)
     result = run_finetune(full, train_set, options, val_set, teacher, progress)
     summary = {"method": "finetune", "members": [member.name], "training": {"options": result.options,
                                                                          "history": result.history}}
@@ -396,8 +399,7 @@ def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> lis
     from .data import load_data
     from .runtime import evaluate as run_evaluate
     models = _sources(models)
-    first = load_member(models[0])
-    return run_evaluate(models, load_data(data, first.model), ensemble, provider)
+    return run_evaluate(models, load_data(data, read_model(models[0])), ensemble, provider)
 
 
 def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cpu", threads: int = 1,

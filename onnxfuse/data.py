@@ -37,7 +37,7 @@ def load_data(path, model: onnx.ModelProto) -> Dataset:
     really holds the bytes its header declares: other arrays, however large, are never decompressed."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such data file")
+        raise InputError(f"{path}: " + ("not a regular file" if path.exists() else "no such data file"))
     inputs = graph_inputs(model)
     try:
         if not zipfile.is_zipfile(path):

@@ -68,13 +68,16 @@ def load_member(source, index: int = 0) -> Member:
     return member
 
 
-def read_model(source) -> onnx.ModelProto:
+def read_model(source, files: set | None = None) -> onnx.ModelProto:
     """A complete ModelProto (weights included) from a path, read with the same checks as load_member
-    (external data confined to the model's folder, sizes bounded); a ModelProto is returned as it is."""
+    (external data confined to the model's folder, sizes bounded); a ModelProto is returned as it is.
+    The files read are added to `files`."""
     if isinstance(source, onnx.ModelProto):
         return source
     path = _model_path(source)
-    model, tensors = parse_model(path, str(path), path.resolve().parent)
+    if files is not None:
+        files.add(path.resolve())
+    model, tensors = parse_model(path, str(path), path.resolve().parent, files)
     return tensors.materialize(model)
 
 

@@ -69,8 +69,8 @@ def _both_runtimes_installed() -> bool:
 class Runner:
     """An onnxruntime session that also returns the logits value."""
 
-    def __init__(self, source, output: str | None = None, provider: str = "cpu"):
-        model = read_model(source)
+    def __init__(self, source, output: str | None = None, provider: str = "cpu", files: set | None = None):
+        model = read_model(source, files)
         self.name = str(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
         self.logits = logits_output(model, output)
         if self.logits not in {o.name for o in model.graph.output}:

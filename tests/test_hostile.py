@@ -118,6 +118,15 @@ def test_output_may_not_be_an_input_or_its_external_data(tmp_path):
     refused(tmp_path, "merge", a, b, "-o", train, "--force", "--data", train, "--epochs", "0", says="overwrite")
 
 
+def test_output_may_not_be_a_teachers_external_data(tmp_path):
+    pytest.importorskip("torch")
+    for name in ("digits_cnn_0.onnx", "digits_cnn_0.onnx.data", "digits_cnn_1.onnx", "digits_cnn_1.onnx.data"):
+        shutil.copy(SAMPLES / name, tmp_path / name)
+    refused(tmp_path, "finetune", tmp_path / "digits_cnn_0.onnx", "--distill", "--teacher",
+            tmp_path / "digits_cnn_1.onnx", "--data", SAMPLES / "digits_images_val.npz", "-o",
+            tmp_path / "digits_cnn_1.onnx.data", "--force", says="overwrite")
+
+
 # --------------------------------------------------------------------------- malformed weights
 
 def weight(model):
