@@ -40,7 +40,7 @@ class Fusion:
 class Phases:
     """Wall seconds per phase of one call, for the summary: load (read and check the members), fuse (analysis,
     selection or alignment, assembly, output check), reconstruct, deviation, tune (fine-tuning and scoring on
-    `val`), save. The fusion work alone can then be compared across methods without the file I/O they share."""
+    `val`; `score` when nothing is fine-tuned), save. The fusion work alone can then be compared across methods without the file I/O they share."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -346,9 +346,7 @@ def _tune_and_score(model, sources, data, val, options, summary, progress) -> No
                                scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
         if len(sources) > 1:
             summary["accuracy"]["ensemble (mean of logits)"] = scores(np.mean(member_logits, 0), val_set.y)
-        tuning = train_set is not None and options is not None and options.epochs > 0
-        summary["accuracy"]["result before fine-tuning" if tuning else "result"] = \
-            scores(Runner(model)(val_set), val_set.y)
+        summary["accuracy"]["result before fine-tuning"] = scores(Runner(model)(val_set), val_set.y)
     if train_set is not None and options is not None and options.epochs > 0:
         from .training import finetune
         teacher = _teacher_logits(sources, train_set) if options.distill else None

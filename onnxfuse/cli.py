@@ -466,8 +466,11 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
         click.echo(f"  fine-tuned {o['epochs']} epochs ({'distillation' if o['distill'] else 'labels'}, "
                    f"{o['optimizer']}, {o['schedule']} lr)")
     if "accuracy" in s:
-        width = max(len(k) for k in s["accuracy"])
-        for name, sc in s["accuracy"].items():
+        # the JSON keeps its keys; the text does not say "before fine-tuning" when nothing was fine-tuned
+        shown = {("result" if k == "result before fine-tuning" and "training" not in s else k): v
+                 for k, v in s["accuracy"].items()}
+        width = max(len(k) for k in shown)
+        for name, sc in shown.items():
             click.echo(f"  {name:<{width}}  val accuracy {sc['accuracy']:.4f}  loss {sc['loss']:.4f}"
                        if sc["accuracy"] is not None else f"  {name:<{width}}  (no labels)")
     if "parameters" in s:
