@@ -490,3 +490,15 @@ def test_a_shared_tensor_error_names_the_model(tmp_path):
         return model
     a, b = pair(tmp_path, shared(0), shared(1))
     refused(tmp_path, "merge", a, b, "-o", tmp_path / "out.onnx", says="a.onnx: tensor 'w1' is shared")
+
+
+# --------------------------------------------------------------------------- reports
+
+def test_reports_say_what_was_done(tmp_path):
+    import json
+    val = str(SAMPLES / "digits_val.npz")
+    result = cli("merge", *MLP, "-o", tmp_path / "f.onnx", "--val", val, "--json")
+    summary = json.loads(result.stdout)
+    assert summary["keep"] == 0.5 and "tune" not in summary["phases"] and "score" in summary["phases"]
+    text = cli("merge", *MLP, "-o", tmp_path / "g.onnx", "--val", val).stdout
+    assert "before fine-tuning" not in text and "  result " in text
