@@ -38,9 +38,10 @@ class Fusion:
 
 
 class Phases:
-    """Wall seconds per phase of one call, for the summary: load (read and check the members), fuse (analysis,
-    selection or alignment, assembly, output check), reconstruct, deviation, tune (fine-tuning and scoring on
-    `val`; `score` when nothing is fine-tuned), save. The fusion work alone can then be compared across methods without the file I/O they share."""
+    """Wall seconds per phase of one call, for the summary: import (`ot` only: POT), load (read and check the
+    members), fuse (analysis, selection or alignment, assembly, output check), reconstruct, deviation, tune
+    (fine-tuning and scoring on `val`; `score` when nothing is fine-tuned), save. The fusion work alone can
+    then be compared across methods without the file I/O and imports they share."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -110,6 +111,9 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         check_output_path(output, [*sources, data, val, calibrate], force)
     options = _train_options(training)
     _check_method(method, sources, keep, calibrate)
+    if method == "ot":                 # POT (which imports torch when installed): its own phase, not "fuse"
+        import ot  # noqa: F401
+        phases.mark("import")
     members = load_members(sources)
     if output is not None:       # and now with every file the members read (their external data)
         check_output_path(output, members, force)

@@ -502,3 +502,4 @@ def test_reports_say_what_was_done(tmp_path):
     assert summary["keep"] == 0.5 and "tune" not in summary["phases"] and "score" in summary["phases"]
     text = cli("merge", *MLP, "-o", tmp_path / "g.onnx", "--val", val).stdout
     assert "before fine-tuning" not in text and "  result " in text
+    assert list(onnxfuse.fuse(MLP, "ot").summary["phases"]) == ["import", "load", "fuse"]   # POT: not "fuse"
