@@ -503,3 +503,15 @@ def test_reports_say_what_was_done(tmp_path):
     text = cli("merge", *MLP, "-o", tmp_path / "g.onnx", "--val", val).stdout
     assert "before fine-tuning" not in text and "  result " in text
     assert list(onnxfuse.fuse(MLP, "ot").summary["phases"]) == ["import", "load", "fuse"]   # POT: not "fuse"
+
+
+def test_millions_of_tiny_fields_are_refused_before_protobuf_parses_them(tmp_path):
+    model = onnx.load(MLP[0])
+    graph = model.graph.SerializeToString() + b"\x6a\x00" * 1_200_000      # empty value_info entries
+    model.ClearField("graph")
+    stuffed = tmp_path / "stuffed.onnx"
+    from google.protobuf.internal.encoder import _VarintBytes
+    stuffed.write_bytes(model.SerializeToString() + b"\x3a" + _VarintBytes(len(graph)) + graph)
+    start = time.perf_counter()
+    refused(tmp_path, "inspect", stuffed, says="more than 1000000 entries of field 13")
+    assert time.perf_counter() - start < 15
