@@ -515,3 +515,11 @@ def test_millions_of_tiny_fields_are_refused_before_protobuf_parses_them(tmp_pat
     start = time.perf_counter()
     refused(tmp_path, "inspect", stuffed, says="more than 1000000 entries of field 13")
     assert time.perf_counter() - start < 15
+
+
+def test_eval_of_models_with_other_inputs_or_bad_weights_is_a_clean_error(tmp_path):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((4, 4), np.float32), y=np.zeros(4, np.int64))
+    other = gemm_mlp(1, widths=(5, 6, 3))                                  # 5 inputs, not 4
+    refused(tmp_path, "eval", save(tiny(0), tmp_path / "a.onnx"), save(other, tmp_path / "b.onnx"), "--data", data,
+            says="b.onnx: onnxruntime cannot run it")
