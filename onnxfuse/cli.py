@@ -84,7 +84,7 @@ class _OneLineErrors(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _number(low, high=None, low_open=True, name="value"):
+def _number(low, high=None, low_open=True):
     """A callback for a float option: finite (no nan, inf, 1e400), above `low` (or at it) and at most `high`."""
     def check(ctx, param, value):
         if value is None:
