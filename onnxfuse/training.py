@@ -16,7 +16,6 @@ import onnx
 
 from .data import Dataset
 from .errors import OnnxFuseError
-from .runtime import logits_output, scores
 
 NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
 
@@ -104,6 +103,7 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
     torch.manual_seed(options.seed)
     rank, world = start_distributed(options.device)
     device = _device(options.device, rank)
+    from .runtime import logits_output      # onnxruntime is imported only where it is used
     target = logits_output(model, options.target_output)
     module = OnnxModule(model, [target]).to(device)
     step_module = module
@@ -308,6 +308,7 @@ def _evaluate(module, data: Dataset, device) -> dict:
     with torch.no_grad():
         xs = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in data.inputs.values()]
         logits = torch.cat([module(*[x[i:i + 2048] for x in xs]) for i in range(0, len(data), 2048)])
+    from .runtime import scores
     return scores(logits.double().cpu().numpy(), data.y)
 
 

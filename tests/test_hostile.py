@@ -523,3 +523,22 @@ def test_eval_of_models_with_other_inputs_or_bad_weights_is_a_clean_error(tmp_pa
     other = gemm_mlp(1, widths=(5, 6, 3))                                  # 5 inputs, not 4
     refused(tmp_path, "eval", save(tiny(0), tmp_path / "a.onnx"), save(other, tmp_path / "b.onnx"), "--data", data,
             says="b.onnx: onnxruntime cannot run it")
+
+
+def test_without_onnxruntime_merge_works_and_eval_names_the_extra(tmp_path):
+    import json
+    import subprocess
+    import sys
+    script = (
+        "import json, sys; sys.modules['onnxruntime'] = None\n"        # `import onnxruntime` now fails
+        "from click.testing import CliRunner\n"
+        "from onnxfuse.cli import main\n"
+        "a, b, out, data = sys.argv[1:]\n"
+        "runs = [CliRunner().invoke(main, args) for args in (['merge', a, b, '-o', out], ['eval', a, '--data', data])]\n"
+        "print(json.dumps([[r.exit_code, r.stderr] for r in runs]))\n")
+    result = subprocess.run([sys.executable, "-c", script, *MLP, str(tmp_path / "f.onnx"), TRAIN],
+                            capture_output=True, text=True, timeout=120)
+    (merged, merge_err), (evaluated, eval_err) = json.loads(result.stdout.splitlines()[-1])
+    assert merged == 0 and (tmp_path / "f.onnx").is_file(), merge_err
+    assert evaluated == 2 and eval_err.strip() == "onnxfuse: error: this needs onnxruntime: pip install " \
+        "'onnxfuse[cpu]' (or 'onnxfuse[gpu]' for CUDA; never both)", eval_err
