@@ -145,7 +145,7 @@ def parse_model(source: bytes | Path, name: str, folder: Path | None = None,
                 continue
             dtype = _little(np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
             arrays[t.name] = np.frombuffer(data, dtype=dtype).reshape(tuple(t.dims))
-        for t in nested_tensors(model.graph):
+        for t in nested_tensors(model.graph, functions=model.functions):
             if t.data_location == TensorProto.EXTERNAL:
                 offset, length, target = _external_span(t, name, folder, files)
                 _check_length(t, length, name)
@@ -153,14 +153,21 @@ def parse_model(source: bytes | Path, name: str, folder: Path | None = None,
     return model, TensorTable(model.graph, arrays)
 
 
-def nested_tensors(graph: onnx.GraphProto, top: bool = True):
+def nested_tensors(graph: onnx.GraphProto, top: bool = True, functions=()):
     """Every TensorProto of a graph but its own initializers: Constant values and other tensor attributes,
-    sparse tensors, and everything inside subgraphs (their initializers included)."""
+    sparse tensors, and everything inside subgraphs (their initializers included) and in `functions` (the
+    model's FunctionProtos)."""
     if not top:
         yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield from (sparse.values, sparse.indices)
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+    for function in functions:
+        yield from _node_tensors(function.node)
+
+
+def _node_tensors(nodes):
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
@@ -406,7 +413,7 @@ def _check_weights(member: Member) -> None:
         dims[t.name], types[t.name] = list(t.dims), t.data_type
         if t.name not in member.tensors.arrays:
             _check_tensor(t)
-    for t in nested_tensors(member.model.graph):
+    for t in nested_tensors(member.model.graph, functions=member.model.functions):
         _check_tensor(t)
     for v in member.model.graph.value_info:
         if v.name in types and v.type.tensor_type.elem_type not in (0, types[v.name]):

@@ -89,6 +89,11 @@ def test_constant_node_external_data_is_confined_to_the_model_folder(tmp_path, m
     model.graph.node.append(helper.make_node("If", ["flag"], ["unused"], then_branch=branch, else_branch=branch))
     model.graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
     refused(tmp_path, "inspect", save(model, folder / "if.onnx"), says="outside the model's folder")
+    model = tiny(0)                              # and inside a model-local function
+    model.functions.append(helper.make_function("local", "leaky", [], ["c"],
+                                                [helper.make_node("Constant", [], ["c"], value=leak)],
+                                                [helper.make_opsetid("", 17)]))
+    refused(tmp_path, "inspect", save(model, folder / "function.onnx"), says="outside the model's folder")
 
 
 def test_constant_external_data_inside_the_folder_is_read(tmp_path):
