@@ -457,17 +457,25 @@ def test_resume_never_unpickles_code_and_refuses_a_corrupt_checkpoint(tmp_path):
     refused(tmp_path, *args, says="not a readable onnxfuse checkpoint")
 
 
-def test_resume_from_a_weights_only_checkpoint_gives_the_uninterrupted_result(tmp_path):
+def test_resume_from_a_weights_only_checkpoint_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    base = ("merge", *MLP, "--data", TRAIN, "--batch-size", "256", "--quiet")
+    from onnxfuse import training
+    base = ("merge", *MLP, "--data", TRAIN, "--batch-size", "256", "--optimizer", "adam", "--epochs", "2", "--quiet")
     ckpt = tmp_path / "ckpt"
-    assert cli(*base, "-o", tmp_path / "one.onnx", "--epochs", "1", "--checkpoint-dir", ckpt).exit_code == 0
-    # the same run with 2 epochs has another fingerprint: resuming it is refused, the 1-epoch state is kept
-    refused(tmp_path, *base, "-o", tmp_path / "x.onnx", "--epochs", "2", "--checkpoint-dir", ckpt, "--resume",
+    save_state = training.Checkpoints.save
+
+    def stop_after_epoch_1(self, epoch, *args):
+        save_state(self, epoch, *args)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(training.Checkpoints, "save", stop_after_epoch_1)
+        assert cli(*base, "-o", tmp_path / "resumed.onnx", "--checkpoint-dir", ckpt).exit_code == 130
+    refused(tmp_path, *base, "-o", tmp_path / "x.onnx", "--lr", "0.01", "--checkpoint-dir", ckpt, "--resume",
             says="belongs to another run")
-    result = cli(*base, "-o", tmp_path / "resumed.onnx", "--epochs", "1", "--checkpoint-dir", ckpt, "--resume")
+    result = cli(*base, "-o", tmp_path / "resumed.onnx", "--checkpoint-dir", ckpt, "--resume")
     assert result.exit_code == 0, result.stderr
-    assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
+    assert cli(*base, "-o", tmp_path / "straight.onnx").exit_code == 0
+    assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "straight.onnx").read_bytes()
 
 
 def test_a_symlinked_model_reads_its_data_from_one_folder_everywhere(tmp_path):
