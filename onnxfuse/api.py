@@ -15,7 +15,7 @@ from . import __version__
 from .errors import IncompatibleMembersError, InputError, OnnxFuseError, UnsupportedGraphError
 from .groups import Analysis, analyze, output_exactness
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
-                       save_model)
+                       read_model, save_model)
 from .select import channel_scores, kept_count, top_k
 from .transplant import MemberTensors, transplant
 from . import methods as alignment
@@ -38,9 +38,10 @@ class Fusion:
 
 
 class Phases:
-    """Wall seconds per phase of one call, for the summary: load (read and check the members), fuse (analysis,
-    selection or alignment, assembly, output check), reconstruct, deviation, tune (fine-tuning and scoring on
-    `val`), save. The fusion work alone can then be compared across methods without the file I/O they share."""
+    """Wall seconds per phase of one call, for the summary: import (`ot` only: POT), load (read and check the
+    members), fuse (analysis, selection or alignment, assembly, output check), reconstruct, deviation, tune
+    (fine-tuning and scoring on `val`; `score` when nothing is fine-tuned), save. The fusion work alone can
+    then be compared across methods without the file I/O and imports they share."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -53,10 +54,25 @@ class Phases:
         self._last = now
 
 
+def _sources(sources) -> list:
+    """One model or several (paths or ModelProtos) as a non-empty list; anything else is an InputError."""
+    if isinstance(sources, (str, os.PathLike, onnx.ModelProto)):
+        return [sources]
+    if isinstance(sources, (bytes, bytearray)):
+        raise InputError("expected model paths or onnx.ModelProto objects, got bytes (load them with "
+                         "onnx.load_from_string first)")
+    try:
+        sources = list(sources)
+    except TypeError:
+        raise InputError(f"expected model paths or onnx.ModelProto objects, got {type(sources).__name__}") \
+            from None
+    if not sources:
+        raise InputError("no models given")
+    return sources
+
+
 def load_members(sources) -> list[Member]:
-    if isinstance(sources, (str, Path, onnx.ModelProto)):
-        sources = [sources]
-    return [load_member(s, i) for i, s in enumerate(sources)]
+    return [load_member(s, i) for i, s in enumerate(_sources(sources))]
 
 
 def _analyze_members(members: list[Member]) -> tuple[Analysis, list[dict[str, str]]]:
@@ -92,14 +108,24 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     """
     start = time.perf_counter()
     phases = Phases()
-    sources = [sources] if isinstance(sources, (str, Path, onnx.ModelProto)) else list(sources)
+    sources = _sources(sources)
     if output is not None:
-        check_output_path(output, sources, force)
+        check_output_path(output, [*sources, data, val, calibrate], force)
     options = _train_options(training)
     _check_method(method, sources, keep, calibrate)
+    if method == "ot":                 # POT (which imports torch when installed): its own phase, not "fuse"
+        import ot  # noqa: F401
+        phases.mark("import")
     members = load_members(sources)
+    if output is not None:       # and now with every file the members read (their external data)
+        check_output_path(output, members, force)
     phases.mark("load")
-    built = _build(members, method, keep)
+    try:
+        built = _build(members, method, keep)
+    except UnsupportedGraphError as exc:           # an analysis error that does not say which model
+        message = str(exc)
+        raise UnsupportedGraphError(message if members[0].name in message else f"{members[0].name}: {message}") \
+            from None
     fusion, summary = Fusion(built.graph, built.tensors), built.summary
     phases.mark("fuse")
     if calibrate is not None:
@@ -121,7 +147,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         tuned = summary.pop("_model", None)
         if tuned is not None:
             fusion = Fusion(*TensorTable.detach(tuned))
-        phases.mark("tune")
+        phases.mark("tune" if tuned is not None else "score")     # nothing was tuned: only scored
     if quantize is not None:
         fusion = _quantized(fusion, quantize, quantize_exclude, calibrate or data, val, summary)
         phases.mark("quantize")
@@ -237,7 +263,9 @@ def _build(members: list[Member], method: str, keep) -> _Built:
     _verify_shapes(graph, label)
     _stamp(graph, method, keep, members)
     summary = {
-        "method": method, "members": [m.name for m in members], "keep": keep, "groups": described,
+        "method": method, "members": [m.name for m in members],
+        "keep": keep if keep is not None else (1.0 if method == "concat" else 1 / n),   # the effective fraction
+        "groups": described,
         "fixed_groups": [{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
                          for g in a.groups() if not g.prunable],
         "parameters": {"member": member_params, "output": _count_params(graph)},
@@ -357,7 +385,7 @@ def soup(models, output=None, mode: str = "uniform", val=None, force: bool = Fal
 def soup_with_report(models, output=None, mode: str = "uniform", val=None, force: bool = False) -> Fusion:
     from .soups import make_soup
     start = time.perf_counter()
-    sources = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
+    sources = _sources(models)
     if output is not None:
         check_output_path(output, sources, force)
     members = load_members(sources)
@@ -434,16 +462,19 @@ def inspect(models, data=None) -> dict:
 def _train_options(training: dict | None):
     if not training:
         return None
-    from .training import TrainOptions
+    from .training import TrainOptions, require_torch
     unknown = set(training) - set(TrainOptions.__dataclass_fields__)
     if unknown:
         raise OnnxFuseError(f"unknown training options: {sorted(unknown)}")
-    return TrainOptions(**training)
+    options = TrainOptions(**training)
+    if options.epochs > 0:
+        require_torch()
+    return options
 
 
-def _teacher_logits(teachers, data):
+def _teacher_logits(teachers, data, files: set | None = None):
     from .runtime import Runner
-    return np.mean([Runner(t)(data) for t in teachers], axis=0)
+    return np.mean([Runner(t, files=files)(data) for t in teachers], axis=0)
 
 
 def _tune_and_score(model, sources, data, val, options, summary, progress) -> None:
@@ -482,13 +513,18 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
     from .training import finetune as run_finetune
     start = time.perf_counter()
     if output is not None:
-        check_output_path(output, [model, *(teachers or [])], force)
+        check_output_path(output, [model, *(teachers or []), data, val], force)
     member = load_member(model)
+    if output is not None:
+        check_output_path(output, [member], force)
     full = member.tensors.materialize(member.model)
     options = _train_options(training) or _train_options({"epochs": 3})
     train_set = load_data(data, full)
     val_set = load_data(val, full) if val is not None else None
-    teacher = _teacher_logits(teachers, train_set) if options.distill and teachers else None
+    read = set()
+    teacher = _teacher_logits(teachers, train_set, read) if options.distill and teachers else None
+    if output is not None and read:             # the teachers' external data may not be overwritten either
+        check_output_path(output, sorted(read), force)
     result = run_finetune(full, train_set, options, val_set, teacher, progress)
     summary = {"method": "finetune", "members": [member.name], "training": {"options": result.options,
                                                                          "history": result.history}}
@@ -503,20 +539,8 @@ def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> lis
     """Accuracy and loss of each model on an .npz, and of their ensemble (mean of logits)."""
     from .data import load_data
     from .runtime import evaluate as run_evaluate
-    models = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
-    if not models:
-        raise InputError("no models to evaluate")
-    return run_evaluate(models, load_data(data, _graph_only(models[0])), ensemble, provider)
-
-
-def _graph_only(source) -> onnx.ModelProto:
-    """The graph of a model to score, without its weights: quantized and fp16 models are scored too."""
-    if isinstance(source, onnx.ModelProto):
-        return source
-    try:
-        return onnx.load(str(source), load_external_data=False)
-    except Exception as exc:
-        raise InputError(f"{source}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    models = _sources(models)
+    return run_evaluate(models, load_data(data, read_model(models[0])), ensemble, provider)
 
 
 def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cpu", threads: int = 1,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -17,12 +18,19 @@ def _reports_errors(fn):
     """OnnxFuseError -> one line on stderr and exit 2; Ctrl-C -> exit 130 (outputs are written atomically)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        signal.signal(signal.SIGTERM, _interrupt)      # a kill cleans up like Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)      # a kill or a closed terminal cleans up like Ctrl-C
+        signal.signal(signal.SIGHUP, _interrupt)
         try:
             return fn(*args, **kwargs)
         except OnnxFuseError as exc:
-            click.echo(f"onnxfuse: error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc))
+        except click.ClickException:                   # usage errors: one line, from _OneLineErrors
+            raise
+        except ModuleNotFoundError as exc:
+            needed = _EXTRAS.get((exc.name or "").split(".")[0])
+            if needed is None:
+                raise
+            _fail(needed)
         except KeyboardInterrupt:
             click.echo("onnxfuse: interrupted; nothing was written (with --checkpoint-dir, --resume continues "
                        "the fine-tuning)", err=True)
@@ -36,8 +44,57 @@ def _reports_errors(fn):
     return wrapper
 
 
+_EXTRAS = {   # optional dependencies, and the install command that brings each
+    "torch": "fine-tuning needs torch: pip install 'onnxfuse[train]'",
+    "onnxruntime": "this needs onnxruntime: pip install 'onnxfuse[cpu]' (or 'onnxfuse[gpu]' for CUDA; never both)",
+}
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _fail(message: str):
+    click.echo(f"onnxfuse: error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    sys.exit(2)
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _OneLineErrors(click.Group):
+    """Click's own errors (unknown option, missing argument, bad value) as one `onnxfuse: error:` line and
+    exit 2, like every other error, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except _NO_ARGS_IS_HELP as exc:                 # `onnxfuse` alone: its help, as with --help
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(exc, click.UsageError) and ctx else ""
+            _fail(exc.format_message().replace("\n", " ") + hint)
+        except click.Abort:
+            click.echo("onnxfuse: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _number(low, high=None, low_open=True):
+    """A callback for a float option: finite (no nan, inf, 1e400), above `low` (or at it) and at most `high`."""
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        if not math.isfinite(value) or value < low or (low_open and value == low) or \
+                (high is not None and value > high):
+            bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise click.BadParameter(f"expected a finite number {bounds}, got {value}")
+        return value
+    return check
 
 
 def _common(fn):
@@ -53,7 +110,8 @@ def _output_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"],
+                                                  "max_content_width": 100})
 @click.version_option(__version__, prog_name="onnxfuse")
 def main():
     """Fuse several trained ONNX models of one architecture into one model of the original size.
@@ -82,23 +140,25 @@ def _training_options(fn):
                      help="Training data: .npz with 'x' (or one array per graph input) and labels 'y'."),
         click.option("--val", type=str, default=None, metavar="VAL.npz",
                      help="Validation data: accuracy of members, ensemble and result is reported."),
-        click.option("--epochs", type=int, default=None, help="Fine-tuning epochs (default 3 when --data is given)."),
+        click.option("--epochs", type=click.IntRange(min=0), default=None,
+                     help="Fine-tuning epochs (default 3 when --data is given)."),
         click.option("--distill", is_flag=True,
                      help="Train on the members' mean logits (KL, T=2) instead of labels; needs no labels."),
-        click.option("--lr", type=float, default=None,
+        click.option("--lr", type=float, default=None, callback=_number(0),
                      help="Initial learning rate (default 0.05 SGD, 1e-3 Adam)."),
-        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
         click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
                      help="SGD has momentum 0.9."),
         click.option("--schedule", type=click.Choice(["linear", "constant"]), default="linear", show_default=True,
                      help="linear: decay to 0 over the run; constant: the NT paper's setting."),
         click.option("--train-only", type=click.Choice(["all", "bias-norm"]), default="all", show_default=True,
                      help="bias-norm: train only biases and normalization parameters (PERP)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Shuffling and dropout seed."),
+        click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=0, show_default=True,
+                     help="Shuffling and dropout seed."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--target-output", type=str, default=None, metavar="NAME",
                      help="Graph value to train on when the model has several float outputs."),
-        click.option("--checkpoint-dir", type=str, default=None, metavar="DIR",
+        click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Save the training state after every epoch (for --resume)."),
         click.option("--resume", is_flag=True,
                      help="Continue an interrupted fine-tuning from the checkpoint in --checkpoint-dir."),
@@ -114,6 +174,11 @@ def _training(kw: dict) -> dict:
                                        "seed", "device", "target_output", "checkpoint_dir", "resume")}
     if training["resume"] and not training["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir")
+    if not kw.get("data"):
+        given = [f"--{k.replace('_', '-')}" for k in ("lr", "checkpoint_dir", "target_output") if training[k]]
+        given += ["--epochs"] * (epochs is not None and epochs > 0) + ["--distill"] * training["distill"]
+        if given:
+            raise click.UsageError(f"{given[0]} applies to fine-tuning, which needs --data TRAIN.npz")
     training["epochs"] = (3 if kw.get("data") else 0) if epochs is None else epochs
     return training
 
@@ -121,7 +186,7 @@ def _training(kw: dict) -> dict:
 @main.command(short_help="Fuse 2+ models into one of the original size (Neuron Transplantation).")
 @click.argument("models", nargs=-1, required=True)
 @_output_options
-@click.option("--keep", type=float, default=None, metavar="FRACTION",
+@click.option("--keep", type=float, default=None, metavar="FRACTION", callback=_number(0, 1),
               help="Fraction of the wide model's neurons to keep in every layer (default 1/N: the "
                    "original width).")
 @click.option("--method", type=click.Choice(["nt", "average", "weight-matching", "ot"]), default="nt",
@@ -189,10 +254,13 @@ def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_epo
 @_reports_errors
 def finetune(model, output, teachers, force, quiet, as_json, **kw):
     """Fine-tune any ONNX MODEL on --data and write it with the same graph, tuned weights."""
-    training = _training(kw)
     if not kw["data"]:
         raise click.UsageError("--data is required")
-    training["epochs"] = training["epochs"] or 3
+    if kw["epochs"] == 0:
+        raise click.UsageError("finetune --epochs must be at least 1")
+    if teachers and not kw["distill"]:
+        raise click.UsageError("--teacher is used only with --distill (training on the teachers' logits)")
+    training = _training(kw)
     _finish(api.finetune_with_report(model, kw["data"], output, list(teachers) or None, kw["val"], force,
                                      _show_progress(quiet, as_json), **training), quiet, as_json)
 
@@ -415,7 +483,7 @@ def soup(models, output, mode, val, force, quiet, as_json):
 @main.command(short_help="Structured magnitude pruning of one model.")
 @click.argument("model")
 @_output_options
-@click.option("--keep", type=float, required=True, metavar="FRACTION",
+@click.option("--keep", type=float, required=True, metavar="FRACTION", callback=_number(0, 1),
               help="Fraction of every layer's neurons to keep, e.g. 0.5.")
 @_common
 @_reports_errors
@@ -442,6 +510,8 @@ def inspect(models, data, as_json):
     report = api.inspect(models, data)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        if not report.get("compatible", True):
+            _fail(f"the models cannot be fused together: {report['incompatibility']}")
         return
     click.echo(f"{report['models'][0]}: {len(report['groups'])} channel groups")
     for g in report["groups"]:
@@ -466,6 +536,8 @@ def inspect(models, data, as_json):
             click.echo(line)
         click.echo(f"regime: {report['similarity']['regime']} ({report['similarity']['why']})")
     click.echo("can be fused: " + ("yes" if report["fusable"] else "no"))
+    if not report.get("compatible", True):
+        _fail(f"the models cannot be fused together: {report['incompatibility']}")
 
 
 def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
@@ -523,8 +595,11 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
         kept = f"; kept in float: {', '.join(q['excluded'])}" if q.get("excluded") else ""
         click.echo(f"  quantized to {q['mode']} ({how}{extra}{kept})")
     if "accuracy" in s:
-        width = max(len(k) for k in s["accuracy"])
-        for name, sc in s["accuracy"].items():
+        # the JSON keeps its keys; the text does not say "before fine-tuning" when nothing was fine-tuned
+        shown = {("result" if k == "result before fine-tuning" and "training" not in s else k): v
+                 for k, v in s["accuracy"].items()}
+        width = max(len(k) for k in shown)
+        for name, sc in shown.items():
             click.echo(f"  {name:<{width}}  val accuracy {sc['accuracy']:.4f}  loss {sc['loss']:.4f}"
                        if sc["accuracy"] is not None else f"  {name:<{width}}  (no labels)")
     if "parameters" in s:

@@ -1,11 +1,16 @@
 """Loading members, checking that they share one architecture, tensor access, atomic saving."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import math
 import os
+import shutil
+import stat
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +24,10 @@ from .errors import IncompatibleMembersError, InputError, OutputError
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                  "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul"}
+# A bound on any one repeated field of a graph (nodes, value_info, initializers, ...) and on a model's top-level
+# fields: the largest real graphs have some 10^5 nodes; a file of millions of tiny fields is refused before
+# protobuf allocates a message for each (about 500 bytes apiece).
+MAX_ENTRIES = 1_000_000
 # Protobuf cannot serialize a message over 2 GiB: larger outputs go to one external data file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -36,6 +45,7 @@ class Member:
     tensors: "TensorTable"
     sha256: str
     path: Path | None = None
+    files: set = field(default_factory=set)     # every file it was read from (resolved): the .onnx, external data
 
 
 def load_member(source, index: int = 0) -> Member:
@@ -47,34 +57,73 @@ def load_member(source, index: int = 0) -> Member:
         model, tensors = parse_model(data, name)
         member = Member(name, model, tensors, digest)
     else:
-        path = Path(source)
-        if not path.exists():
-            raise InputError(f"{path}: no such file")
-        if not path.is_file():
-            raise InputError(f"{path}: not a regular file")
+        path = _model_path(source)
+        files = {path.resolve()}
+        stop = threading.Event()
         with ThreadPoolExecutor(1) as pool:       # hashing releases the GIL: it overlaps with parsing
-            digest = pool.submit(_sha256, path)
-            model, tensors = parse_model(path, str(path), path.resolve().parent)
-            member = Member(str(path), model, tensors, digest.result(), path)
+            digest = pool.submit(_sha256, path, stop)
+            try:
+                model, tensors = parse_model(path, str(path), path.resolve().parent, files)
+            except BaseException:
+                stop.set()                        # a refused file is not hashed to its end
+                raise
+            member = Member(str(path), model, tensors, digest.result(), path, files)
     _refuse_unsupported(member)
     return member
 
 
-def _sha256(path: Path) -> str:
+def read_model(source, files: set | None = None) -> onnx.ModelProto:
+    """A complete ModelProto (weights included) from a path, read with the same checks as load_member
+    (external data confined to the model's folder, sizes bounded); a ModelProto is returned as it is.
+    The files read are added to `files`."""
+    if isinstance(source, onnx.ModelProto):
+        return source
+    path = _model_path(source)
+    if files is not None:
+        files.add(path.resolve())
+    model, tensors = parse_model(path, str(path), path.resolve().parent, files)
+    return tensors.materialize(model)
+
+
+def _model_path(source) -> Path:
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"expected a model path or an onnx.ModelProto, got {type(source).__name__}"
+                         + (" (load bytes with onnx.load_from_string first)" if isinstance(source, bytes) else ""))
+    path = Path(source)
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        if not path.is_file():
+            raise InputError(f"{path}: not a regular file")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{str(path)[:200]!r}: not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
+    return path
+
+
+def _sha256(path: Path, stop: threading.Event | None = None) -> str | None:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
+            if stop is not None and stop.is_set():
+                return None
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def parse_model(source: bytes | Path, name: str, folder: Path | None = None) -> tuple[onnx.ModelProto, "TensorTable"]:
+def parse_model(source: bytes | Path, name: str, folder: Path | None = None,
+                files: set | None = None) -> tuple[onnx.ModelProto, "TensorTable"]:
     """Parse serialized ONNX (bytes, or a file) without its float weight data, which is read into one numpy
     array per tensor: each weight is read once, and each can be freed on its own.
 
-    External data is read from files inside `folder` only (never from elsewhere).
+    External data is read from files inside `folder` only (never from elsewhere), for every tensor wherever it
+    lives (initializers, Constant nodes, subgraphs), and never more bytes than the tensor's shape declares.
+    The files read are added to `files`.
     """
-    with (open(source, "rb") if isinstance(source, Path) else io.BytesIO(source)) as f:
+    try:
+        f = open(source, "rb") if isinstance(source, Path) else io.BytesIO(source)
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read ({exc.strerror})") from None
+    with f:
         try:
             stripped, spans = _strip_raw_data(f)
             model = onnx.ModelProto.FromString(stripped)
@@ -85,89 +134,187 @@ def parse_model(source: bytes | Path, name: str, folder: Path | None = None) -> 
         arrays = {}
         for t, span in zip(model.graph.initializer, spans):
             if t.data_location == TensorProto.EXTERNAL:
-                span = _external_span(t, name, folder)
+                span = _external_span(t, name, folder, files)
             if span is None:
                 continue
             offset, length = span[:2]
-            data = _read(span[2] if len(span) > 2 else f, offset, length)
+            _check_length(t, length, name)
+            data = _read(span[2] if len(span) > 2 else f, offset, length, name)
             if t.data_type not in FLOAT_TYPES:
                 t.raw_data = data
                 continue
             dtype = _little(np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
-            if length != int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize:
-                raise InputError(f"{name}: initializer '{t.name}' holds {length} bytes for shape {list(t.dims)}")
             arrays[t.name] = np.frombuffer(data, dtype=dtype).reshape(tuple(t.dims))
+        for t in nested_tensors(model.graph, functions=model.functions):
+            if t.data_location == TensorProto.EXTERNAL:
+                offset, length, target = _external_span(t, name, folder, files)
+                _check_length(t, length, name)
+                t.raw_data = _read(target, offset, length, name)
     return model, TensorTable(model.graph, arrays)
 
 
-def _read(source, offset: int, length: int) -> bytes:
+def nested_tensors(graph: onnx.GraphProto, top: bool = True, functions=()):
+    """Every TensorProto of a graph but its own initializers: Constant values and other tensor attributes,
+    sparse tensors, and everything inside subgraphs (their initializers included) and in `functions` (the
+    model's FunctionProtos)."""
+    if not top:
+        yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+    for function in functions:
+        yield from _node_tensors(function.node)
+
+
+def _node_tensors(nodes):
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            for sparse in attr.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            if attr.HasField("g"):
+                yield from nested_tensors(attr.g, False)
+            for g in attr.graphs:
+                yield from nested_tensors(g, False)
+
+
+PACKED_4BIT = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}
+PACKED_2BIT = {getattr(TensorProto, n) for n in ("INT2", "UINT2") if hasattr(TensorProto, n)}
+
+
+def tensor_nbytes(t: TensorProto) -> int | None:
+    """Bytes of the tensor's raw data as its type and shape declare them (None for strings); exact Python
+    integers, so absurd shapes cannot overflow into a plausible size."""
+    if any(d < 0 for d in t.dims):
+        raise ValueError(f"tensor '{t.name}' has negative dimensions {list(t.dims)}")
+    count = math.prod(t.dims)
+    if t.data_type == TensorProto.STRING:
+        return None
+    if t.data_type in PACKED_4BIT:
+        return (count + 1) // 2
+    if t.data_type in PACKED_2BIT:
+        return (count + 3) // 4
+    try:
+        return count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        raise ValueError(f"tensor '{t.name}' has an unknown data type {t.data_type}") from None
+
+
+def _check_length(t: TensorProto, length: int, name: str) -> None:
+    """Before reading: the stored bytes must be exactly what the tensor's type and shape declare."""
+    try:
+        expected = tensor_nbytes(t)
+    except ValueError as exc:
+        raise InputError(f"{name}: {exc}") from None
+    if expected is None:
+        raise InputError(f"{name}: string tensor '{t.name}' cannot hold raw or external data")
+    if length != expected:
+        raise InputError(f"{name}: tensor '{t.name}' holds {length} bytes for shape {list(t.dims)} "
+                         f"({expected} expected)")
+
+
+def _read(source, offset: int, length: int, name: str = "") -> bytes:
     if isinstance(source, Path):
-        with open(source, "rb") as f:
-            return _read(f, offset, length)
+        try:
+            with open(source, "rb") as f:
+                return _read(f, offset, length, name)
+        except OSError as exc:
+            raise InputError(f"{name}: cannot read external data file '{source.name}' ({exc.strerror})") from None
     source.seek(offset)
     data = source.read(length)
     if len(data) != length:
-        raise InputError(f"truncated data: {length} bytes expected at offset {offset}, found {len(data)}")
+        raise InputError(f"{name}: truncated data: {length} bytes expected at offset {offset}, found {len(data)}")
     return data
 
 
-def _external_span(t: TensorProto, name: str, folder: Path | None):
+def _external_span(t: TensorProto, name: str, folder: Path | None, files: set | None = None):
     """(offset, length, file) of an external tensor, refusing files outside the model's folder."""
     info = {e.key: e.value for e in t.external_data}
     location = info.get("location", "")
-    if not isinstance(location, str):      # protobuf hands back bytes for invalid UTF-8
+    if not isinstance(location, str) or "\0" in location or len(location) > 4096:
         raise InputError(f"{name}: tensor '{t.name}' has a malformed external data location")
     if folder is None:
         raise InputError(f"{name}: tensor '{t.name}' has external data; pass the model's path instead")
-    target = (folder / location).resolve()
-    if not location or os.path.isabs(location) or folder not in target.parents:
-        raise InputError(f"{name}: tensor '{t.name}' points to external data '{location}' outside the model's "
+    shown = location if len(location) <= 200 else location[:200] + "..."
+    try:
+        target = (folder / location).resolve()
+        inside = location and not os.path.isabs(location) and folder in target.parents
+        mode = target.stat().st_mode if inside else None
+    except FileNotFoundError:
+        raise InputError(f"{name}: external data file '{shown}' of tensor '{t.name}' is missing") from None
+    except (OSError, RuntimeError) as exc:           # a symlink loop, a name too long, ...
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"{name}: external data '{shown}' of tensor '{t.name}' cannot be used ({why})") from None
+    if not inside:
+        raise InputError(f"{name}: tensor '{t.name}' points to external data '{shown}' outside the model's "
                          f"folder; refused")
-    if not target.is_file():
-        raise InputError(f"{name}: external data file '{location}' of tensor '{t.name}' is missing")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{name}: external data '{shown}' of tensor '{t.name}' is not a regular file")
+    size = target.stat().st_size
     try:
         offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else target.stat().st_size - offset
+        length = int(info["length"]) if "length" in info else size - offset
     except ValueError:
         raise InputError(f"{name}: tensor '{t.name}' has a malformed external data offset/length") from None
-    if offset < 0 or length < 0 or offset + length > target.stat().st_size:
-        raise InputError(f"{name}: external data of tensor '{t.name}' lies beyond the end of '{location}'")
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InputError(f"{name}: external data of tensor '{t.name}' lies beyond the end of '{shown}'")
+    if files is not None:
+        files.add(target)
     del t.external_data[:]
     t.data_location = TensorProto.DEFAULT
     return offset, length, target
 
 
 # Protobuf wire format: split the weight bytes out of a serialized model without reading them.
-def _read_varint(f) -> int:
-    result = shift = 0
-    while True:
-        byte = f.read(1)
-        if not byte:
-            raise ValueError("truncated varint")
-        result |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
+class _Window:
+    """Bytes of a file read through a 64 KiB window: walking many small fields costs no system call each."""
+
+    def __init__(self, f):
+        self.f, self.base, self.buf = f, 0, b""
+
+    def varint(self, pos: int) -> tuple[int, int]:
+        """(value, position after it) of the varint at `pos`."""
+        i = pos - self.base
+        if 0 <= i < len(self.buf) and self.buf[i] < 0x80:      # the common case: one byte in the window
+            return self.buf[i], pos + 1
+        result = shift = 0
+        while True:
+            i = pos - self.base
+            if not 0 <= i < len(self.buf):
+                self.f.seek(pos)
+                self.base, self.buf, i = pos, self.f.read(1 << 16), 0
+                if not self.buf:
+                    raise ValueError("truncated varint")
+            byte = self.buf[i]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return result, pos
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint too long")
 
 
 def _fields(f, start: int, end: int):
     """(field number, wire type, value start, value end, field start, field end) of each field in [start, end)."""
+    window = _Window(f)
     pos = start
     while pos < end:
-        f.seek(pos)
-        key = _read_varint(f)
+        key, value_start = window.varint(pos)
         number, wire = key >> 3, key & 7
+        if number == 0:                    # never valid protobuf (e.g. a file of zero bytes): stop at once
+            raise ValueError(f"field number 0 at byte {pos}")
         if wire == 0:
-            _read_varint(f)
-            value_start = value_end = f.tell()
+            _, value_start = window.varint(value_start)
+            value_end = value_start
         elif wire in (1, 5):
-            value_start = f.tell()
             value_end = value_start + (8 if wire == 1 else 4)
         elif wire == 2:
-            length = _read_varint(f)
-            value_start = f.tell()
+            length, value_start = window.varint(value_start)
             value_end = value_start + length
         else:
             raise ValueError(f"unsupported wire type {wire}")
@@ -183,27 +330,40 @@ def _copy(f, start: int, end: int) -> bytes:
 
 
 def _strip_raw_data(f) -> tuple[bytes, list]:
-    """The model's bytes without the raw_data of graph initializers, and each initializer's (offset, length)."""
+    """The model's bytes without the raw_data of graph initializers, and each initializer's (offset, length).
+
+    Fields kept as they are are copied in runs (one read per run of fields, not one per field)."""
     size = f.seek(0, io.SEEK_END)
-    model, spans = bytearray(), []
-    for number, wire, vs, ve, fs, fe in list(_fields(f, 0, size)):
+    model, spans, run = bytearray(), [], 0
+    for count, (number, wire, vs, ve, fs, fe) in enumerate(_fields(f, 0, size)):
+        if count > MAX_ENTRIES:
+            raise ValueError(f"more than {MAX_ENTRIES} top-level fields")
         if number != 7 or wire != 2:                       # ModelProto.graph
-            model += _copy(f, fs, fe)
             continue
-        graph = bytearray()
-        for g_number, g_wire, g_vs, g_ve, g_fs, g_fe in list(_fields(f, vs, ve)):
+        model += _copy(f, run, fs)
+        graph, g_run, entries = bytearray(), vs, {}
+        for g_number, g_wire, g_vs, g_ve, g_fs, g_fe in _fields(f, vs, ve):
+            entries[g_number] = entries.get(g_number, 0) + 1
+            entries[0] = entries.get(0, 0) + 1             # (field 0 never occurs: the total)
+            if entries[g_number] > MAX_ENTRIES or entries[0] > 3 * MAX_ENTRIES:   # before protobuf parses them
+                raise ValueError(f"the graph has more than {MAX_ENTRIES} entries of field {g_number} (or "
+                                 f"{3 * MAX_ENTRIES} in all)")
             if g_number != 5 or g_wire != 2:               # GraphProto.initializer
-                graph += _copy(f, g_fs, g_fe)
                 continue
-            tensor, span = bytearray(), None
-            for t_number, t_wire, t_vs, t_ve, t_fs, t_fe in list(_fields(f, g_vs, g_ve)):
+            graph += _copy(f, g_run, g_fs)
+            tensor, span, t_run = bytearray(), None, g_vs
+            for t_number, t_wire, t_vs, t_ve, t_fs, t_fe in _fields(f, g_vs, g_ve):
                 if t_number == 9 and t_wire == 2:          # TensorProto.raw_data
-                    span = (t_vs, t_ve - t_vs)
-                else:
-                    tensor += _copy(f, t_fs, t_fe)
+                    tensor += _copy(f, t_run, t_fs)
+                    span, t_run = (t_vs, t_ve - t_vs), t_fe
+            tensor += _copy(f, t_run, g_ve)
             spans.append(span)
             graph += _len_prefix(5, len(tensor)) + tensor
+            g_run = g_fe
+        graph += _copy(f, g_run, ve)
         model += _len_prefix(7, len(graph)) + graph
+        run = fe
+    model += _copy(f, run, size)
     return bytes(model), spans
 
 
@@ -219,7 +379,10 @@ def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
     graph.value_info.extend(model.graph.value_info)
+    listed = {v.name for v in model.graph.input}      # IR < 4 lists initializers as graph inputs too
     for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES and t.name in listed:
+            continue
         if t.data_type in FLOAT_TYPES:
             graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
@@ -248,10 +411,10 @@ def _check_weights(member: Member) -> None:
     dims, types = {}, {}
     for t in member.model.graph.initializer:
         dims[t.name], types[t.name] = list(t.dims), t.data_type
-        if t.data_type in FLOAT_TYPES and t.name not in member.tensors.arrays:
-            held = len(t.float_data) + len(t.double_data) + len(t.int32_data)
-            if held != int(np.prod(t.dims, dtype=np.int64)):
-                raise ValueError(f"initializer '{t.name}' holds {held} values for shape {list(t.dims)}")
+        if t.name not in member.tensors.arrays:
+            _check_tensor(t)
+    for t in nested_tensors(member.model.graph, functions=member.model.functions):
+        _check_tensor(t)
     for v in member.model.graph.value_info:
         if v.name in types and v.type.tensor_type.elem_type not in (0, types[v.name]):
             raise ValueError(f"value_info of '{v.name}' has element type {v.type.tensor_type.elem_type}, the "
@@ -260,6 +423,30 @@ def _check_weights(member: Member) -> None:
             annotated = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
             if len(annotated) != len(dims[v.name]) or any(a not in (None, b) for a, b in zip(annotated, dims[v.name])):
                 raise ValueError(f"value_info of '{v.name}' says {annotated}, the initializer has {dims[v.name]}")
+
+
+VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_tensor(t: TensorProto) -> None:
+    """The tensor's values fill its shape exactly, in the one field its data type keeps them in."""
+    nbytes = tensor_nbytes(t)                   # refuses negative dimensions and unknown types
+    if t.HasField("raw_data"):
+        if nbytes is not None and len(t.raw_data) != nbytes:
+            raise ValueError(f"tensor '{t.name}' holds {len(t.raw_data)} bytes for shape {list(t.dims)}")
+        return
+    storage = helper.tensor_dtype_to_field(t.data_type)
+    wrong = [f for f in VALUE_FIELDS if f != storage and len(getattr(t, f))]
+    if wrong:
+        raise ValueError(f"tensor '{t.name}' of type {helper.tensor_dtype_to_string(t.data_type)} holds its "
+                         f"values in {wrong[0]} (expected {storage})")
+    count, held = math.prod(t.dims), len(getattr(t, storage))
+    if t.data_type in PACKED_4BIT | PACKED_2BIT:
+        count = (count + 1) // 2 if t.data_type in PACKED_4BIT else (count + 3) // 4
+    elif t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+        count *= 2
+    if held != count:
+        raise ValueError(f"tensor '{t.name}' holds {held} values for shape {list(t.dims)}")
 
 
 class TensorTable:
@@ -384,9 +571,6 @@ def check_compatible(members: list[Member]) -> list[dict[str, str]]:
 
 def _match(ref: Member, other: Member) -> dict[str, str]:
     g0, g1 = ref.model.graph, other.model.graph
-    if _opsets(ref.model) != _opsets(other.model):
-        raise IncompatibleMembersError(f"opsets differ: {_opsets(ref.model)} in {ref.name}, "
-                                       f"{_opsets(other.model)} in {other.name}")
     for kind in ("input", "output"):
         a = [v for v in getattr(g0, kind) if v.name not in ref.tensors]
         b = [v for v in getattr(g1, kind) if v.name not in other.tensors]
@@ -422,7 +606,39 @@ def _match(ref: Member, other: Member) -> dict[str, str]:
             a, b = n0.output[0], n1.output[0]
             if ref.tensors.shape(a) != other.tensors.shape(b):
                 raise IncompatibleMembersError(f"constant shapes differ at {where}")
+    used = set(names.values())                  # initializers no node uses: matched in order, or refused
+    u0 = [t for t in g0.initializer if t.name not in names]
+    u1 = [t for t in g1.initializer if t.name not in used]
+    if [(list(t.dims), t.data_type) for t in u0] != [(list(t.dims), t.data_type) for t in u1]:
+        raise IncompatibleMembersError(f"initializers that no node uses differ: {[t.name for t in u0][:5]} in "
+                                       f"{ref.name}, {[t.name for t in u1][:5]} in {other.name}")
+    names.update({a.name: b.name for a, b in zip(u0, u1)})
+    _check_opsets(ref, other)
     return names
+
+
+def _check_opsets(ref: Member, other: Member) -> None:
+    """Members of one architecture exported at different opsets fuse when every op they use means the same
+    at both (the same schema version); the result keeps member 0's opsets."""
+    a, b = _opsets(ref.model), _opsets(other.model)
+    if a == b:
+        return
+    for node in ref.model.graph.node:
+        domain = node.domain or "ai.onnx"
+        if domain not in a or domain not in b:
+            raise IncompatibleMembersError(f"opsets differ: {a} in {ref.name}, {b} in {other.name}")
+        versions = [_since(node, a[domain]), _since(node, b[domain])]
+        if versions[0] is None or versions[0] != versions[1]:
+            raise IncompatibleMembersError(
+                f"opsets differ: {a} in {ref.name}, {b} in {other.name}, and op {node.op_type} (node "
+                f"'{node.name}') is not the same at both (versions {versions[0]} and {versions[1]})")
+
+
+def _since(node: onnx.NodeProto, version: int) -> int | None:
+    try:
+        return onnx.defs.get_schema(node.op_type, version, node.domain).since_version
+    except Exception:            # unknown op or domain
+        return None
 
 
 def _opsets(model: onnx.ModelProto) -> dict[str, int]:
@@ -437,49 +653,103 @@ def _attrs(node: onnx.NodeProto) -> list:
 # ----------------------------------------------------------------------------- output
 
 def check_output_path(output, inputs=(), force: bool = False) -> Path:
-    """Fail early, before any work, if the output cannot or must not be written."""
+    """Fail early, before any work, if the output cannot or must not be written. `inputs` are paths, Members
+    (whose external data files count too) or ModelProtos: the output (and its `.data` file) may never be, or
+    be a link to, a file an input reads."""
     out = Path(output)
-    resolved = out.resolve()
-    for source in inputs:
-        if not isinstance(source, onnx.ModelProto) and Path(source).resolve() in (resolved, resolved.with_name(
-                resolved.name + ".data")):
-            raise OutputError(f"{out}: the output would overwrite the input {source}")
-    if out.is_dir():
-        raise OutputError(f"{out}: is a directory")
-    if not resolved.parent.is_dir():
-        raise OutputError(f"{out}: folder {resolved.parent} does not exist")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    try:
+        written = [out, out.with_name(out.name + ".data")]
+        for source in inputs:
+            if isinstance(source, Member):
+                read, label = source.files, source.name
+            elif isinstance(source, (str, os.PathLike)):
+                read, label = {Path(source)}, str(source)
+            else:
+                continue
+            for target in written:
+                hit = next((r for r in read if _same_file(target, r)), None)
+                if hit is not None:
+                    what = "the input" if _same_file(hit, label) else f"'{hit}', which the input reads:"
+                    raise OutputError(f"{out}: the output would overwrite {what} {label}")
+        if out.is_dir():
+            raise OutputError(f"{out}: is a directory")
+        folder = out.absolute().parent
+        if not folder.is_dir():
+            raise OutputError(f"{out}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise OutputError(f"{out}: folder {folder} is not writable")
+        if (out.exists() or out.is_symlink()) and not force:
+            raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    except (OSError, ValueError) as exc:          # a name too long, a NUL byte, ...
+        raise OutputError(f"{out}: not a usable output path ({getattr(exc, 'strerror', None) or exc})") from None
     return out
+
+
+def _same_file(a, b) -> bool:
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)             # hard links
+    except OSError:
+        return False
 
 
 def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: TensorTable | None = None) -> Path:
-    """Write atomically: into a temporary folder beside the output, then rename into place.
+    """Write atomically: into a temporary folder beside the output, then link (or, with `force`, rename) it
+    into place, so that two runs racing on one new output cannot both succeed.
 
     `tensors` holds detached weight data (see TensorTable.detach): it is streamed into the file, never
     assembled into one protobuf in memory. Outputs above EXTERNAL_DATA_THRESHOLD go to `<name>.data`
-    beside the output (one file, relative location); smaller ones are one self-contained file.
+    beside the output (one file, relative location); smaller ones are one self-contained file. An existing
+    `.onnx` is removed before its `.data` is replaced, so an interruption never leaves a mismatched pair.
     """
     out = Path(output)
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    data_out = out.with_name(out.name + ".data")
     tensors = tensors or TensorTable(model.graph)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    external = tensors.nbytes() + model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    for target in (out, data_out) if external else (out,):
+        if (target.exists() or target.is_symlink()) and not force:
+            raise OutputError(f"{target}: already exists (use --force to overwrite)")
     try:
-        if tensors.nbytes() + model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            model = _write_external(model, tensors, tmp / (out.name + ".data"), out.name + ".data")
-            with open(tmp / out.name, "wb") as f:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", dir=out.absolute().parent))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write into {out.absolute().parent} ({exc.strerror})") from None
+    try:
+        if external:
+            model = _write_external(model, tensors, tmp / "data", data_out.name)
+            with open(tmp / "model", "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
-            os.replace(tmp / (out.name + ".data"), out.with_name(out.name + ".data"))
+            if force and (out.exists() or out.is_symlink()):
+                out.unlink()
+            _place(tmp / "data", data_out, force)
         else:
-            with open(tmp / out.name, "wb") as f:
+            with open(tmp / "model", "wb") as f:
                 _write_streaming(f, model, tensors)
-        os.replace(tmp / out.name, out)
+        _place(tmp / "model", out, force)
+    except OSError as exc:
+        raise OutputError(f"{out}: could not be written ({exc.strerror or exc}); nothing was written") from None
     finally:
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _place(source: Path, target: Path, force: bool) -> None:
+    """Move a finished file into place: replacing `target` only with `force`, else never (a hard link fails
+    if the name exists, where checking first and renaming would race)."""
+    if force:
+        os.replace(source, target)
+        return
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise OutputError(f"{target}: already exists (use --force to overwrite)") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if target.exists() or target.is_symlink():     # no hard links on this file system
+            raise OutputError(f"{target}: already exists (use --force to overwrite)") from None
+        os.replace(source, target)
 
 
 def _write_external(model, tensors: TensorTable, data_path: Path, location: str) -> onnx.ModelProto:

@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from .data import Dataset
 from .errors import OnnxFuseError
+from .model_io import read_model
 
 SOFTMAXES = {"Softmax", "LogSoftmax"}
 PASS_THROUGH = {"Identity", "Cast"}
@@ -68,8 +69,8 @@ def _both_runtimes_installed() -> bool:
 class Runner:
     """An onnxruntime session that also returns the logits value."""
 
-    def __init__(self, source, output: str | None = None, provider: str = "cpu"):
-        model = onnx.load(str(source)) if not isinstance(source, onnx.ModelProto) else source
+    def __init__(self, source, output: str | None = None, provider: str = "cpu", files: set | None = None):
+        model = read_model(source, files)
         self.name = str(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
         self.logits = logits_output(model, output)
         if self.logits not in {o.name for o in model.graph.output}:
@@ -79,14 +80,32 @@ class Runner:
             model = copy
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers(provider))
+        session_providers = providers(provider)
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=session_providers)
+        except Exception as exc:       # onnxruntime refuses what the checks before it let through
+            raise OnnxFuseError(f"{self.name}: onnxruntime cannot load the model ({_first_line(exc)})") from None
 
     def __call__(self, data: Dataset, batch_size: int = 1024) -> np.ndarray:
         chunks = []
         for start in range(0, len(data), batch_size):
             feeds = {k: v[start:start + batch_size] for k, v in data.inputs.items()}
-            chunks.append(self.session.run([self.logits], feeds)[0])
-        return np.concatenate(chunks).astype(np.float64)
+            try:
+                chunks.append(self.session.run([self.logits], feeds)[0])
+            except Exception as exc:   # e.g. data that fits the first model but not this one
+                raise OnnxFuseError(f"{self.name}: onnxruntime cannot run it on {data.source} "
+                                    f"({_first_line(exc)})") from None
+        logits = np.concatenate(chunks).astype(np.float64)
+        if data.y is not None and len(data.y) and (logits.ndim != 2 or data.y.min() < 0 or
+                                                   data.y.max() >= logits.shape[1]):
+            raise OnnxFuseError(f"{data.source}: labels range over [{data.y.min()}, {data.y.max()}] but "
+                                f"{Path(self.name).name}'s output '{self.logits}' has shape {list(logits.shape)}")
+        return logits
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def scores(logits: np.ndarray, y: np.ndarray | None) -> dict:

@@ -1,6 +1,7 @@
 """Neuron importance (Torch-Pruning's MagnitudeImportance, p=2, mean over a group's terms) and top-k."""
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -51,9 +52,9 @@ def kept_count(width: int, n: int, keep) -> int:
     """How many of a group's N*width channels to keep: the original width by default, else round(keep*N*W)."""
     if keep is None:
         return width
+    if not isinstance(keep, (int, float, Fraction)) or not math.isfinite(keep) or not 0 < keep <= 1:
+        raise OnnxFuseError(f"--keep must be a fraction in (0, 1], got {keep}")
     keep = Fraction(str(keep))
-    if not 0 < keep <= 1:
-        raise OnnxFuseError(f"--keep must be in (0, 1], got {float(keep)}")
     return max(1, min(n * width, int(keep * n * width + Fraction(1, 2))))
 
 

@@ -16,7 +16,6 @@ import onnx
 
 from .data import Dataset
 from .errors import OnnxFuseError
-from .runtime import logits_output, scores
 
 NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
 
@@ -69,6 +68,14 @@ def bias_norm_tensors(model: onnx.ModelProto) -> set[str]:
     return names & constants
 
 
+def require_torch() -> None:
+    """Fail early, with the install command, where fine-tuning would need torch and it is not installed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise TrainingError("fine-tuning needs torch: pip install 'onnxfuse[train]'") from None
+
+
 def _device(requested: str, rank: int = 0):
     import torch
     if requested == "cuda" and not torch.cuda.is_available():
@@ -96,6 +103,7 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
     torch.manual_seed(options.seed)
     rank, world = start_distributed(options.device)
     device = _device(options.device, rank)
+    from .runtime import logits_output      # onnxruntime is imported only where it is used
     target = logits_output(model, options.target_output)
     module = OnnxModule(model, [target]).to(device)
     step_module = module
@@ -228,7 +236,11 @@ class Checkpoints:
         import json
         from pathlib import Path
         self.folder = Path(options.checkpoint_dir)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"--checkpoint-dir {self.folder}: cannot be used as a folder ({exc.strerror})") \
+                from None
         run = {k: getattr(options, k) for k in self.SAME_RUN}
         run["samples"] = samples
         weights = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
@@ -246,23 +258,38 @@ class Checkpoints:
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}
         tmp = self._path().with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self._path())
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self._path())
+        except OSError as exc:
+            raise TrainingError(f"--checkpoint-dir {self.folder}: cannot write the checkpoint ({exc.strerror})") \
+                from None
 
     def restore(self, module, opt, sched, generator) -> tuple[int, list]:
+        """Load the checkpoint with torch's weights-only unpickler (tensors and plain values: it cannot run
+        code), check that it belongs to this run before using any of it, then restore every state."""
         import torch
-        if not self._path().exists():
+        if not self._path().is_file():
             raise TrainingError(f"--resume: no checkpoint in {self.folder}")
-        state = torch.load(self._path(), weights_only=False)
-        if state["fingerprint"] != self.fingerprint:
+        try:
+            state = torch.load(self._path(), weights_only=True, map_location="cpu")
+        except Exception as exc:
+            raise TrainingError(f"--resume: {self._path()} is not a readable onnxfuse checkpoint "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") \
+                from None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             raise TrainingError(f"--resume: the checkpoint in {self.folder} belongs to another run (other model, "
                                 f"data or training options)")
-        module.load_state_dict(state["module"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        return state["epoch"] + 1, state["history"]
+        try:
+            module.load_state_dict(state["module"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            return int(state["epoch"]) + 1, list(state["history"])
+        except Exception as exc:
+            raise TrainingError(f"--resume: {self._path()} is damaged ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 
 
 def _check_labels(module, xs, ys, source):
@@ -281,6 +308,7 @@ def _evaluate(module, data: Dataset, device) -> dict:
     with torch.no_grad():
         xs = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in data.inputs.values()]
         logits = torch.cat([module(*[x[i:i + 2048] for x in xs]) for i in range(0, len(data), 2048)])
+    from .runtime import scores
     return scores(logits.double().cpu().numpy(), data.y)
 
 
