@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, shape_inference
 
 from .errors import UnsupportedGraphError
-from .model_io import TensorTable, light_model
+from .model_io import FLOAT_TYPES, TensorTable, light_model
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,8 @@ class Analysis:
     problems: list[str] = field(default_factory=list)    # unsupported ops touching channels
     mixing: dict[str, str] = field(default_factory=dict)  # node -> why it mixes channels of one axis
     retired: set[int] = field(default_factory=set)          # spaces replaced by their parts (refine)
+    producer: dict = field(default_factory=dict)            # value -> the node that computes it
+    batch_merged: set[str] = field(default_factory=set)     # values whose channels are merged into axis 0
 
     # -- union-find
     def new_space(self, width: int, layer: str) -> int:
@@ -283,16 +285,53 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
 
 # ----------------------------------------------------------------------------- the analysis
 
+def symbolic_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
+    """Shapes from onnxruntime's symbolic shape inference, which follows computed shapes (Expand, Where,
+    Reshape of a Concat of Shape pieces) where onnx's own inference gives up or invents new symbols."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        inferred = SymbolicShapeInference.infer_shapes(light_model(model), auto_merge=True)
+    except Exception:
+        return None
+    if inferred is None:
+        return None
+    shapes = {}
+    for v in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
+        tt = v.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in tt.shape.dim]
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
 def analyze(model: onnx.ModelProto, tensors: TensorTable | None = None, source: str = "model") -> Analysis:
-    """Find the channel groups of a graph. Ops must be in topological order (an ONNX requirement)."""
+    """Find the channel groups of a graph. Ops must be in topological order (an ONNX requirement). Where onnx's
+    shape inference leaves problems (computed shapes), the graph is analysed again with onnxruntime's
+    symbolic shape inference, and the analysis with fewer problems is kept."""
     tensors = tensors or TensorTable(model.graph)
-    a = Analysis(model, tensors, infer_shapes(model))
+    a = _analyze(model, tensors, infer_shapes(model))
+    if a.problems:
+        shapes = symbolic_shapes(model)
+        if shapes is not None:
+            b = _analyze(model, tensors, {**a.shapes, **{k: v for k, v in shapes.items() if v is not None}})
+            if len(b.problems) < len(a.problems):
+                return b
+    return a
+
+
+def _analyze(model: onnx.ModelProto, tensors: TensorTable, shapes: dict) -> Analysis:
+    a = Analysis(model, tensors, shapes)
+    a.producer = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         if node.op_type == "Constant":
             continue
+        if any(x in a.batch_merged for x in node.input) and not _batch_merged_ok(a, node):
+            continue
         touching = [x for x in node.input if x in a.chan]
         fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else _rule_ml if node.domain == "ai.onnx.ml" else None
-        if not touching and node.op_type not in LINEAR_LAYERS:
+        if not touching and node.op_type not in LINEAR_LAYERS and not _is_lookup(a, node):
             continue          # the op never sees a channel axis: nothing to do
         if fn is None:
             _unsupported(a, node, f"op {node.op_type}{' (domain ' + node.domain + ')' if node.domain else ''} "
@@ -504,7 +543,8 @@ def _rule_reshape(a, node):
         f = f + len(dims_in) if dims_in is not None and f < 0 else f
         dims_out = None if dims_in is None else [dims_in[0] if f == 1 else _prod(dims_in[:f]), _prod(dims_in[f:])]
     else:
-        dims_out = _resolve_target(dims_in, target) if target is not None else a.shapes.get(y)
+        dims_out = _resolve_target(dims_in, target) if target is not None else \
+            (_traced_target(a, node, dims_in) or a.shapes.get(y))
     if dims_in is None or dims_out is None:
         return _unsupported(a, node, "cannot tell where the channel axis goes (unknown shapes)")
     if not all(isinstance(d, int) and d > 0 for d in dims_in[axis + 1:]):
@@ -530,6 +570,83 @@ def _rule_reshape(a, node):
         _record_target(a, node, axis, head_segs)
         return
     _unsupported(a, node, f"reshapes the channel axis ({dims_in} -> {dims_out})")
+
+
+def _shape_elements(a, name: str, depth: int = 0):
+    """The elements of a 1-D int64 value computed from constants and Shape ops (how exporters write a Reshape
+    target): each an int, a dimension `("dim", value, index)` of a value, or None (unknown); None if the
+    length is unknown."""
+    if name in a.tensors:
+        return [int(v) for v in np.asarray(a.tensors.array(name)).reshape(-1)]
+    producer = a.producer.get(name)
+    if producer is None or depth > 12:
+        return None
+    op, ins = producer.op_type, producer.input
+    if op == "Shape":
+        rank = _rank(a, ins[0])
+        if rank is None:
+            return None
+        start, end = _attr(producer, "start", 0), _attr(producer, "end", rank)
+        return [("dim", ins[0], j) for j in range(rank)[start:end]]
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+        return _shape_elements(a, ins[0], depth + 1)
+    if op == "Concat":
+        parts = [_shape_elements(a, x, depth + 1) for x in ins]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if op in ("Gather", "Slice"):
+        source = _shape_elements(a, ins[0], depth + 1)
+        if source is not None and op == "Gather" and ins[1] in a.tensors:
+            return [source[int(i)] for i in np.asarray(a.tensors.array(ins[1])).reshape(-1)]
+        consts = [_const(a, x) for x in ins[1:]]
+        if source is not None and op == "Slice" and all(c is not None for c in consts[:2]) and \
+                all(c is None or int(np.asarray(c).reshape(-1)[0]) in (0, 1) for c in consts[2:4]):
+            return source[int(consts[0][0]):int(consts[1][0])]
+    shape = a.shapes.get(name)
+    return [None] * shape[0] if shape and len(shape) == 1 and isinstance(shape[0], int) else None
+
+
+def _dim_value(a, element, x):
+    """An element of a traced shape as a dimension: an int, a shape symbol, or None. The channel axis of a
+    value read by Shape counts as x's own channel axis only when it is the same channel layout (it then
+    follows the kept width by itself)."""
+    if element is None or isinstance(element, int):
+        return element
+    _, value, j = element
+    if value in a.chan and a.chan[value][0] == j:
+        same = x in a.chan and [a.find(s.space) for s in a.chan[value][1]] == [a.find(s.space) for s in
+                                                                            a.chan[x][1]]
+        return a.size(a.chan[value][1]) if same else None
+    dims = a.shapes.get(value)
+    return dims[j] if dims and j < len(dims) else None
+
+
+def _traced_target(a, node, dims_in):
+    """A computed Reshape target as output dims (ints, symbols of the input's dims, or None), with 0 and -1
+    resolved; None if it cannot be traced."""
+    elements = _shape_elements(a, node.input[1])
+    if elements is None or dims_in is None:
+        return None
+    out = [_dim_value(a, e, node.input[0]) for e in elements]
+    out = [dims_in[i] if d == 0 and not _attr(node, "allowzero", 0) and i < len(dims_in) else d
+           for i, d in enumerate(out)]
+    if -1 in out:
+        rest_in, rest_out = list(dims_in), [d for d in out if d != -1]
+        for d in list(rest_out):
+            if not isinstance(d, int) and d is not None and d in rest_in:
+                rest_in.remove(d)
+                rest_out.remove(d)
+        symbols = [d for d in rest_in if not isinstance(d, int)]
+        static = _prod([d for d in rest_in if isinstance(d, int)])
+        if all(isinstance(d, int) for d in rest_out) and _prod(rest_out) and not symbols:
+            out[out.index(-1)] = static // _prod(rest_out)
+        elif all(isinstance(d, int) for d in rest_out) and len(symbols) == 1 and static == _prod(rest_out):
+            out[out.index(-1)] = symbols[0]          # e.g. [B, T, 64] -> [B, -1, 4, 16]: -1 is T
+        else:
+            out[out.index(-1)] = None
+    inferred = a.shapes.get(node.output[0])
+    if inferred is not None and len(inferred) == len(out):
+        out = [i if d is None else d for d, i in zip(out, inferred)]
+    return out
 
 
 def _record_target(a, node, axis: int, segs) -> None:
@@ -588,6 +705,79 @@ def _resolve_target(dims_in, target):
             inferred = symbolic[0] if len(symbolic) == 1 and static == known else None
         out[out.index(-1)] = inferred
     return out
+
+
+# ops that work on each index of axis 0 (the batch) by itself, for values whose heads are merged into it
+BATCHWISE = {"Transpose", "MatMul", "Softmax", "LogSoftmax", "Mul", "Div", "Add", "Sub", "Where", "Cast",
+             "Dropout", "Identity", "Reshape", "Shape"}
+
+
+def _batch_merged_ok(a, node) -> bool:
+    """A value whose channels are merged into the batch axis ([B, H, T, D] -> [B*H, T, D], the new exporter's
+    attention) may only meet ops that treat each batch index alone; their results stay merged."""
+    chans = [x for x in node.input if x in a.chan]
+    ok = node.op_type in BATCHWISE and all(x in a.batch_merged for x in chans) and \
+        not (node.op_type == "Transpose" and (_attr(node, "perm") or [None])[0] != 0) and \
+        not (node.op_type in ("Softmax", "LogSoftmax") and _attr(node, "axis", -1) % (_rank(a, chans[0]) or 1) == 0)
+    if not ok:
+        _unsupported(a, node, "meets a value whose attention heads are merged into the batch axis")
+        return False
+    if node.op_type not in ("Reshape", "Shape"):
+        RULES[node.op_type](a, node)
+        a.batch_merged.update(y for y in node.output if y in a.chan)
+        return False
+    return True
+
+
+@rule("Where")
+def _rule_where(a, node):
+    """Where(condition, x, y) (masks, e.g. the causal mask): x and y combine like Add; the condition must
+    not vary along the channel axis."""
+    cond = node.input[0]
+    if cond in a.chan:
+        return _unsupported(a, node, "its condition carries channels")
+    _rule_binary(a, helper.make_node("Where", node.input[1:], node.output, name=node.name))
+    y = node.output[0]
+    if y in a.chan:
+        axis, segs = a.chan[y]
+        shape = a.shapes.get(cond)
+        c_axis = None if shape is None else axis - ((_rank(a, y) or 0) - len(shape))
+        if shape is None or (c_axis is not None and c_axis >= 0 and shape[c_axis] != 1):
+            _unsupported(a, node, f"condition '{cond}' may vary along the channel axis")
+
+
+@rule("Reshape")
+def _rule_reshape_heads(a, node):
+    """Reshapes of a channel axis beyond _rule_reshape's: heads merged into the batch axis and back (the new
+    exporter's attention), and reshapes that move only the leading axes while the channel axis stays last
+    ([B*T, C] -> [B, T, C], window partitions, channel-independent patches)."""
+    x, y = node.input[0], node.output[0]
+    axis, segs = a.chan[x]
+    dims_in = a.shapes.get(x)
+    dims_out = _traced_target(a, node, dims_in)
+    if dims_in is None or dims_out is None:
+        return _rule_reshape(a, node)
+    size = a.size(segs)
+    if x in a.batch_merged:                # [B*H, T, D] -> [B, H, T, D]
+        k = len(dims_out) - len(dims_in)
+        if axis == 0 and k >= 1 and dims_out[k] == size and _same_dims(dims_out[k + 1:], dims_in[1:]):
+            a.chan[y] = (k, segs)
+            _record_target(a, node, k, segs)
+            return
+        return _unsupported(a, node, f"reshapes heads merged into the batch axis ({dims_in} -> {dims_out})")
+    elements = _shape_elements(a, node.input[1])
+    if 0 < axis and len(segs) == 1 and segs[0].inner == 1 and _same_dims(dims_out[1:], dims_in[axis + 1:]) and \
+            not (isinstance(elements[0], int) and elements[0] > 0):      # [B, H, T, D] -> [B*H, T, D]
+        a.chan[y] = (0, segs)
+        a.batch_merged.add(y)
+        return
+    rank = len(dims_in)
+    if axis == rank - 1 and len(dims_out) != rank and dims_out[-1] == size and \
+            not _same_dims(dims_in[:axis + 1], dims_out[:axis + 1]):   # only the leading axes move
+        a.chan[y] = (len(dims_out) - 1, segs)
+        _record_target(a, node, len(dims_out) - 1, segs)
+        return
+    return _rule_reshape(a, node)
 
 
 @rule("Transpose")
@@ -686,6 +876,27 @@ def _rule_gather(a, node):
     if g is None or g == axis or idx_rank is None:
         return _unsupported(a, node, "gathers along the channel axis")
     a.chan[node.output[0]] = (axis if g > axis else axis + idx_rank - 1, segs)
+
+
+def _is_lookup(a, node) -> bool:
+    """Gather of rows of a constant float table by indices (an embedding lookup)."""
+    return node.op_type == "Gather" and node.input[0] in a.tensors and node.input[0] not in a.chan and \
+        len(a.tensors.shape(node.input[0])) == 2 and a.tensors.dtype(node.input[0]) in FLOAT_TYPES and \
+        _attr(node, "axis", 0) == 0
+
+
+@rule("Gather")
+def _rule_gather_lookup(a, node):
+    """An embedding lookup opens a channel space on the table's embedding axis, like a layer's output (the
+    residual stream of a transformer starts here); other Gathers follow _rule_gather."""
+    if node.input[0] in a.chan:
+        return _rule_gather(a, node)
+    table, idx = node.input
+    idx_rank = _rank(a, idx) if idx not in a.tensors else len(a.tensors.shape(idx))
+    if idx_rank is None:
+        return _unsupported(a, node, "embedding lookup with indices of unknown rank")
+    segs = _open_space(a, node, a.tensors.shape(table)[1], node.output[0], idx_rank)
+    a.touches.append(Touch(table, 1, segs, "out", node.name))
 
 
 def _cut(a, x, axis: int, positions: list[int]) -> tuple[Seg, ...] | None:
