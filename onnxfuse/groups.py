@@ -729,13 +729,106 @@ def _batch_merged_ok(a, node) -> bool:
     return True
 
 
+@rule("MatMul")
+def _rule_matmul_free(a, node):
+    """A MatMul that sees no channels and has no 2-D constant weight (rotary embeddings: inv_freq @
+    positions) opens no channel space; every other MatMul follows _rule_matmul."""
+    w = node.input[1]
+    if not any(x in a.chan for x in node.input) and not (w in a.tensors and len(a.tensors.shape(w)) == 2):
+        return
+    if all(x in a.chan for x in node.input):      # GQA: query heads meet repeated kv heads
+        (ax1, s1), (ax2, s2) = a.chan[node.input[0]], a.chan[node.input[1]]
+        if len(s1) == len(s2) == 1 and a.size(s1) == a.size(s2) and s1[0].inner != s2[0].inner:
+            fine, coarse = sorted((s1[0], s2[0]), key=lambda g: g.inner)
+            if coarse.inner % fine.inner == 0:
+                a.regrain(fine.space, coarse.inner // fine.inner)   # a unit is a kv head with its query group
+    return _rule_matmul(a, node)
+
+
+@rule("Expand")
+def _rule_expand(a, node):
+    """Expand of a value with channels (GQA's repeat of k/v heads: [B, Hkv, 1, T, D] -> [B, Hkv, r, T, D]):
+    the channel axis must keep its size (1 -> size is not channel-wise); new leading axes shift it."""
+    x, y = node.input[0], node.output[0]
+    if x not in a.chan or node.input[1] in a.chan:
+        return _unsupported(a, node, "expands by a shape that carries channels")
+    axis, segs = a.chan[x]
+    rank_in, rank_out = _rank(a, x), _rank(a, y)
+    elements = _shape_elements(a, node.input[1])
+    if rank_in is None or rank_out is None or elements is None:
+        return _unsupported(a, node, "expand with unknown ranks")
+    out_axis = axis + rank_out - rank_in
+    e = elements[out_axis - (rank_out - len(elements))] if out_axis - (rank_out - len(elements)) >= 0 else 1
+    if _dim_value(a, e, x) != 1 and _dim_value(a, e, x) != a.size(segs):
+        return _unsupported(a, node, "expands along the channel axis (or to a size it cannot tell)")
+    if isinstance(e, int) and e != 1:        # the target spells the width: rewritten like a Reshape target
+        count = len(a.shape_consts)
+        _record_target(a, helper.make_node("Reshape", [x, node.input[1]], [y]),
+                       out_axis - (rank_out - len(elements)), segs)
+        if len(a.shape_consts) == count:
+            return _unsupported(a, node, "expand target spells the channel count in a value it cannot rewrite")
+    a.chan[y] = (out_axis, segs)
+
+
+@rule("GatherND")
+def _rule_gather_nd(a, node):
+    """GatherND that picks positions on axes before the channel axis (pooling the last token)."""
+    x, idx = node.input[0], node.input[1]
+    axis, segs = a.chan[x]
+    b = _attr(node, "batch_dims", 0)
+    idx_shape = a.shapes.get(idx)
+    if idx in a.chan or idx_shape is None or not isinstance(idx_shape[-1], int):
+        return _unsupported(a, node, "gathers with indices of unknown shape")
+    k = idx_shape[-1]
+    if b <= axis < b + k:
+        return _unsupported(a, node, "gathers along the channel axis")
+    a.chan[node.output[0]] = (axis if axis < b else len(idx_shape) - 1 + axis - b - k, segs)
+
+
+def _rule_concat_token(a, node):
+    """Concat along a non-channel axis of a constant per-channel token (ViT's class token, Expanded over the
+    batch) with values that carry channels: the token is a parameter of their channels, like a bias."""
+    rank = _rank(a, node.output[0])
+    laid = [a.chan.get(x) for x in node.input]
+    with_chan = [c for c in laid if c]
+    cat = _attr(node, "axis") % rank if rank else None
+    if not with_chan or cat is None or cat == with_chan[0][0] or all(laid):
+        return _rule_concat(a, node)
+    axis, segs = with_chan[0]
+    rest = []
+    for x, c in zip(node.input, laid):
+        if c is not None:
+            rest.append(x)
+            continue
+        source = x
+        while source not in a.tensors and source in a.producer and \
+                a.producer[source].op_type in ("Expand", "Identity", "Cast"):
+            producer = a.producer[source]
+            if producer.op_type == "Expand":
+                elements = _shape_elements(a, producer.input[1]) or []
+                e = elements[axis - (rank - len(elements))] if 0 <= axis - (rank - len(elements)) else 1
+                if e not in (1, -1):            # the target spells the width: rewrite it
+                    count = len(a.shape_consts)
+                    _record_target(a, helper.make_node("Reshape", list(producer.input), [source]),
+                                   axis - (rank - len(elements)), segs)
+                    if e != a.size(segs) or len(a.shape_consts) == count:
+                        return _unsupported(a, node, f"token '{x}' is expanded to a width it cannot rewrite")
+            a.chan[source] = (axis, segs)        # the expanded token carries the channels too
+            source = producer.input[0]
+        if source not in a.tensors or len(a.tensors.shape(source)) != rank or \
+                a.tensors.shape(source)[axis] != a.size(segs):
+            return _rule_concat(a, node)
+        a.touches.append(Touch(source, axis, segs, "param", node.name))
+    _rule_binary(a, helper.make_node("Concat", rest, node.output, name=node.name, axis=cat))
+
+
 @rule("Where")
 def _rule_where(a, node):
     """Where(condition, x, y) (masks, e.g. the causal mask): x and y combine like Add; the condition must
     not vary along the channel axis."""
     cond = node.input[0]
-    if cond in a.chan:
-        return _unsupported(a, node, "its condition carries channels")
+    if cond in a.chan:          # e.g. Where(IsNaN(p), 0, p): element by element, the channels line up
+        return _rule_binary(a, node)
     _rule_binary(a, helper.make_node("Where", node.input[1:], node.output, name=node.name))
     y = node.output[0]
     if y in a.chan:
@@ -765,17 +858,57 @@ def _rule_reshape_heads(a, node):
             _record_target(a, node, k, segs)
             return
         return _unsupported(a, node, f"reshapes heads merged into the batch axis ({dims_in} -> {dims_out})")
+    if _same_dims(dims_in[:axis + 1], dims_out[:axis + 1]):        # channel axis untouched (symbolic rest)
+        a.chan[y] = (axis, segs)
+        _record_target(a, node, axis, segs)
+        return
+    for k in range(1, len(dims_in) - axis if len(dims_out) > axis else 0):   # [.., H, r, T] -> [.., H*r, T]
+        merged = dims_in[axis:axis + k + 1]
+        if all(isinstance(d, int) for d in merged) and dims_out[axis] == prod(merged) and \
+                _same_dims(dims_in[:axis], dims_out[:axis]) and _same_dims(dims_in[axis + k + 1:], dims_out[axis + 1:]):
+            if any(s.inner != 1 for s in segs) and prod(merged[1:]) > 1:
+                break
+            new_segs = tuple(Seg(s.space, s.inner * prod(merged[1:])) for s in segs)
+            a.chan[y] = (axis, new_segs)
+            _record_target(a, node, axis, new_segs)
+            return
     elements = _shape_elements(a, node.input[1])
     if 0 < axis and len(segs) == 1 and segs[0].inner == 1 and _same_dims(dims_out[1:], dims_in[axis + 1:]) and \
             not (isinstance(elements[0], int) and elements[0] > 0):      # [B, H, T, D] -> [B*H, T, D]
         a.chan[y] = (0, segs)
         a.batch_merged.add(y)
         return
-    rank = len(dims_in)
-    if axis == rank - 1 and len(dims_out) != rank and dims_out[-1] == size and \
-            not _same_dims(dims_in[:axis + 1], dims_out[:axis + 1]):   # only the leading axes move
-        a.chan[y] = (len(dims_out) - 1, segs)
-        _record_target(a, node, len(dims_out) - 1, segs)
+    if _channels_last(a, node, x, y, dims_in, dims_out):
+        return
+    return _rule_reshape(a, node)
+
+
+def _channels_last(a, node, x, y, dims_in, dims_out) -> bool:
+    """[..., C, d1, d2] -> [..., C*d1*d2] with any leading axes ([B*T, C] -> [B, T, C], [B, T, H, D] ->
+    [B*T, H*D], window partitions): the last axis holds the channel axis and the static axes after it, in
+    order; which leading axes there are does not matter."""
+    axis, segs = a.chan[x]
+    trailing = dims_in[axis + 1:]
+    if not all(isinstance(d, int) and d > 0 for d in trailing) or not isinstance(dims_in[axis], int) or \
+            dims_out[-1] != prod(dims_in[axis:]) or _same_dims(dims_in[:axis + 1], dims_out[:axis + 1]):
+        return False
+    inner = prod(trailing)
+    if inner > 1 and any(s.inner != 1 for s in segs):
+        return False
+    new_segs = tuple(Seg(s.space, s.inner * inner) for s in segs)
+    a.chan[y] = (len(dims_out) - 1, new_segs)
+    _record_target(a, node, len(dims_out) - 1, new_segs)
+    return True
+
+
+@rule("Flatten")
+def _rule_flatten_last(a, node):
+    """Flatten that keeps the channel axis (and what follows it) last, e.g. [B, T, C] -> [B*T, C]."""
+    x = node.input[0]
+    dims_in = a.shapes.get(x)
+    f = _attr(node, "axis", 1)
+    if dims_in is not None and f % len(dims_in) > 1 and a.chan[x][0] >= f % len(dims_in) and \
+            _channels_last(a, node, x, node.output[0], dims_in, [None, _prod(dims_in[f % len(dims_in):])]):
         return
     return _rule_reshape(a, node)
 
@@ -1154,3 +1287,6 @@ def output_exactness(a: Analysis, differing: set[str]) -> dict[str, str | None]:
             state[y] = result
     return {o.name: (None if state.get(o.name, ("same", None))[0] in ("mean", "same", "shape")
                      else state[o.name][1]) for o in a.model.graph.output}
+
+
+RULES["Concat"] = _rule_concat_token      # registered after _rule_concat, which it falls back to
