@@ -255,7 +255,7 @@ class Analysis:
                 if old is not None and [self.find(s.space) for s in old.segs] != [self.find(s.space) for s in touch.segs]:
                     raise UnsupportedGraphError(f"tensor '{touch.tensor}' is shared by layers with different "
                                                 f"channel groups ('{old.node}', '{touch.node}')")
-                if old is None or touch.role != "param":
+                if old is None or touch.role != "param" and old.role != "out":     # tied: kept at scale 1
                     axes[touch.axis] = touch
             elif flags == {True, False}:
                 raise UnsupportedGraphError(f"tensor '{touch.tensor}' of node '{touch.node}' mixes fused and "
@@ -321,8 +321,77 @@ def analyze(model: onnx.ModelProto, tensors: TensorTable | None = None, source: 
     return a
 
 
+class _Aliased:
+    """The constants of a graph plus values that are only an Identity or Transpose of one (the legacy exporter's
+    Identity(initializer) of a shared weight, the new exporter's Transpose(initializer)): rules see them as
+    constants; touches of them are moved onto the source tensor afterwards (_resolve_aliases)."""
+
+    def __init__(self, table: TensorTable, graph):
+        self.table, self.alias = table, {}
+        for node in graph.node:
+            x = node.input[0] if node.input else None
+            if node.op_type in ("Identity", "Transpose") and x and (x in table or x in self.alias):
+                src, perm = self.alias.get(x, (x, list(range(len(table.shape(x))))))
+                step = _attr(node, "perm") or list(reversed(range(len(perm)))) if node.op_type == "Transpose" \
+                    else list(range(len(perm)))
+                self.alias[node.output[0]] = (src, [perm[i] for i in step])
+
+    def __contains__(self, name) -> bool:
+        return name in self.alias or name in self.table
+
+    def shape(self, name):
+        if name in self.alias:
+            src, perm = self.alias[name]
+            return tuple(self.table.shape(src)[i] for i in perm)
+        return self.table.shape(name)
+
+    def array(self, name):
+        if name in self.alias:
+            src, perm = self.alias[name]
+            return np.transpose(self.table.array(src), perm)
+        return self.table.array(name)
+
+    def dtype(self, name):
+        return self.table.dtype(self.alias[name][0] if name in self.alias else name)
+
+    def __getattr__(self, attr):
+        return getattr(self.table, attr)
+
+
+def _resolve_aliases(a: Analysis, aliased: _Aliased) -> None:
+    """Touches of an alias become touches of its source tensor (on the source's axis); then every tensor axis
+    touched several times (a weight shared by layers, ALBERT's shared layers, a tied embedding) unifies the
+    groups of its touches, so the one tensor is cut the same way for every use."""
+    for t in a.touches:
+        if t.tensor in aliased.alias:
+            src, perm = aliased.alias[t.tensor]
+            t.tensor, t.axis = src, perm[t.axis]
+    by_axis: dict[tuple, list[Touch]] = {}
+    for t in a.touches:
+        by_axis.setdefault((t.tensor, t.axis), []).append(t)
+    for (tensor, axis), touches in by_axis.items():
+        first = touches[0]
+        for other in touches[1:]:
+            if len(other.segs) != len(first.segs) or any(s.inner != f.inner for s, f in zip(other.segs, first.segs)):
+                _unsupported(a, helper.make_node("Identity", [], [], name=other.node),
+                             f"tensor '{tensor}' is used with different channel layouts")
+                continue
+            try:
+                for s, f in zip(other.segs, first.segs):
+                    a.union(s.space, f.space, other.node)
+            except UnsupportedGraphError as exc:
+                a.problems.append(f"node '{other.node}': {exc}")
+        roles = {t.role for t in touches}
+        if {"out", "in"} <= roles:         # a tied embedding / output layer: one tensor cannot be both
+            for t in touches:
+                if t.role == "in":
+                    a.mixing[t.node] = (f"weight '{tensor}' is tied to an embedding: the wide model sums the "
+                                        f"members' outputs of node '{t.node}' instead of averaging them")
+
+
 def _analyze(model: onnx.ModelProto, tensors: TensorTable, shapes: dict) -> Analysis:
-    a = Analysis(model, tensors, shapes)
+    aliased = _Aliased(tensors, model.graph)
+    a = Analysis(model, aliased if aliased.alias else tensors, shapes)
     a.producer = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -341,7 +410,25 @@ def _analyze(model: onnx.ModelProto, tensors: TensorTable, shapes: dict) -> Anal
     for out in model.graph.output:
         if out.name in a.chan:
             a.freeze(a.chan[out.name][1], f"reaches graph output '{out.name}'")
+    _resolve_aliases(a, aliased)
+    _check_shape_consts(a)
+    a.tensors = tensors
     return a
+
+
+def _check_shape_consts(a: Analysis) -> None:
+    """A shape constant that is rewritten with a width must not be used for anything else (exporters share one
+    constant such as [2] between a head count and an unrelated size)."""
+    uses: dict[str, int] = {}
+    for node in a.model.graph.node:
+        for x in node.input:
+            uses[x] = uses.get(x, 0) + 1
+    for tensor in dict.fromkeys(c.tensor for c in a.shape_consts):
+        count = len({(c.index, tuple(c.segs)) for c in a.shape_consts if c.tensor == tensor}) and \
+            sum(1 for c in a.shape_consts if c.tensor == tensor)
+        if uses.get(tensor, 0) > count:
+            a.problems.append(f"shape constant '{tensor}' holds a width to rewrite but is also used elsewhere "
+                              f"({uses[tensor]} uses)")
 
 
 def _unsupported(a: Analysis, node, why: str) -> None:
@@ -602,7 +689,58 @@ def _shape_elements(a, name: str, depth: int = 0):
                 all(c is None or int(np.asarray(c).reshape(-1)[0]) in (0, 1) for c in consts[2:4]):
             return source[int(consts[0][0]):int(consts[1][0])]
     shape = a.shapes.get(name)
-    return [None] * shape[0] if shape and len(shape) == 1 and isinstance(shape[0], int) else None
+    if shape and len(shape) == 1 and isinstance(shape[0], int):
+        return _evaluated_elements(a, name, shape[0]) or [None] * shape[0]
+    return None
+
+
+def _evaluated_elements(a, name: str, length: int):
+    """Elements of a shape value computed by any ops (e.g. the legacy exporter's expand(-1): Where(Equal(shape,
+    -1), 1, shape)) from Shape ops and constants alone: evaluated with onnx's reference evaluator for two
+    guesses of the symbolic dims; an element that is the same for both is a constant, the others None."""
+    from onnx.reference import ReferenceEvaluator
+    nodes, leaves, todo, seen = [], {}, [name], set()
+    while todo:
+        v = todo.pop()
+        if not v or v in seen or v in a.tensors:
+            continue
+        seen.add(v)
+        node = a.producer.get(v)
+        if node is None or node.domain not in ("", "ai.onnx") or any(x in a.chan for x in node.input
+                                                                         if node.op_type != "Shape"):
+            return None
+        if node.op_type == "Shape":
+            dims = a.shapes.get(node.input[0])
+            if dims is None or any(d is None for d in dims):
+                return None
+            start, end = _attr(node, "start", 0), _attr(node, "end", len(dims))
+            leaves[v] = dims[start:end]
+        else:
+            nodes.append(node)
+            todo.extend(node.input)
+        if len(nodes) > 200:
+            return None
+    order = {id(n): i for i, n in enumerate(a.model.graph.node)}
+    nodes.sort(key=lambda n: order[id(n)])
+    consts = {x for n in nodes for x in n.input if x and x in a.tensors and x not in leaves}
+    symbols = sorted({d for dims in leaves.values() for d in dims if not isinstance(d, int)})
+    results = []
+    try:
+        graph = helper.make_graph(nodes, "shape", [helper.make_tensor_value_info(v, onnx.TensorProto.INT64, [len(d)])
+                                                   for v, d in leaves.items()],
+                                  [helper.make_tensor_value_info(name, onnx.TensorProto.INT64, [length])],
+                                  [onnx.numpy_helper.from_array(np.asarray(a.tensors.array(c)), c) for c in consts])
+        model = helper.make_model(graph, opset_imports=list(a.model.opset_import), ir_version=a.model.ir_version)
+        evaluator = ReferenceEvaluator(model)
+        for guess in (3, 7):
+            values = {sym: guess + 2 * i for i, sym in enumerate(symbols)}
+            feeds = {v: np.array([values.get(d, d) for d in dims], np.int64) for v, dims in leaves.items()}
+            results.append(np.asarray(evaluator.run(None, feeds)[0]).reshape(-1).tolist())
+    except Exception:
+        return None
+    if len(results[0]) != length:
+        return None
+    return [int(p) if p == q else None for p, q in zip(*results)]
 
 
 def _dim_value(a, element, x):
@@ -873,7 +1011,7 @@ def _rule_reshape_heads(a, node):
             _record_target(a, node, axis, new_segs)
             return
     elements = _shape_elements(a, node.input[1])
-    if 0 < axis and len(segs) == 1 and segs[0].inner == 1 and _same_dims(dims_out[1:], dims_in[axis + 1:]) and \
+    if 0 < axis and len(segs) == 1 and _same_dims(dims_out[1:], dims_in[axis + 1:]) and \
             not (isinstance(elements[0], int) and elements[0] > 0):      # [B, H, T, D] -> [B*H, T, D]
         a.chan[y] = (0, segs)
         a.batch_merged.add(y)
