@@ -305,7 +305,7 @@ def _gather(m, at, x, idx):
 
 @op("Shape")
 def _shape(m, at, x):
-    return torch.tensor(x.shape, dtype=torch.int64)
+    return torch.tensor(x.shape[at.get("start", 0):at.get("end", x.dim())], dtype=torch.int64)
 
 
 @op("Softmax")
@@ -414,7 +414,7 @@ def _expand(m, at, x, shape):
 
 @op("ConstantOfShape")
 def _constant_of_shape(m, at, shape):
-    value = onnx.numpy_helper.to_array(at["value"]) if "value" in at else np.zeros(1, np.float32)
+    value = onnx.numpy_helper.to_array(at["value"]).copy() if "value" in at else np.zeros(1, np.float32)
     return torch.full(_shape_list(shape), value.reshape(-1)[0].item(), dtype=torch.from_numpy(value).dtype)
 
 
