@@ -315,7 +315,12 @@ def analyze(model: onnx.ModelProto, tensors: TensorTable | None = None, source: 
     if a.problems:
         shapes = symbolic_shapes(model)
         if shapes is not None:
-            b = _analyze(model, tensors, {**a.shapes, **{k: v for k, v in shapes.items() if v is not None}})
+            merged = dict(a.shapes)
+            for k, v in shapes.items():       # static sizes from either inference win over symbols
+                old = merged.get(k)
+                merged[k] = v if old is None or len(old) != len(v) else \
+                    [o if isinstance(o, int) and not isinstance(d, int) else d for o, d in zip(old, v)]
+            b = _analyze(model, tensors, merged)
             if len(b.problems) < len(a.problems):
                 return b
     return a
@@ -960,6 +965,25 @@ def _rule_concat_token(a, node):
     _rule_binary(a, helper.make_node("Concat", rest, node.output, name=node.name, axis=cat))
 
 
+@rule("Pad")
+def _rule_pad(a, node):
+    """Pad that leaves the channel axis alone (Swin pads its windows): channel by channel."""
+    x = node.input[0]
+    axis, segs = a.chan[x]
+    rank = _rank(a, x)
+    pads = _shape_elements(a, node.input[1]) if len(node.input) > 1 else _attr(node, "pads")
+    axes = _const(a, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if rank is None or pads is None or (len(node.input) > 3 and node.input[3] and axes is None):
+        return _unsupported(a, node, "pads of unknown size")
+    axes = [int(v) % rank for v in (axes if axes is not None else range(rank))]
+    half = len(pads) // 2
+    if axis in axes and (pads[axes.index(axis)] != 0 or pads[half + axes.index(axis)] != 0):
+        return _unsupported(a, node, "pads the channel axis")
+    if any(x in a.chan for x in node.input[1:]):
+        return _unsupported(a, node, "pad sizes carry channels")
+    a.chan[node.output[0]] = (axis, segs)
+
+
 @rule("Where")
 def _rule_where(a, node):
     """Where(condition, x, y) (masks, e.g. the causal mask): x and y combine like Add; the condition must
@@ -985,9 +1009,14 @@ def _rule_reshape_heads(a, node):
     x, y = node.input[0], node.output[0]
     axis, segs = a.chan[x]
     dims_in = a.shapes.get(x)
-    dims_out = _traced_target(a, node, dims_in)
+    symbol = None
+    if dims_in is not None and not isinstance(dims_in[axis], int):   # the analysis knows the channel count
+        symbol, dims_in = dims_in[axis], [*dims_in[:axis], a.size(segs), *dims_in[axis + 1:]]
+    dims_out = _traced_target(a, node, dims_in) or a.shapes.get(y)
     if dims_in is None or dims_out is None:
         return _rule_reshape(a, node)
+    if symbol is not None:
+        dims_out = [a.size(segs) if d == symbol else d for d in dims_out]
     size = a.size(segs)
     if x in a.batch_merged:                # [B*H, T, D] -> [B, H, T, D]
         k = len(dims_out) - len(dims_in)
@@ -1011,7 +1040,10 @@ def _rule_reshape_heads(a, node):
             _record_target(a, node, axis, new_segs)
             return
     elements = _shape_elements(a, node.input[1])
-    if 0 < axis and len(segs) == 1 and _same_dims(dims_out[1:], dims_in[axis + 1:]) and \
+    rest = dims_in[axis + 1:]
+    if len(dims_out) == 1 and all(d == 1 for d in rest):       # [B, C, 1, 1] -> [B*C]
+        rest = []
+    if 0 < axis and len(segs) == 1 and _same_dims(dims_out[1:], rest) and \
             not (isinstance(elements[0], int) and elements[0] > 0):      # [B, H, T, D] -> [B*H, T, D]
         a.chan[y] = (0, segs)
         a.batch_merged.add(y)
@@ -1027,6 +1059,10 @@ def _channels_last(a, node, x, y, dims_in, dims_out) -> bool:
     order; which leading axes there are does not matter."""
     axis, segs = a.chan[x]
     trailing = dims_in[axis + 1:]
+    if not trailing and dims_in[axis] is not None and dims_out[-1] == dims_in[axis] and len(dims_out) != len(dims_in):
+        a.chan[y] = (len(dims_out) - 1, segs)         # the same (symbolic) size: the channel axis stays last
+        _record_target(a, node, len(dims_out) - 1, segs)
+        return True
     if not all(isinstance(d, int) and d > 0 for d in trailing) or not isinstance(dims_in[axis], int) or \
             dims_out[-1] != prod(dims_in[axis:]) or _same_dims(dims_in[:axis + 1], dims_out[:axis + 1]):
         return False
