@@ -137,6 +137,7 @@ class Analysis:
     retired: set[int] = field(default_factory=set)          # spaces replaced by their parts (refine)
     producer: dict = field(default_factory=dict)            # value -> the node that computes it
     batch_merged: set[str] = field(default_factory=set)     # values whose channels are merged into axis 0
+    stacked: dict = field(default_factory=dict)   # value -> (stack axis, [segs of part i]): fused q/k/v
 
     # -- union-find
     def new_space(self, width: int, layer: str) -> int:
@@ -196,6 +197,8 @@ class Analysis:
     def _rewrite(self, fn) -> None:
         for value, (axis, segs) in self.chan.items():
             self.chan[value] = (axis, fn(segs))
+        for value, (axis, parts) in self.stacked.items():
+            self.stacked[value] = (axis, [fn(p) for p in parts])
         for item in self.touches + self.shape_consts + self.attr_consts + self.equal_parts + self.derived_bounds:
             item.segs = fn(item.segs)
         for item in self.derived_bounds:
@@ -402,6 +405,9 @@ def _analyze(model: onnx.ModelProto, tensors: TensorTable, shapes: dict) -> Anal
         if node.op_type == "Constant":
             continue
         if any(x in a.batch_merged for x in node.input) and not _batch_merged_ok(a, node):
+            continue
+        if any(x in a.stacked for x in node.input):
+            _rule_stacked(a, node)
             continue
         touching = [x for x in node.input if x in a.chan]
         fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else _rule_ml if node.domain == "ai.onnx.ml" else None
@@ -965,6 +971,90 @@ def _rule_concat_token(a, node):
     _rule_binary(a, helper.make_node("Concat", rest, node.output, name=node.name, axis=cat))
 
 
+def _split_fused_projection(a, node, x, y, dims_in, dims_out) -> bool:
+    """[.., 3*H*D] -> [.., 3, H, D] (or [.., 3, E]): a fused q/k/v in-projection (timm ViT, nn.MultiheadAttention).
+    The group is cut into its parts (each its own group, of equal width: the Reshape needs that), each part is
+    split into heads, and the result is *stacked*: part i of the channels lies at index i of the stack axis."""
+    axis, segs = a.chan[x]
+    if axis != len(dims_in) - 1 or len(segs) != 1 or segs[0].inner != 1 or len(dims_out) not in (axis + 2, axis + 3) \
+            or not _same_dims(dims_in[:axis], dims_out[:axis]) or not all(isinstance(d, int) for d in dims_out[axis:]):
+        return False
+    parts, size = dims_out[axis], a.size(segs)
+    if parts < 2 or prod(dims_out[axis:]) != size or (len(dims_out) == axis + 2 and dims_out[axis + 1] == 1):
+        return False
+    width = size // parts
+    cut = _cut(a, x, axis, [width * i for i in range(1, parts)])
+    if cut is None or len(cut) != parts:
+        return False
+    head = dims_out[axis + 2] if len(dims_out) == axis + 3 else 1
+    for seg in a.chan[x][1]:
+        a.regrain(seg.space, head)
+    part_segs = [(Seg(s.space),) for s in a.chan[x][1]]
+    a.stacked[y] = (axis, part_segs)
+    a.chan[y] = (axis + 1, part_segs[0])
+    for part in part_segs:
+        a.equal_parts.append(EqualPart(node.name or y, part))
+    _record_target(a, node, axis + 1, part_segs[0])
+    return True
+
+
+def _rule_stacked(a, node) -> None:
+    """Ops on a stacked value (see _split_fused_projection): moving axes, and taking one part out of the stack
+    axis (Gather of a constant index, Slice of one index, Split into ones, then Squeeze)."""
+    x = next(v for v in node.input if v in a.stacked)
+    stack, parts = a.stacked[x]
+    axis = a.chan[x][0]
+    rank = _rank(a, x)
+    op = node.op_type
+
+    def put(y, new_stack, new_axis, new_parts):
+        if len(new_parts) == 1 and new_stack is None:
+            a.chan[y] = (new_axis, new_parts[0])
+        else:
+            a.stacked[y] = (new_stack, new_parts)
+            a.chan[y] = (new_axis, new_parts[0])
+    if rank is None or any(v in a.chan and v != x for v in node.input):
+        return _unsupported(a, node, "meets fused q/k/v channels it cannot follow")
+    if op == "Transpose":
+        perm = list(_attr(node, "perm") or reversed(range(rank)))
+        return put(node.output[0], perm.index(stack), perm.index(axis), parts)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _attr(node, "axes")
+        axes = _const(a, node.input[1]) if axes is None and len(node.input) > 1 else axes
+        out_rank = _rank(a, node.output[0])
+        if axes is None or out_rank is None:
+            return _unsupported(a, node, "axes unknown")
+        if op == "Squeeze":
+            axes = [int(v) % rank for v in np.asarray(axes).reshape(-1)]
+            if axis in axes or (stack in axes and len(parts) != 1):
+                return _unsupported(a, node, "squeezes fused q/k/v channels")
+            shift = lambda p: p - sum(v < p for v in axes)
+            return put(node.output[0], None if stack in axes else shift(stack), shift(axis), parts)
+        axes = {int(v) % out_rank for v in np.asarray(axes).reshape(-1)}
+        keep = [p for p in range(out_rank) if p not in axes]
+        return put(node.output[0], keep[stack], keep[axis], parts)
+    if op in ("Gather", "Slice", "Split"):
+        g = _attr(node, "axis", 0) % rank
+        if op == "Gather" and g == stack and node.input[1] in a.tensors and a.tensors.shape(node.input[1]) == ():
+            i = int(a.tensors.array(node.input[1])) % len(parts)
+            return put(node.output[0], None, axis - (axis > stack), [parts[i]])
+        if op == "Slice":
+            starts, ends = _const(a, node.input[1]), _const(a, node.input[2])
+            axes = _const(a, node.input[3]) if len(node.input) > 3 and node.input[3] else [0]
+            if starts is not None and ends is not None and [int(v) % rank for v in axes] == [stack] and \
+                    int(ends[0]) == int(starts[0]) + 1 and (len(node.input) < 5 or not node.input[4]):
+                return put(node.output[0], stack, axis, [parts[int(starts[0])]])
+        if op == "Split" and g == stack and len(node.output) == len(parts):
+            sizes = _const(a, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "split")
+            if sizes is None or all(int(v) == 1 for v in np.asarray(sizes).reshape(-1)):
+                for y, part in zip(node.output, parts):
+                    put(y, stack, axis, [part])
+                return
+    if op in SHAPE_READERS:
+        return
+    _unsupported(a, node, "meets fused q/k/v channels it cannot follow")
+
+
 @rule("Pad")
 def _rule_pad(a, node):
     """Pad that leaves the channel axis alone (Swin pads its windows): channel by channel."""
@@ -1018,6 +1108,8 @@ def _rule_reshape_heads(a, node):
     if symbol is not None:
         dims_out = [a.size(segs) if d == symbol else d for d in dims_out]
     size = a.size(segs)
+    if _split_fused_projection(a, node, x, y, dims_in, dims_out):
+        return
     if x in a.batch_merged:                # [B*H, T, D] -> [B, H, T, D]
         k = len(dims_out) - len(dims_in)
         if axis == 0 and k >= 1 and dims_out[k] == size and _same_dims(dims_out[k + 1:], dims_in[1:]):
