@@ -972,23 +972,22 @@ def _rule_concat_token(a, node):
 
 
 def _split_fused_projection(a, node, x, y, dims_in, dims_out) -> bool:
-    """[.., 3*H*D] -> [.., 3, H, D] (or [.., 3, E]): a fused q/k/v in-projection (timm ViT, nn.MultiheadAttention).
+    """[.., 3*H*D] -> [.., 3, H, D]: a fused q/k/v in-projection (timm ViT).
     The group is cut into its parts (each its own group, of equal width: the Reshape needs that), each part is
     split into heads, and the result is *stacked*: part i of the channels lies at index i of the stack axis."""
     axis, segs = a.chan[x]
-    if axis != len(dims_in) - 1 or len(segs) != 1 or segs[0].inner != 1 or len(dims_out) not in (axis + 2, axis + 3) \
+    if axis != len(dims_in) - 1 or len(segs) != 1 or segs[0].inner != 1 or len(dims_out) != axis + 3 \
             or not _same_dims(dims_in[:axis], dims_out[:axis]) or not all(isinstance(d, int) for d in dims_out[axis:]):
         return False
     parts, size = dims_out[axis], a.size(segs)
-    if parts < 2 or prod(dims_out[axis:]) != size or (len(dims_out) == axis + 2 and dims_out[axis + 1] == 1):
+    if parts < 2 or prod(dims_out[axis:]) != size:
         return False
     width = size // parts
     cut = _cut(a, x, axis, [width * i for i in range(1, parts)])
     if cut is None or len(cut) != parts:
         return False
-    head = dims_out[axis + 2] if len(dims_out) == axis + 3 else 1
     for seg in a.chan[x][1]:
-        a.regrain(seg.space, head)
+        a.regrain(seg.space, dims_out[axis + 2])
     part_segs = [(Seg(s.space),) for s in a.chan[x][1]]
     a.stacked[y] = (axis, part_segs)
     a.chan[y] = (axis + 1, part_segs[0])
@@ -1053,6 +1052,19 @@ def _rule_stacked(a, node) -> None:
     if op in SHAPE_READERS:
         return
     _unsupported(a, node, "meets fused q/k/v channels it cannot follow")
+
+
+@rule("Slice")
+def _rule_slice_other_axis(a, node):
+    """A Slice whose (constant) axes leave the channel axis alone passes the channels on, whatever its bounds
+    (T5 slices its position bias by a computed length); every other Slice follows _rule_slice."""
+    x = node.input[0]
+    axes = _const(a, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    rank = _rank(a, x)
+    if axes is not None and rank is not None and a.chan[x][0] not in [int(v) % rank for v in axes.reshape(-1)]:
+        a.chan[node.output[0]] = a.chan[x]
+        return
+    return _rule_slice(a, node)
 
 
 @rule("Pad")
