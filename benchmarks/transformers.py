@@ -9,6 +9,7 @@ exact). The concat of a member with itself must reproduce the member even throug
 normalization of [x, x] is that of x): its deviation is the last column, a check of the channel analysis. Otherwise the cell holds the first problem onnxfuse reports.
 
     python benchmarks/transformers.py [--families bert,gpt2] [--cache /tmp/hf-cache]
+    python benchmarks/transformers.py --bert-base      # merge time of two 110 M-parameter BERTs vs the I/O floor
 
 Writes benchmarks/results/transformers.md and .json, stamped with the commit.
 """
@@ -159,13 +160,56 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bert_base_merge(cache: Path) -> dict:
+    """Merge time of two BERT-base-size members (110 M parameters, random init, optimum export) against the I/O
+    floor: reading both member files and writing one file of a member's size."""
+    import os
+    import onnxfuse
+    import torch
+    import transformers
+    members = []
+    for seed in (0, 1):
+        path = cache / f"bert-base.optimum.{seed}.onnx"
+        if not path.exists():
+            torch.manual_seed(seed)
+            model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3)).eval()
+            from optimum.exporters.onnx import onnx_export_from_model
+            tmp = cache / f".bert-base.{seed}"
+            onnx_export_from_model(model, tmp, task="text-classification", do_validation=False)
+            import onnx
+            onnx.save(onnx.load(str(tmp / "model.onnx")), str(path))
+        members.append(path)
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        t0 = time.perf_counter()
+        data = [Path(m).read_bytes() for m in members]
+        with open(Path(work) / "floor.bin", "wb") as f:
+            f.write(data[0])
+            f.flush()
+            os.fsync(f.fileno())
+        floor = time.perf_counter() - t0
+        del data
+        out = Path(work) / "merged.onnx"
+        t0 = time.perf_counter()
+        summary = onnxfuse.fuse([str(m) for m in members], "nt", output=out).summary
+        seconds = time.perf_counter() - t0
+    return {"parameters": summary["parameters"]["member"], "merge_seconds": round(seconds, 2),
+            "io_floor_seconds": round(floor, 2), "ratio": round(seconds / floor, 2), "phases": summary["phases"],
+            "member_bytes": Path(members[0]).stat().st_size}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--families", default=",".join(hf_zoo.FAMILIES))
     parser.add_argument("--exporters", default=",".join(hf_zoo.EXPORTERS))
     parser.add_argument("--cache", default="/tmp/hf-cache")
     parser.add_argument("--out", default=str(HERE / "results" / "transformers"))
+    parser.add_argument("--bert-base", action="store_true", help="only time the merge of two BERT-base members")
     args = parser.parse_args()
+    if args.bert_base:
+        result = bert_base_merge(Path(args.cache))
+        Path(args.out + "_bert_base.json").write_text(json.dumps({"commit": git_state(), **result}, indent=1))
+        print(result)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for family in args.families.split(","):

@@ -225,7 +225,9 @@ def _verify_shapes(graph: onnx.ModelProto, source: str) -> None:
 
 
 def _count_params(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
+    """Float initializers (weights); integer shape constants are not parameters."""
+    from .model_io import FLOAT_TYPES
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer if t.data_type in FLOAT_TYPES))
 
 
 def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> None:

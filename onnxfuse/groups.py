@@ -44,6 +44,8 @@ class ShapeConst:
     tensor: str
     index: int
     segs: tuple[Seg, ...]
+    use: tuple[int, int] | None = None      # (node index, input position) where the graph reads it
+    private: bool = False                   # shared with other uses: the rewrite goes into a copy for `use`
 
 
 @dataclass
@@ -437,7 +439,12 @@ def _check_shape_consts(a: Analysis) -> None:
     for tensor in dict.fromkeys(c.tensor for c in a.shape_consts):
         count = len({(c.index, tuple(c.segs)) for c in a.shape_consts if c.tensor == tensor}) and \
             sum(1 for c in a.shape_consts if c.tensor == tensor)
-        if uses.get(tensor, 0) > count:
+        mine = [c for c in a.shape_consts if c.tensor == tensor]
+        if uses.get(tensor, 0) > len({c.use for c in mine}) and all(c.use is not None for c in mine) and \
+                tensor not in getattr(a.tensors, "alias", {}):
+            for c in mine:          # each rewritten use reads its own copy (transplant.private_shape_const)
+                c.private = True
+        elif uses.get(tensor, 0) > count:
             a.problems.append(f"shape constant '{tensor}' holds a width to rewrite but is also used elsewhere "
                               f"({uses[tensor]} uses)")
 
@@ -808,14 +815,17 @@ def _record_target(a, node, axis: int, segs) -> None:
         return
     name, index = node.input[1], axis
     producer = {o: n for n in a.model.graph.node for o in n.output}
+    position = {id(n): i for i, n in enumerate(a.model.graph.node)}
+    use = (position[id(node)], 1) if id(node) in position else None
     while name not in a.tensors and name in producer and producer[name].op_type == "Concat":
         offset = 0
-        for piece in producer[name].input:
+        for j, piece in enumerate(producer[name].input):
             shape = a.shapes.get(piece) or (list(a.tensors.shape(piece)) if piece in a.tensors else None)
             length = shape[0] if shape and len(shape) == 1 and isinstance(shape[0], int) else (1 if shape == [] else None)
             if length is None:
                 return
             if offset <= index < offset + length:
+                use = (position[id(producer[name])], j)
                 name, index = piece, index - offset
                 break
             offset += length
@@ -823,11 +833,12 @@ def _record_target(a, node, axis: int, segs) -> None:
             return
         while name in producer and producer[name].op_type in ("Unsqueeze", "Identity", "Cast") and \
                 name not in a.tensors:
+            use = (position[id(producer[name])], 0)
             name = producer[name].input[0]
     if name in a.tensors:
         value = np.asarray(a.tensors.array(name)).reshape(-1)
         if index < len(value) and value[index] > 0:
-            a.shape_consts.append(ShapeConst(name, index, segs))
+            a.shape_consts.append(ShapeConst(name, index, segs, use))
 
 
 def _prod(dims):
