@@ -376,6 +376,9 @@ def _resolve_aliases(a: Analysis, aliased: _Aliased) -> None:
         if t.tensor in aliased.alias:
             src, perm = aliased.alias[t.tensor]
             t.tensor, t.axis = src, perm[t.axis]
+    for c in a.shape_consts:            # 1-D: an alias has the same elements
+        if c.tensor in aliased.alias:
+            c.tensor = aliased.alias[c.tensor][0]
     by_axis: dict[tuple, list[Touch]] = {}
     for t in a.touches:
         by_axis.setdefault((t.tensor, t.axis), []).append(t)
@@ -693,8 +696,12 @@ def _shape_elements(a, name: str, depth: int = 0):
             return None
         start, end = _attr(producer, "start", 0), _attr(producer, "end", rank)
         return [("dim", ins[0], j) for j in range(rank)[start:end]]
-    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze") or (op == "Reshape" and _rank(a, ins[0]) == 1):
         return _shape_elements(a, ins[0], depth + 1)
+    if op == "Where" and ins[0] in a.producer and a.producer[ins[0]].op_type == "Equal" and \
+            ins[2] in a.producer[ins[0]].input:    # the legacy exporter's expand(-1): Where(Equal(s, -1), 1, s)
+        source = _shape_elements(a, ins[2], depth + 1)
+        return None if source is None else [1 if e == -1 else e for e in source]
     if op == "Concat":
         parts = [_shape_elements(a, x, depth + 1) for x in ins]
         return None if any(p is None for p in parts) else [e for p in parts for e in p]
@@ -923,7 +930,11 @@ def _rule_expand(a, node):
         return _unsupported(a, node, "expands along the channel axis (or to a size it cannot tell)")
     if isinstance(e, int) and e != 1:        # the target spells the width: rewritten like a Reshape target
         count = len(a.shape_consts)
-        _record_target(a, helper.make_node("Reshape", [x, node.input[1]], [y]),
+        target = node.input[1]
+        where = a.producer.get(target)
+        if where is not None and where.op_type == "Where" and target not in a.tensors:
+            target = where.input[2]        # the legacy exporter's expand(-1): Where(Equal(s, -1), 1, s)
+        _record_target(a, helper.make_node("Reshape", [x, target], [y]),
                        out_axis - (rank_out - len(elements)), segs)
         if len(a.shape_consts) == count:
             return _unsupported(a, node, "expand target spells the channel count in a value it cannot rewrite")
