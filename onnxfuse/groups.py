@@ -1076,7 +1076,6 @@ def _rule_stacked(a, node) -> None:
     _unsupported(a, node, "meets fused q/k/v channels it cannot follow")
 
 
-@rule("Slice")
 def _rule_slice_other_axis(a, node):
     """A Slice whose (constant) axes leave the channel axis alone passes the channels on, whatever its bounds
     (T5 slices its position bias by a computed length); every other Slice follows _rule_slice."""
@@ -1590,3 +1589,4 @@ def output_exactness(a: Analysis, differing: set[str]) -> dict[str, str | None]:
 
 
 RULES["Concat"] = _rule_concat_token      # registered after _rule_concat, which it falls back to
+RULES["Slice"] = _rule_slice_other_axis   # likewise after _rule_slice
