@@ -884,8 +884,8 @@ def _batch_merged_ok(a, node) -> bool:
     attention) may only meet ops that treat each batch index alone; their results stay merged."""
     chans = [x for x in node.input if x in a.chan]
     ok = node.op_type in BATCHWISE and all(x in a.batch_merged for x in chans) and \
-        not (node.op_type == "Transpose" and (_attr(node, "perm") or [None])[0] != 0) and \
-        not (node.op_type in ("Softmax", "LogSoftmax") and _attr(node, "axis", -1) % (_rank(a, chans[0]) or 1) == 0)
+        not (node.op_type in ("Softmax", "LogSoftmax") and
+             _attr(node, "axis", -1) % (_rank(a, chans[0]) or 1) == a.chan[chans[0]][0])
     if not ok:
         _unsupported(a, node, "meets a value whose attention heads are merged into the batch axis")
         return False
@@ -998,6 +998,8 @@ def _split_fused_projection(a, node, x, y, dims_in, dims_out) -> bool:
     The group is cut into its parts (each its own group, of equal width: the Reshape needs that), each part is
     split into heads, and the result is *stacked*: part i of the channels lies at index i of the stack axis."""
     axis, segs = a.chan[x]
+    if len(dims_out) == axis + 2 and _parts_taken_apart(a, y, axis):       # [.., 3*E] -> [.., 3, E]
+        dims_out = [*dims_out, 1]
     if axis != len(dims_in) - 1 or len(segs) != 1 or segs[0].inner != 1 or len(dims_out) != axis + 3 \
             or not _same_dims(dims_in[:axis], dims_out[:axis]) or not all(isinstance(d, int) for d in dims_out[axis:]):
         return False
@@ -1016,6 +1018,71 @@ def _split_fused_projection(a, node, x, y, dims_in, dims_out) -> bool:
     for part in part_segs:
         a.equal_parts.append(EqualPart(node.name or y, part))
     _record_target(a, node, axis + 1, part_segs[0])
+    return True
+
+
+def _head_factor(a, node, index: int, heads: int):
+    """Element `index` of a Reshape target computed as batch * heads (Mul of a size by a constant head count,
+    through Concat/Reshape/Unsqueeze/Cast): that constant and where it is read, to rewrite it with the kept
+    head count; None if the element is computed otherwise."""
+    name, position = node.input[1], {id(n): i for i, n in enumerate(a.model.graph.node)}
+    producer = a.producer.get(name)
+    if producer is None or producer.op_type != "Concat":
+        return None
+    offset = 0
+    for piece in producer.input:
+        shape = a.shapes.get(piece) or (list(a.tensors.shape(piece)) if piece in a.tensors else None)
+        length = shape[0] if shape and len(shape) == 1 and isinstance(shape[0], int) else (1 if shape == [] else None)
+        if length is None:
+            return None
+        if offset <= index < offset + length:
+            break
+        offset += length
+    else:
+        return None
+    while piece in a.producer and a.producer[piece].op_type in ("Reshape", "Unsqueeze", "Cast", "Identity"):
+        piece = a.producer[piece].input[0]
+    mul = a.producer.get(piece)
+    if mul is None or mul.op_type != "Mul":
+        return None
+    for j, c in enumerate(mul.input):
+        if c in a.tensors and np.asarray(a.tensors.array(c)).size == 1 and int(np.asarray(a.tensors.array(c))) == heads:
+            return c, (position[id(mul)], j)
+    return None
+
+
+def _parts_taken_apart(a, value: str, axis: int) -> bool:
+    """Whether axis `axis` of `value` is, through Unsqueeze/Transpose/Squeeze of other axes, only indexed by
+    Gathers of constant indices (nn.MultiheadAttention's q, k, v = proj.unflatten(-1, (3, E))...[i]): then a
+    [.., 3, E] Reshape is a fused projection, not a split into heads."""
+    consumers = [n for n in a.model.graph.node if value in n.input]
+    if not consumers:
+        return False
+    for node in consumers:
+        rank = _rank(a, node.input[0])
+        if node.op_type == "Gather" and rank and _attr(node, "axis", 0) % rank == axis and node.input[1] in a.tensors:
+            continue
+        if node.op_type == "Transpose" and rank:
+            perm = list(_attr(node, "perm") or reversed(range(rank)))
+            if not _parts_taken_apart(a, node.output[0], perm.index(axis)):
+                return False
+            continue
+        if node.op_type in ("Unsqueeze", "Squeeze") and rank:
+            axes = _attr(node, "axes")
+            axes = _const(a, node.input[1]) if axes is None and len(node.input) > 1 else axes
+            out_rank = _rank(a, node.output[0])
+            if axes is None or out_rank is None:
+                return False
+            if node.op_type == "Squeeze":
+                axes = [int(v) % rank for v in np.asarray(axes).reshape(-1)]
+                new = None if axis in axes else axis - sum(v < axis for v in axes)
+            else:
+                axes = {int(v) % out_rank for v in np.asarray(axes).reshape(-1)}
+                new = [p for p in range(out_rank) if p not in axes][axis]
+            if new is None or not _parts_taken_apart(a, node.output[0], new):
+                return False
+            continue
+        return False
     return True
 
 
@@ -1165,6 +1232,22 @@ def _rule_reshape_heads(a, node):
             _record_target(a, node, axis, new_segs)
             return
     elements = _shape_elements(a, node.input[1])
+    known = elements or [None] * len(dims_out)
+    if axis >= 1 and axis == len(dims_in) - 1 and len(dims_out) == len(dims_in) == len(known) and len(segs) == 1 \
+            and segs[0].inner == 1 and isinstance(dims_out[axis], int) and 1 < dims_out[axis] < size and \
+            size % dims_out[axis] == 0 and _same_dims(dims_out[:axis - 1], dims_in[:axis - 1]) and \
+            not isinstance(dims_out[axis - 1], int) and not isinstance(known[axis - 1], int):
+        factor = None if elements is None or elements[axis - 1] == -1 else \
+            _head_factor(a, node, axis - 1, size // dims_out[axis])
+        if elements is None or (elements[axis - 1] != -1 and factor is None):
+            return _unsupported(a, node, "merges heads into the batch axis with a size it cannot rewrite")
+        a.regrain(segs[0].space, dims_out[axis])     # [T, B, H*D] -> [T, B*H, D]: heads into the batch axis
+        head_segs = (Seg(a.chan[x][1][0].space),)
+        a.chan[y] = (axis - 1, head_segs)
+        a.batch_merged.add(y)
+        if factor is not None:
+            a.shape_consts.append(ShapeConst(factor[0], 0, head_segs, factor[1]))
+        return
     rest = dims_in[axis + 1:]
     if len(dims_out) == 1 and all(d == 1 for d in rest):       # [B, C, 1, 1] -> [B*C]
         rest = []
