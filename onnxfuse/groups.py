@@ -317,15 +317,16 @@ def analyze(model: onnx.ModelProto, tensors: TensorTable | None = None, source: 
     symbolic shape inference, and the analysis with fewer problems is kept."""
     tensors = tensors or TensorTable(model.graph)
     a = _analyze(model, tensors, infer_shapes(model))
+    if a.problems:          # first on the (small) subgraph that computes the problems' channel-free inputs
+        shapes = _run_shapes(_problem_subgraph(a))
+        if shapes is not None:
+            b = _analyze(model, tensors, _merge_shapes(a.shapes, shapes))
+            if not b.problems:
+                return b
     if a.problems:
         shapes = symbolic_shapes(model)
         if shapes is not None:
-            merged = dict(a.shapes)
-            for k, v in shapes.items():       # static sizes from either inference win over symbols
-                old = merged.get(k)
-                merged[k] = v if old is None or len(old) != len(v) else \
-                    [o if isinstance(o, int) and not isinstance(d, int) else d for o, d in zip(old, v)]
-            b = _analyze(model, tensors, merged)
+            b = _analyze(model, tensors, _merge_shapes(a.shapes, shapes))
             if len(b.problems) < len(a.problems):
                 return b
     return a
@@ -400,6 +401,70 @@ def _resolve_aliases(a: Analysis, aliased: _Aliased) -> None:
                 if t.role == "in":
                     a.mixing[t.node] = (f"weight '{tensor}' is tied to an embedding: the wide model sums the "
                                         f"members' outputs of node '{t.node}' instead of averaging them")
+
+
+def _merge_shapes(shapes: dict, better: dict) -> dict:
+    merged = dict(shapes)
+    for k, v in better.items():       # static sizes from either inference win over symbols
+        old = merged.get(k)
+        merged[k] = v if old is None or len(old) != len(v) else \
+            [o if isinstance(o, int) and not isinstance(d, int) else d for o, d in zip(old, v)]
+    return merged
+
+
+def _problem_subgraph(a: Analysis) -> onnx.ModelProto:
+    """The nodes that compute the channel-free inputs of the nodes with problems (attention masks, position
+    biases: small), as a model whose outputs are those inputs."""
+    names = {p.split("'")[1] for p in a.problems if p.startswith("node '")}
+    wanted = [x for n in a.model.graph.node if n.name in names for x in n.input if x and x not in a.chan
+              and x not in a.tensors]
+    needed, todo = set(), list(wanted)
+    while todo:
+        v = todo.pop()
+        node = a.producer.get(v)
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        todo.extend(x for x in node.input if x)
+    nodes = [n for n in a.model.graph.node if id(n) in needed]
+    used = {x for n in nodes for x in n.input}
+    types = {v.name: v.type.tensor_type.elem_type for v in shape_inference.infer_shapes(
+        light_model(a.model)).graph.value_info} if wanted else {}
+    graph = helper.make_graph(nodes, "masks", [i for i in a.model.graph.input if i.name in used],
+                              [helper.make_tensor_value_info(v, types.get(v, onnx.TensorProto.UNDEFINED), None)
+                               for v in dict.fromkeys(wanted)],
+                              [t for t in a.model.graph.initializer if t.name in used])
+    return helper.make_model(graph, opset_imports=list(a.model.opset_import), ir_version=a.model.ir_version)
+
+
+def _run_shapes(sub: onnx.ModelProto) -> dict[str, list] | None:
+    """Output shapes of a small channel-free subgraph (masks) from two onnxruntime runs with different sizes for
+    the symbolic input dims: a dim equal in both runs is static, one that follows an input symbol is it."""
+    try:
+        import onnxruntime as ort
+        sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+        symbols = sorted({d.dim_param or "?" for i in sub.graph.input for d in i.type.tensor_type.shape.dim
+                          if not d.HasField("dim_value")})
+        runs = []
+        for base, step in ((3, 2), (7, 3)):
+            guess = {sym: base + step * k for k, sym in enumerate(symbols)}
+            feeds = {}
+            for i in sub.graph.input:
+                tt = i.type.tensor_type
+                dims = [d.dim_value if d.HasField("dim_value") else guess[d.dim_param or "?"] for d in tt.shape.dim]
+                feeds[i.name] = np.ones(dims, helper.tensor_dtype_to_np_dtype(tt.elem_type))
+            runs.append((guess, [np.shape(v) for v in sess.run(None, feeds)]))
+    except Exception:
+        return None
+    shapes = {}
+    for k, out in enumerate(sub.graph.output):
+        (g1, s1), (g2, s2) = runs[0], (runs[1][0], runs[1][1])
+        dims = []
+        for d1, d2 in zip(s1[k], s2[k]):
+            match = [sym for sym in symbols if g1[sym] == d1 and g2[sym] == d2]
+            dims.append(d1 if d1 == d2 else (match[0] if match else None))
+        shapes[out.name] = dims
+    return shapes
 
 
 def _analyze(model: onnx.ModelProto, tensors: TensorTable, shapes: dict) -> Analysis:
