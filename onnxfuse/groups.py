@@ -440,9 +440,13 @@ def _problem_subgraph(a: Analysis) -> onnx.ModelProto:
 def _run_shapes(sub: onnx.ModelProto) -> dict[str, list] | None:
     """Output shapes of a small channel-free subgraph (masks) from two onnxruntime runs with different sizes for
     the symbolic input dims: a dim equal in both runs is static, one that follows an input symbol is it."""
+    if not sub.graph.node or not sub.graph.output:
+        return None
     try:
         import onnxruntime as ort
-        sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4          # a subgraph it cannot run is a fallback, not an error to show
+        sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
         symbols = sorted({d.dim_param or "?" for i in sub.graph.input for d in i.type.tensor_type.shape.dim
                           if not d.HasField("dim_value")})
         runs = []
