@@ -100,10 +100,10 @@ def test_heads_are_pruned_whole(exports):
     from onnxfuse.groups import analyze
     for family, heads in (("bert", hf_zoo.HEADS), ("llama", hf_zoo.LLAMA["num_key_value_heads"])):
         a = analyze(onnx.load(exports(family, "dynamo", (0,))[0]))
-        widths = sorted(g.width for g in a.groups() if g.prunable or family == "llama")
-        assert heads in widths
-        # Llama's repeat of kv heads spells their count in a constant the exporter shares: refused, by name
-        assert not a.problems if family == "bert" else all("shape constant" in p for p in a.problems)
+        widths = sorted(g.width for g in a.groups() if g.prunable)
+        assert heads in widths and not a.problems
+        # Llama's kv-head count sits in a constant the exporter shares: it is rewritten in a private copy
+        assert family == "bert" or any(c.private for c in a.shape_consts)
         head_dim = hf_zoo.HIDDEN // hf_zoo.HEADS
         q_like = [t for t in a.touches if t.role == "out" and any(s.inner > 1 for s in t.segs)]
         assert q_like and all(s.inner % head_dim == 0 for t in q_like for s in t.segs)
