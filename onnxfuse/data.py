@@ -97,12 +97,16 @@ def _fit(array: np.ndarray, spec: onnx.ValueInfoProto, what: str) -> np.ndarray:
     tt = spec.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
     want = NP_FLOAT.get(tt.elem_type)
+    expected = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
     if want is not None and np.issubdtype(array.dtype, np.floating):
         array = array.astype(want, copy=False)
         if not np.isfinite(array).all():
             raise InputError(f"{what} has NaN or infinite values")
-    elif want is None or array.dtype != want:
-        expected = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+    elif want is None and np.issubdtype(expected, np.integer) and np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < np.iinfo(expected).min or array.max() > np.iinfo(expected).max):
+            raise InputError(f"{what} has values outside the range of {expected} (graph input '{spec.name}')")
+        array = array.astype(expected, copy=False)  # token ids: any integer array of the right range
+    elif array.dtype != expected:
         raise InputError(f"{what} has dtype {array.dtype}, graph input '{spec.name}' expects {expected}")
     if array.ndim != len(dims) or any(isinstance(d, int) and d > 0 and d != s
                                       for d, s in zip(dims[1:], array.shape[1:])):

@@ -512,7 +512,7 @@ class TensorTable:
                 getattr(attr, field_name).extend(values)
             return
         np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type))
-        value = np.ascontiguousarray(array.astype(np_dtype, copy=False))
+        value = np.ascontiguousarray(array.astype(np_dtype, copy=False)).reshape(np.shape(array))  # 0-d stays 0-d
         if name in self.arrays:
             self.arrays[name] = value
             del proto.dims[:]

@@ -305,7 +305,7 @@ def _gather(m, at, x, idx):
 
 @op("Shape")
 def _shape(m, at, x):
-    return torch.tensor(x.shape, dtype=torch.int64)
+    return torch.tensor(x.shape[at.get("start", 0):at.get("end", x.dim())], dtype=torch.int64)
 
 
 @op("Softmax")
@@ -398,4 +398,87 @@ OPS.update({
                                      else "none"),
     "HardSigmoid": lambda m, at, x: torch.clamp(at.get("alpha", 0.2) * x + at.get("beta", 0.5), 0, 1),
     "ThresholdedRelu": lambda m, at, x: torch.where(x > at.get("alpha", 1.0), x, torch.zeros_like(x)),
+})
+
+
+# ---- ops of exported transformers: masks, positions, pooling (torch.onnx both exporters, optimum)
+
+def _shape_list(shape) -> list[int]:
+    return [int(s) for s in shape.tolist()]
+
+
+@op("Expand")
+def _expand(m, at, x, shape):
+    return torch.broadcast_to(x, torch.broadcast_shapes(tuple(x.shape), tuple(_shape_list(shape))))
+
+
+@op("ConstantOfShape")
+def _constant_of_shape(m, at, shape):
+    value = onnx.numpy_helper.to_array(at["value"]).copy() if "value" in at else np.zeros(1, np.float32)
+    return torch.full(_shape_list(shape), value.reshape(-1)[0].item(), dtype=torch.from_numpy(value).dtype)
+
+
+@op("Range")
+def _range(m, at, start, limit, delta):
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+@op("Mod")
+def _mod(m, at, a, b):
+    return torch.fmod(a, b) if at.get("fmod", 0) else torch.remainder(a, b)
+
+
+@op("CumSum")
+def _cumsum(m, at, x, axis):
+    dim = int(axis.reshape(-1)[0])
+    if at.get("reverse", 0):
+        x = x.flip(dim)
+    out = torch.cumsum(x, dim)
+    if at.get("exclusive", 0):
+        out = out - x
+    return out.flip(dim) if at.get("reverse", 0) else out
+
+
+@op("Pad")
+def _pad(m, at, x, pads, value=None, axes=None):
+    pads = _shape_list(pads)
+    axes = list(range(x.dim())) if axes is None else [int(a) % x.dim() for a in axes.tolist()]
+    half = len(pads) // 2
+    full = [0] * (2 * x.dim())
+    for i, a in enumerate(axes):
+        full[a], full[x.dim() + a] = pads[i], pads[half + i]
+    torch_pads = [p for a in reversed(range(x.dim())) for p in (full[a], full[x.dim() + a])]
+    mode = at.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "constant":
+        return F.pad(x, torch_pads, value=0.0 if value is None or value.numel() == 0 else value.item())
+    return F.pad(x, torch_pads, mode={"edge": "replicate", "reflect": "reflect", "wrap": "circular"}[mode])
+
+
+@op("GatherND")
+def _gather_nd(m, at, data, idx):
+    b = at.get("batch_dims", 0)
+    k = idx.shape[-1]
+    d = data.reshape(-1, *data.shape[b:])
+    i = idx.reshape(d.shape[0], -1, k)
+    batch = torch.arange(d.shape[0], device=data.device).view(-1, 1).expand(-1, i.shape[1])
+    out = d[(batch, *[i[..., j] for j in range(k)])]
+    return out.reshape(*idx.shape[:-1], *data.shape[b + k:])
+
+
+@op("ArgMax")
+def _argmax(m, at, x):
+    dim = at.get("axis", 0)
+    if at.get("select_last_index", 0):
+        flipped = torch.argmax(x.flip(dim), dim, keepdim=bool(at.get("keepdims", 1)))
+        return x.shape[dim] - 1 - flipped
+    return torch.argmax(x, dim, keepdim=bool(at.get("keepdims", 1)))
+
+
+OPS.update({
+    "ReduceL2": lambda m, at, x, axes=None: torch.sqrt(_reducer(torch.sum)(m, at, x * x, axes)),
+    "IsNaN": _unary(torch.isnan), "Not": _unary(torch.logical_not), "Cos": _unary(torch.cos),
+    "Sin": _unary(torch.sin), "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or),
+    "Less": _binary(torch.lt), "Greater": _binary(torch.gt), "LessOrEqual": _binary(torch.le),
+    "GreaterOrEqual": _binary(torch.ge),
 })

@@ -128,10 +128,19 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
                 member.tensors.arrays.pop(load.maps[m].get(name, name), None)
     widths = {r: (len(kept[r]) if r in kept else a.space_width[r]) for r in {a.find(s) for s in a.parent}}
     _check_runtime_sizes(a, widths)
+    written: dict[tuple, int] = {}
     for const in a.shape_consts:
         target = tensors.array(const.tensor).copy()
         target.reshape(-1)[const.index] = a.axis_size(const.segs, widths)
-        tensors.set(const.tensor, target)
+        where = (const.tensor, const.use if const.private else None, const.index)
+        if written.setdefault(where, a.axis_size(const.segs, widths)) != a.axis_size(const.segs, widths):
+            raise UnsupportedGraphError(f"shape constant '{const.tensor}' is shared by channel groups that keep "
+                                        f"different widths ({written[where]} and "
+                                        f"{a.axis_size(const.segs, widths)}): use a --keep that keeps them equal")
+        if const.private:
+            private_shape_const(model, const, target)
+        else:
+            tensors.set(const.tensor, target)
     for const in a.attr_consts:
         attr = next(at for at in model.graph.node[const.node].attribute if at.name == const.name)
         if const.index is None:
@@ -144,6 +153,21 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)
     return model, tensors
+
+
+def private_shape_const(model: onnx.ModelProto, const, value: np.ndarray) -> None:
+    """A shape constant the exporter shares between a width and other sizes: the rewritten value goes into a
+    new initializer read only by this use (one node input renamed; nothing else changes)."""
+    node_index, position = const.use
+    name = f"{const.tensor}__onnxfuse_{node_index}_{position}"
+    existing = next((t for t in model.graph.initializer if t.name == name), None)
+    if existing is not None:            # two rewritten elements of one use
+        value = np.where(np.arange(value.size).reshape(value.shape) == const.index, value,
+                         onnx.numpy_helper.to_array(existing))
+        existing.CopyFrom(onnx.numpy_helper.from_array(np.asarray(value), name))
+    else:
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    model.graph.node[node_index].input[position] = name
 
 
 def _check_runtime_sizes(a: Analysis, widths: dict[int, int]) -> None:
