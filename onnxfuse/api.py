@@ -191,7 +191,7 @@ def _reconstruct(built: _Built, sources, calibrate, calib_samples) -> None:
     built.summary["reconstruction"] = report
     for prop in built.graph.metadata_props:       # provenance: the weights were refitted on this data
         if prop.key == "onnxfuse.options":
-            prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(str(calibrate)).name,
+            prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(report["calibration"]).name,
                                      "calib_samples": report["samples"]}, sort_keys=True)
 
 
@@ -302,32 +302,72 @@ def _train_options(training: dict | None):
     return TrainOptions(**training)
 
 
-def _teacher_logits(teachers, data):
+def _teacher_logits(teachers, data, threads: int = 1):
     from .runtime import Runner
-    return np.mean([Runner(t)(data) for t in teachers], axis=0)
+    return np.mean([Runner(t, threads=threads)(data) for t in teachers], axis=0)
+
+
+class NoGainError(OnnxFuseError):
+    """`require_gain`: the fused model ended below the best member; nothing was written (CLI exit code 3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _name(source, i: int) -> str:
+    return Path(str(source)).name if not isinstance(source, onnx.ModelProto) else f"member {i}"
 
 
 def _tune_and_score(model, sources, data, val, options, summary, progress) -> None:
-    """Fine-tune `model` on `data` (if epochs > 0) and score members, ensemble and result on `val`."""
+    """Fine-tune `model` on `data` (if epochs > 0), score members, ensemble and result on `val`, and compare the
+    result with the best member on `val` (or, without it, on the held-out slice of `data`)."""
     from .data import load_data
     from .runtime import Runner, scores
+    threads = options.threads if options is not None else 1
     train_set = load_data(data, model) if data is not None else None
     val_set = load_data(val, model) if val is not None else None
     if val_set is not None:
-        member_logits = [Runner(s)(val_set) for s in sources]
-        summary["accuracy"] = {Path(str(s)).name if not isinstance(s, onnx.ModelProto) else f"member {i}":
-                               scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
+        member_logits = [Runner(s, threads=threads)(val_set) for s in sources]
+        summary["accuracy"] = {_name(s, i): scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
         if len(sources) > 1:
             summary["accuracy"]["ensemble (mean of logits)"] = scores(np.mean(member_logits, 0), val_set.y)
-        summary["accuracy"]["result before fine-tuning"] = scores(Runner(model)(val_set), val_set.y)
+        summary["accuracy"]["result before fine-tuning"] = scores(Runner(model, threads=threads)(val_set), val_set.y)
     if train_set is not None and options is not None and options.epochs > 0:
-        from .training import finetune
-        teacher = _teacher_logits(sources, train_set) if options.distill else None
+        from .training import finetune, split_holdout
+        teacher = (lambda d: _teacher_logits(sources, d, threads)) if options.distill else None
         result = finetune(model, train_set, options, val_set, teacher, progress)
         summary["training"] = {"options": result.options, "history": result.history}
         summary["_model"] = result.model
         if val_set is not None:
-            summary["accuracy"]["result after fine-tuning"] = scores(Runner(result.model)(val_set), val_set.y)
+            summary["accuracy"]["result after fine-tuning"] = scores(Runner(result.model, threads=threads)(val_set),
+                                                                     val_set.y)
+        on = val_set if val_set is not None else split_holdout(train_set, options.holdout)[1]
+        if len(sources) > 1 and on is not None:
+            summary.update(_versus_best_member(result.model, sources, on, val_set is not None, threads))
+            if options.require_gain and summary["beats_best_member"] is False:
+                v = summary["versus_best_member"]
+                raise NoGainError(f"--require-gain: the fused model ({v['result']:.4g}) is below the best member "
+                                  f"{v['best_member']} ({v['best_member_score']:.4g}) by {v['metric']} on "
+                                  f"{v['on']}; nothing was written", summary)
+
+
+def _versus_best_member(model, sources, on, is_val: bool, threads: int) -> dict:
+    """Whether the result is at least as good as the best member on `on` (onnxruntime): accuracy, or MSE for
+    regression. `beats_best_member` is None when `on` has no labels."""
+    from .runtime import Runner, merit, scores
+    where = "--val" if is_val else on.source
+    if on.y is None:
+        return {"beats_best_member": None, "versus_best_member": {"on": where, "note": "no labels: not compared"}}
+    metric = "mse" if on.regression else "accuracy"
+    members = [(scores(Runner(s, threads=threads)(on), on.y), _name(s, i)) for i, s in enumerate(sources)]
+    best, name = max(members, key=lambda m: merit(m[0]))
+    mine = scores(Runner(model, threads=threads)(on), on.y)
+    return {"beats_best_member": merit(mine)[:1] >= merit(best)[:1],
+            "versus_best_member": {"on": where, "metric": metric, "result": mine[metric], "best_member": name,
+                                   "best_member_score": best[metric]}}
 
 
 def finetune(model, data, output=None, teachers=None, val=None, force: bool = False, progress: bool = False,
@@ -349,24 +389,25 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
     options = _train_options(training) or _train_options({"epochs": 3})
     train_set = load_data(data, full)
     val_set = load_data(val, full) if val is not None else None
-    teacher = _teacher_logits(teachers, train_set) if options.distill and teachers else None
+    teacher = (lambda d: _teacher_logits(teachers, d, options.threads)) if options.distill and teachers else None
     result = run_finetune(full, train_set, options, val_set, teacher, progress)
     summary = {"method": "finetune", "members": [member.name], "training": {"options": result.options,
                                                                          "history": result.history}}
     if val_set is not None:
-        summary["accuracy"] = {"before": scores(Runner(full)(val_set), val_set.y),
-                               "after": scores(Runner(result.model)(val_set), val_set.y)}
+        summary["accuracy"] = {"before": scores(Runner(full, threads=options.threads)(val_set), val_set.y),
+                               "after": scores(Runner(result.model, threads=options.threads)(val_set), val_set.y)}
     fusion = Fusion(*TensorTable.detach(result.model))
     return _written(fusion, summary, output, force, start)
 
 
-def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> list[dict]:
-    """Accuracy and loss of each model on an .npz, and of their ensemble (mean of logits)."""
+def evaluate(models, data, ensemble: bool = False, provider: str = "cpu", threads: int = 1) -> list[dict]:
+    """Accuracy and loss of each model on data (.npz or arrays; regression: MSE and MAE), and of their ensemble
+    (mean of outputs)."""
     from .data import load_data
     from .runtime import evaluate as run_evaluate
     models = [models] if isinstance(models, (str, Path, onnx.ModelProto)) else list(models)
     first = load_member(models[0])
-    return run_evaluate(models, load_data(data, first.model), ensemble, provider)
+    return run_evaluate(models, load_data(data, first.model), ensemble, provider, threads)
 
 
 def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cpu", threads: int = 1,

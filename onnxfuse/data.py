@@ -1,4 +1,6 @@
-"""Datasets from .npz files: `x` (or one array per graph input, by name) and optional integer labels `y`."""
+"""Datasets: `x` (or one array per graph input, by name) and optional targets `y` -- integer class labels, or
+float targets of the output's shape (regression) -- from an .npz file, a numpy array (inputs only), a dict of
+arrays, or a torch Dataset/DataLoader that yields `x` or `(x, y)`."""
 from __future__ import annotations
 
 import zipfile
@@ -19,9 +21,18 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     y: np.ndarray | None
     source: str
+    teacher: np.ndarray | None = None      # the members' mean outputs on these samples (distillation)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
+
+    @property
+    def regression(self) -> bool:
+        return self.y is not None and np.issubdtype(self.y.dtype, np.floating)
+
+    def subset(self, index: np.ndarray, source: str) -> "Dataset":
+        pick = (lambda a: None if a is None else a[index])
+        return Dataset({k: v[index] for k, v in self.inputs.items()}, pick(self.y), source, pick(self.teacher))
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -29,16 +40,19 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in constants]
 
 
-def load_data(path, model: onnx.ModelProto) -> Dataset:
-    """Read an .npz and check it against the model's graph inputs (names, shapes, dtypes)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+def describe(source) -> str:
+    """How a data source is named in messages and metadata: the file name, or the kind of object."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+def load_data(source, model: onnx.ModelProto) -> Dataset:
+    """Read a dataset (see the module docstring) and check it against the model's graph inputs (names, shapes,
+    dtypes)."""
+    if isinstance(source, Dataset):
+        return source
+    arrays, path = _arrays(source), describe(source)
     inputs = graph_inputs(model)
     feeds = {}
     for i, spec in enumerate(inputs):
@@ -52,13 +66,63 @@ def load_data(path, model: onnx.ModelProto) -> Dataset:
         raise InputError(f"{path}: the data is empty")
     y = arrays.get("y")
     if y is not None:
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise InputError(f"{path}: labels 'y' must be a 1-D integer array, got {y.dtype} {list(y.shape)}")
+        if np.issubdtype(y.dtype, np.floating) and y.ndim >= 1:
+            y = y.astype(np.float32)        # regression targets, checked against the output's shape in training
+        elif y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise InputError(f"{path}: labels 'y' must be a 1-D integer array (classes) or a float array of "
+                             f"the output's shape (regression), got {y.dtype} {list(y.shape)}")
+        else:
+            y = y.astype(np.int64)
         sizes.add(len(y))
-        y = y.astype(np.int64)
     if len(sizes) != 1:
         raise InputError(f"{path}: arrays have different numbers of samples {sorted(sizes)}")
-    return Dataset(feeds, y, str(path))
+    return Dataset(feeds, y, path)
+
+
+def _arrays(source) -> dict[str, np.ndarray]:
+    """The named arrays of a data source: an .npz path, an array (x), a dict of arrays, a torch Dataset or
+    DataLoader of `x` or `(x, y)` items (a dict item gives its keys)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"{path}: no such data file")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    if isinstance(source, np.ndarray):
+        return {"x": source}
+    if isinstance(source, dict):
+        return {k: np.asarray(v) for k, v in source.items()}
+    if hasattr(source, "__iter__") or hasattr(source, "__getitem__"):
+        return _from_torch(source)
+    raise InputError(f"data must be an .npz path, a numpy array, a dict of arrays or a torch Dataset/DataLoader, "
+                     f"got {type(source).__name__}")
+
+
+def _from_torch(source) -> dict[str, np.ndarray]:
+    """Collect a torch Dataset (items) or DataLoader (batches) into arrays."""
+    try:
+        from torch.utils.data import DataLoader
+    except ImportError:
+        raise InputError(f"{describe(source)}: reading a torch Dataset needs torch") from None
+    batches = source if isinstance(source, DataLoader) else DataLoader(source, batch_size=256, shuffle=False)
+    columns: dict[str, list] = {}
+    for batch in batches:
+        if isinstance(batch, dict):
+            named = batch
+        elif isinstance(batch, (tuple, list)):
+            if len(batch) > 2:
+                raise InputError(f"{describe(source)}: items must be x or (x, y), got {len(batch)} values")
+            named = dict(zip(("x", "y"), batch))
+        else:
+            named = {"x": batch}
+        for k, v in named.items():
+            columns.setdefault(k, []).append(v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+    if not columns:
+        raise InputError(f"{describe(source)}: the data is empty")
+    return {k: np.concatenate(v) for k, v in columns.items()}
 
 
 def _fit(array: np.ndarray, spec: onnx.ValueInfoProto, what: str) -> np.ndarray:
