@@ -351,7 +351,7 @@ def _tune_and_score(model, sources, data, val, options, summary, progress) -> No
                 v = summary["versus_best_member"]
                 raise NoGainError(f"--require-gain: the fused model ({v['result']:.4g}) is below the best member "
                                   f"{v['best_member']} ({v['best_member_score']:.4g}) by {v['metric']} on "
-                                  f"{v['on']}; nothing was written", summary)
+                                  f"{v['on']}; nothing was written", {k: v for k, v in summary.items() if k != "_model"})
 
 
 def _versus_best_member(model, sources, on, is_val: bool, threads: int) -> dict:

@@ -4,10 +4,10 @@ ensemble, written back into the graph.
 The recipe (Zimmer et al., ICLR 2023: short retraining with a learning rate decaying linearly to 0 recovers
 as much as long schedules, and its initial value can be chosen adaptively):
 - a fixed slice of the training data (`holdout`, default 10%) is never trained on;
-- `lr="auto"` (the default) chooses the initial rate on that slice by successive halving of short probes:
-  every candidate rate trains a compressed copy of the run (linear decay to 0 over the probe), the better
-  half (by held-out loss) goes on to probes twice as long, and the winner is the rate; the probes together
-  take about PROBE_BUDGET of the steps of the run they serve;
+- `lr="auto"` (the default) chooses the initial rate on that slice with short probes: every candidate rate
+  trains a compressed copy of the run (linear decay to 0 over the probe), and the choice is the largest rate
+  whose held-out loss is within TOLERANCE of the best probe's (see choose_lr); the probes together take
+  PROBE_BUDGET of the steps of the run they serve;
 - every epoch is scored on `val` (if given) or on the held-out slice, and the best epoch's weights are
   returned, not the last (epoch 0, the model as given, counts too).
 `--schedule constant --lr 0.01 --holdout 0` gives the NT paper's settings.
@@ -18,6 +18,7 @@ import copy
 import hashlib
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -30,6 +31,7 @@ from .runtime import logits_output, merit, scores
 NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
 CANDIDATES = {"sgd": (0.1, 0.03, 0.01, 0.003, 0.001), "adam": (3e-3, 1e-3, 3e-4, 1e-4)}
 PROBE_BUDGET = 0.25        # probes' steps as a fraction of the fine-tuning steps they serve
+TOLERANCE = 0.3            # lr auto: the largest rate whose probe loss is within 30% of the best probe's
 HOLDOUT_SPLIT_SEED = 0     # the held-out slice does not depend on --seed (which orders the batches)
 
 
@@ -182,11 +184,14 @@ def _finetune(model, train, options, val, teacher_logits, progress) -> TrainResu
     if state is not None:
         lr, choice = state["lr"], state["lr_choice"]
     elif options.auto_lr:
+        clock = time.process_time()
         lr, choice = choose_lr(loop, holdout, total)
+        choice["cpu_seconds"] = round(time.process_time() - clock, 3)
         torch.manual_seed(options.seed)        # the run itself is the same as with --lr <chosen rate>
     else:
         lr, choice = float(options.lr), {"how": "given (--lr)"}
     opt, sched = loop.optimizer(lr, total, options.schedule)
+    clock = time.process_time()
     generator = torch.Generator().manual_seed(options.seed)
     first, best = 1, None
     if state is not None:
@@ -221,10 +226,12 @@ def _finetune(model, train, options, val, teacher_logits, progress) -> TrainResu
     if best is not None:
         module.load_state_dict(best.state)
     module.eval()
+    seconds = round(time.process_time() - clock, 3)
     run = {**asdict(options), "lr": lr, "lr_choice": choice, "processes": world,
+           "task": "regression" if loop.regression else "classification",
            "trained_on": len(train), "held_out": 0 if holdout is None else len(holdout),
            "selected_on": None if select_on is None else ("val" if val is not None else "holdout"),
-           "selected_epoch": options.epochs if best is None else best.epoch}
+           "selected_epoch": options.epochs if best is None else best.epoch, "run_cpu_seconds": seconds}
     if world > 1:
         run["ranks_agree"] = _ranks_agree(module)
         if not run["ranks_agree"]:
@@ -336,52 +343,43 @@ def _probe_loss(row: dict, distill: bool):
 
 
 def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
-    """Successive halving over CANDIDATES: round r trains every remaining rate for `length * 2**r` steps from the
-    starting weights (linear decay to 0 over the probe, whatever the run's schedule), scores it by the loss on
-    the held-out slice and keeps the better half; a probe that diverges is out. Probes take about
-    PROBE_BUDGET * `total` steps in all. Deterministic, and the same on every data-parallel rank."""
+    """Probe every rate of CANDIDATES: train `length` steps from the starting weights (linear decay to 0 over
+    the probe, whatever the run's schedule; PROBE_BUDGET * `total` steps in all) and take the loss on the
+    held-out slice. The choice is the largest rate whose probe loss is within TOLERANCE of the best probe's: a
+    probe much shorter than the run favours low rates (a high rate first disturbs the transplanted weights and
+    recovers later in the run), so it is trusted to rule out rates that do lasting damage or diverge, not to
+    rank the others. Deterministic, and the same on every data-parallel rank."""
     import torch
-    candidates = list(CANDIDATES[loop.options.optimizer])
-    rounds, alive = [], len(candidates)
-    while alive > 1:
-        rounds.append(alive)
-        alive = max(1, alive // 2) if alive > 2 else 1
-    weight = sum(n * 2 ** r for r, n in enumerate(rounds))
-    length = max(1, int(PROBE_BUDGET * total / weight))
+    candidates = CANDIDATES[loop.options.optimizer]
+    length = max(1, int(PROBE_BUDGET * total / len(candidates)))
     start = {k: v.detach().clone() for k, v in loop.module.state_dict().items()}
-    probes, steps = [], 0
-    for r, _ in enumerate(rounds):
-        scored = []
-        for lr in candidates:
-            loop.module.load_state_dict(start)
-            loop.module.train()
-            opt, sched = loop.optimizer(lr, length * 2 ** r, "linear")
-            generator = torch.Generator().manual_seed(loop.options.seed + 1)
-            taken, loss = 0, None
-            try:
-                while taken < length * 2 ** r:
-                    for idx in loop.epoch(generator, math.ceil(loop.shard / loop.options.batch_size)):
-                        loop.step(opt, sched, idx, "", lr)
-                        taken += 1
-                        if taken == length * 2 ** r:
-                            break
-                loss = _probe_loss(_evaluate(loop.module, holdout, loop.device, loop), loop.options.distill)
-            except TrainingError:
-                pass                                     # diverged: out
-            steps += taken
-            probes.append({"lr": lr, "steps": taken, "holdout_loss": loss})
-            scored.append((math.inf if loss is None or not math.isfinite(loss) else loss, lr))
-        scored.sort()
-        if not math.isfinite(scored[0][0]):
-            raise TrainingError(f"every candidate learning rate diverged ({', '.join(map(str, candidates))}): "
-                                f"give one with --lr")
-        keep = 1 if r == len(rounds) - 1 else rounds[r + 1]
-        candidates = [lr for _, lr in scored[:keep]]
+    probes = []
+    for lr in candidates:
+        loop.module.load_state_dict(start)
+        loop.module.train()
+        opt, sched = loop.optimizer(lr, length, "linear")
+        generator = torch.Generator().manual_seed(loop.options.seed + 1)
+        taken, loss = 0, None
+        try:
+            while taken < length:
+                for idx in loop.epoch(generator, math.ceil(loop.shard / loop.options.batch_size))[:length - taken]:
+                    loop.step(opt, sched, idx, "", lr)
+                    taken += 1
+            loss = _probe_loss(_evaluate(loop.module, holdout, loop.device, loop), loop.options.distill)
+        except TrainingError:
+            pass                                         # diverged: out
+        probes.append({"lr": lr, "steps": taken, "holdout_loss": loss})
     loop.module.load_state_dict(start)
-    chosen = candidates[0]
-    why = (f"successive halving of {len(CANDIDATES[loop.options.optimizer])} rates on {len(holdout)} held-out "
-           f"samples: {chosen:g} had the lowest held-out loss after the longest probes ({length * 2 ** (len(rounds) - 1)} "
-           f"steps); probes took {steps} steps, {steps / total:.0%} of the {total} fine-tuning steps")
+    finite = [p for p in probes if p["holdout_loss"] is not None and math.isfinite(p["holdout_loss"])]
+    if not finite:
+        raise TrainingError(f"every candidate learning rate diverged ({', '.join(map(str, candidates))}): "
+                            f"give one with --lr")
+    best = min(p["holdout_loss"] for p in finite)
+    chosen = max(p["lr"] for p in finite if p["holdout_loss"] <= best * (1 + TOLERANCE))
+    steps = sum(p["steps"] for p in probes)
+    why = (f"the largest of {len(candidates)} rates whose held-out loss after a {length}-step probe is within "
+           f"{TOLERANCE:.0%} of the best ({best:.4g}); {len(holdout)} held-out samples; probes took {steps} steps, "
+           f"{steps / total:.0%} of the {total} fine-tuning steps")
     return chosen, {"how": "auto", "why": why, "probe_steps": steps, "run_steps": total, "probes": probes}
 
 
@@ -485,8 +483,8 @@ def _check_labels(module, xs, ys, source):
         out = module(*[x[:1] for x in xs])
     if torch.is_floating_point(ys):
         if list(ys.shape[1:]) != list(out.shape[1:]):
-            raise TrainingError(f"{source}: regression targets 'y' have shape {list(ys.shape)}, but the model's "
-                                f"output has shape {['batch', *out.shape[1:]]}")
+            raise TrainingError(f"{source}: regression targets 'y' have shape {['batch', *ys.shape[1:]]}, but the "
+                                f"model's output has shape {['batch', *out.shape[1:]]}")
         return
     classes = out.shape[-1]
     if int(ys.min()) < 0 or int(ys.max()) >= classes:
