@@ -439,7 +439,7 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
                    f"{o['optimizer']}, {o['schedule']} lr from {o['lr']:g}; {o['threads']} thread"
                    f"{'s' if o['threads'] > 1 else ''})")
         if o["lr_choice"]["how"] == "auto":
-            click.echo(f"  lr {o['lr']:g}: {o['lr_choice']['why']}")
+            click.echo(f"  lr auto: {o['lr_choice']['why']}")
         if o["selected_on"]:
             click.echo(f"  kept epoch {o['selected_epoch']} of {o['epochs']}, the best on "
                        f"{'--val' if o['selected_on'] == 'val' else 'the held-out slice of --data'}")

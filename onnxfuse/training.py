@@ -377,7 +377,7 @@ def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
     best = min(p["holdout_loss"] for p in finite)
     chosen = max(p["lr"] for p in finite if p["holdout_loss"] <= best * (1 + TOLERANCE))
     steps = sum(p["steps"] for p in probes)
-    why = (f"the largest of {len(candidates)} rates whose held-out loss after a {length}-step probe is within "
+    why = (f"{chosen:g}, the largest of {len(candidates)} rates whose held-out loss after a {length}-step probe is within "
            f"{TOLERANCE:.0%} of the best ({best:.4g}); {len(holdout)} held-out samples; probes took {steps} steps, "
            f"{steps / total:.0%} of the {total} fine-tuning steps")
     return chosen, {"how": "auto", "why": why, "probe_steps": steps, "run_steps": total, "probes": probes}
