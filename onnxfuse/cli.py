@@ -451,6 +451,10 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
             else:
                 click.echo(f"  {name:<{width}}  val accuracy {sc['accuracy']:.4f}  loss {sc['loss']:.4f}"
                            if sc["accuracy"] is not None else f"  {name:<{width}}  (no labels)")
+    if s.get("beats_best_member") is not None:
+        v = s["versus_best_member"]
+        click.echo(f"  {'at least as good as' if s['beats_best_member'] else 'BELOW'} the best member "
+                   f"{v['best_member']} on {v['on']}: {v['metric']} {v['result']:.4g} vs {v['best_member_score']:.4g}")
     if "parameters" in s:
         p = s["parameters"]
         click.echo(f"  parameters: {p['output']:,} (one member: {p['member']:,})")

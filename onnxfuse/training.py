@@ -31,6 +31,7 @@ from .runtime import logits_output, merit, scores
 NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
 CANDIDATES = {"sgd": (0.1, 0.03, 0.01, 0.003, 0.001), "adam": (3e-3, 1e-3, 3e-4, 1e-4)}
 PROBE_BUDGET = 0.25        # probes' steps as a fraction of the fine-tuning steps they serve
+PROBE_SCHEDULE = "hold-decay"
 TOLERANCE = 0.3            # lr auto: the largest rate whose probe loss is within 30% of the best probe's
 HOLDOUT_SPLIT_SEED = 0     # the held-out slice does not depend on --seed (which orders the batches)
 
@@ -283,9 +284,10 @@ class _Loop:
             opt = torch.optim.SGD(self.params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
         else:
             opt = torch.optim.Adam(self.params, lr=lr, weight_decay=o.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, (lambda step: max(0.0, 1 - step / total)) if schedule == "linear" else (lambda step: 1.0))
-        return opt, sched
+        shapes = {"linear": lambda step: max(0.0, 1 - step / total), "constant": lambda step: 1.0,
+                  # probes: the full rate for the first half, then linear decay to 0
+                  "hold-decay": lambda step: min(1.0, max(0.0, 2 - 2 * step / total))}
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, shapes[schedule])
 
     def epoch(self, generator, steps: int):
         import torch
@@ -357,7 +359,7 @@ def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
     for lr in candidates:
         loop.module.load_state_dict(start)
         loop.module.train()
-        opt, sched = loop.optimizer(lr, length, "linear")
+        opt, sched = loop.optimizer(lr, length, PROBE_SCHEDULE)
         generator = torch.Generator().manual_seed(loop.options.seed + 1)
         taken, loss = 0, None
         try:
