@@ -87,7 +87,7 @@ def _training_options(fn):
                      help="Train on the members' mean logits (KL, T=2) instead of labels; needs no labels."),
         click.option("--lr", type=str, default="auto", show_default=True, callback=_learning_rate,
                      help="Initial learning rate, or 'auto': chosen by short probes on the held-out slice of "
-                          "--data (never --val), about a quarter of the fine-tuning's steps."),
+                          "--data (never --val), a fifth of the fine-tuning's steps."),
         click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
                      help="Fraction of --data never trained on: --lr auto probes on it, and without --val the "
                           "best epoch is chosen on it (0: no split; needs a numeric --lr)."),

@@ -5,7 +5,7 @@ The recipe (Zimmer et al., ICLR 2023: short retraining with a learning rate deca
 as much as long schedules, and its initial value can be chosen adaptively):
 - a fixed slice of the training data (`holdout`, default 10%) is never trained on;
 - `lr="auto"` (the default) chooses the initial rate on that slice with short probes: every candidate rate
-  trains a compressed copy of the run (linear decay to 0 over the probe), and the choice is the largest rate
+  trains a short probe (the rate held for half of it, then decaying linearly to 0), and the choice is the largest rate
   whose held-out loss is within TOLERANCE of the best probe's (see choose_lr); the probes together take
   PROBE_BUDGET of the steps of the run they serve;
 - every epoch is scored on `val` (if given) or on the held-out slice, and the best epoch's weights are
@@ -30,7 +30,7 @@ from .runtime import logits_output, merit, scores
 
 NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
 CANDIDATES = {"sgd": (0.1, 0.03, 0.01, 0.003, 0.001), "adam": (3e-3, 1e-3, 3e-4, 1e-4)}
-PROBE_BUDGET = 0.25        # probes' steps as a fraction of the fine-tuning steps they serve
+PROBE_BUDGET = 0.2         # probes' steps as a fraction of the fine-tuning steps they serve
 PROBE_SCHEDULE = "hold-decay"
 TOLERANCE = 0.3            # lr auto: the largest rate whose probe loss is within 30% of the best probe's
 HOLDOUT_SPLIT_SEED = 0     # the held-out slice does not depend on --seed (which orders the batches)
@@ -345,8 +345,9 @@ def _probe_loss(row: dict, distill: bool):
 
 
 def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
-    """Probe every rate of CANDIDATES: train `length` steps from the starting weights (linear decay to 0 over
-    the probe, whatever the run's schedule; PROBE_BUDGET * `total` steps in all) and take the loss on the
+    """Probe every rate of CANDIDATES: train `length` steps from the starting weights (PROBE_SCHEDULE: the rate
+    held for half the probe, so that a rate that kills the network early shows, then decaying linearly to 0
+    so that transient damage can settle; PROBE_BUDGET * `total` steps in all) and take the loss on the
     held-out slice. The choice is the largest rate whose probe loss is within TOLERANCE of the best probe's: a
     probe much shorter than the run favours low rates (a high rate first disturbs the transplanted weights and
     recovers later in the run), so it is trusted to rule out rates that do lasting damage or diverge, not to
