@@ -14,7 +14,6 @@ as much as long schedules, and its initial value can be chosen adaptively):
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import os
@@ -241,7 +240,11 @@ def _finetune(model, train, options, val, teacher_logits, progress) -> TrainResu
 
 
 def _figure(row: dict) -> str:
-    return f"accuracy {row['accuracy']:.4f}" if row.get("accuracy") is not None else f"loss {row['loss']:.4g}"
+    if row.get("accuracy") is not None:
+        return f"accuracy {row['accuracy']:.4f}"
+    if row.get("loss") is not None:
+        return f"loss {row['loss']:.4g}"
+    return f"distillation loss {row.get('distill_loss', float('nan')):.4g}"
 
 
 class _Best:
@@ -296,7 +299,9 @@ class _Loop:
         order = order.to(self.device)
         return [order[i * b:(i + 1) * b] for i in range(steps)]
 
-    def step(self, opt, sched, idx, where: str, lr: float) -> float:
+    def step(self, opt, sched, idx, where: str, lr: float, check: bool = True) -> float:
+        """One optimizer step; the loss. `check`: a loss that diverged is an error (probes judge afterwards, on
+        the held-out slice, which every data-parallel rank sees alike)."""
         import torch.nn.functional as F
         out = self.step_module(*[x[idx] for x in self.xs])
         if self.options.distill:
@@ -306,7 +311,7 @@ class _Loop:
         else:
             loss = F.cross_entropy(out, self.ys[idx])
         value = loss.item()
-        if not math.isfinite(value) or value > 1e6:
+        if check and (not math.isfinite(value) or value > 1e6):
             raise TrainingError(f"the loss diverged ({value:.3g}) {where}; nothing was written: try a lower "
                                 f"--lr (now {lr:g})")
         opt.zero_grad(set_to_none=True)
@@ -362,15 +367,14 @@ def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
         loop.module.train()
         opt, sched = loop.optimizer(lr, length, PROBE_SCHEDULE)
         generator = torch.Generator().manual_seed(loop.options.seed + 1)
-        taken, loss = 0, None
-        try:
-            while taken < length:
-                for idx in loop.epoch(generator, math.ceil(loop.shard / loop.options.batch_size))[:length - taken]:
-                    loop.step(opt, sched, idx, "", lr)
-                    taken += 1
-            loss = _probe_loss(_evaluate(loop.module, holdout, loop.device, loop), loop.options.distill)
-        except TrainingError:
-            pass                                         # diverged: out
+        taken = 0
+        while taken < length:
+            for idx in loop.epoch(generator, math.ceil(loop.shard / loop.options.batch_size))[:length - taken]:
+                loop.step(opt, sched, idx, "", lr, check=False)
+                taken += 1
+        loss = _probe_loss(_evaluate(loop.module, holdout, loop.device, loop), loop.options.distill)
+        if loss is not None and not (math.isfinite(loss) and loss < 1e6):
+            loss = None                                  # diverged: out
         probes.append({"lr": lr, "steps": taken, "holdout_loss": loss})
     loop.module.load_state_dict(start)
     finite = [p for p in probes if p["holdout_loss"] is not None and math.isfinite(p["holdout_loss"])]
