@@ -31,7 +31,7 @@ NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
 CANDIDATES = {"sgd": (0.1, 0.03, 0.01, 0.003, 0.001), "adam": (3e-3, 1e-3, 3e-4, 1e-4)}
 PROBE_BUDGET = 0.2         # probes' steps as a fraction of the fine-tuning steps they serve
 PROBE_SCHEDULE = "hold-decay"
-TOLERANCE = 0.3            # lr auto: the largest rate whose probe loss is within 30% of the best probe's
+TOLERANCE = 0.5            # lr auto: the largest rate whose probe loss is within 50% of the best probe's
 HOLDOUT_SPLIT_SEED = 0     # the held-out slice does not depend on --seed (which orders the batches)
 
 
