@@ -204,6 +204,7 @@ def main():
                         continue
                     sets.append((dataset, family, recipe, n))
     results, cache = [], {}
+    args.commit = git_state()           # the code that produced the numbers (stamped at the start)
     start = time.perf_counter()
     warm_up()
     for dataset, family, recipe, n in sets:
@@ -264,7 +265,7 @@ def report(results, args, seconds):
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = (f"commit {git_state()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    stamp = (f"commit {getattr(args, 'commit', None) or git_state()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"{platform.processor() or platform.machine()}, 1 thread, {seconds / 60:.1f} min"
              f"{', --quick' if args.quick else ''}")
     md = [f"# Fine-tuning recipe: lr auto + best epoch vs fixed rates\n", f"{stamp}\n",
