@@ -81,8 +81,11 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), or a baseline that averages
     the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion).
 
-    With `data` (an .npz) and `training` options (TrainOptions fields, e.g. epochs=3), the result is
-    fine-tuned before it is written; with `val`, members, ensemble and result are scored on it.
+    With `data` (an .npz, arrays, a dict of arrays or a torch Dataset/DataLoader) and `training` options
+    (TrainOptions fields, e.g. epochs=3), the result is fine-tuned before it is written (see
+    onnxfuse.training: lr auto, best epoch kept); with `val`, members, ensemble and result are scored on it.
+    The result is compared with the best member (`summary["beats_best_member"]`); with
+    `training={"require_gain": True}` a result below it raises NoGainError and nothing is written.
 
     With `calibrate` (an .npz of inputs; labels unused), 'nt' and 'prune' results are first reconstructed:
     every layer that consumes a pruned group is refitted by least squares to reproduce the wide model's
@@ -351,7 +354,7 @@ def _tune_and_score(model, sources, data, val, options, summary, progress) -> No
                 v = summary["versus_best_member"]
                 raise NoGainError(f"--require-gain: the fused model ({v['result']:.4g}) is below the best member "
                                   f"{v['best_member']} ({v['best_member_score']:.4g}) by {v['metric']} on "
-                                  f"{v['on']}; nothing was written", {k: v for k, v in summary.items() if k != "_model"})
+                                  f"{v['on']}; nothing was written", {key: value for key, value in summary.items() if key != "_model"})
 
 
 def _versus_best_member(model, sources, on, is_val: bool, threads: int) -> dict:
