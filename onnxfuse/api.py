@@ -99,8 +99,11 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), or a baseline that averages
     the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion).
 
-    With `data` (an .npz) and `training` options (TrainOptions fields, e.g. epochs=3), the result is
-    fine-tuned before it is written; with `val`, members, ensemble and result are scored on it.
+    With `data` (an .npz, arrays, a dict of arrays or a torch Dataset/DataLoader) and `training` options
+    (TrainOptions fields, e.g. epochs=3), the result is fine-tuned before it is written (see
+    onnxfuse.training: lr auto, best epoch kept); with `val`, members, ensemble and result are scored on it.
+    The result is compared with the best member (`summary["beats_best_member"]`); with
+    `training={"require_gain": True}` a result below it raises NoGainError and nothing is written.
 
     With `calibrate` (an .npz of inputs; labels unused), 'nt' and 'prune' results are first reconstructed:
     every layer that consumes a pruned group is refitted by least squares to reproduce the wide model's
@@ -282,7 +285,7 @@ def _reconstruct(built: _Built, sources, calibrate, calib_samples) -> None:
     built.summary["reconstruction"] = report
     for prop in built.graph.metadata_props:       # provenance: the weights were refitted on this data
         if prop.key == "onnxfuse.options":
-            prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(str(calibrate)).name,
+            prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(report["calibration"]).name,
                                      "calib_samples": report["samples"]}, sort_keys=True)
 
 
@@ -474,32 +477,72 @@ def _train_options(training: dict | None):
     return options
 
 
-def _teacher_logits(teachers, data, files: set | None = None):
+def _teacher_logits(teachers, data, files: set | None = None, threads: int = 1):
     from .runtime import Runner
-    return np.mean([Runner(t, files=files)(data) for t in teachers], axis=0)
+    return np.mean([Runner(t, files=files, threads=threads)(data) for t in teachers], axis=0)
+
+
+class NoGainError(OnnxFuseError):
+    """`require_gain`: the fused model ended below the best member; nothing was written (CLI exit code 3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _name(source, i: int) -> str:
+    return Path(str(source)).name if not isinstance(source, onnx.ModelProto) else f"member {i}"
 
 
 def _tune_and_score(model, sources, data, val, options, summary, progress) -> None:
-    """Fine-tune `model` on `data` (if epochs > 0) and score members, ensemble and result on `val`."""
+    """Fine-tune `model` on `data` (if epochs > 0), score members, ensemble and result on `val`, and compare the
+    result with the best member on `val` (or, without it, on the held-out slice of `data`)."""
     from .data import load_data
     from .runtime import Runner, scores
+    threads = options.threads if options is not None else 1
     train_set = load_data(data, model) if data is not None else None
     val_set = load_data(val, model) if val is not None else None
     if val_set is not None:
-        member_logits = [Runner(s)(val_set) for s in sources]
-        summary["accuracy"] = {Path(str(s)).name if not isinstance(s, onnx.ModelProto) else f"member {i}":
-                               scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
+        member_logits = [Runner(s, threads=threads)(val_set) for s in sources]
+        summary["accuracy"] = {_name(s, i): scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
         if len(sources) > 1:
             summary["accuracy"]["ensemble (mean of logits)"] = scores(np.mean(member_logits, 0), val_set.y)
-        summary["accuracy"]["result before fine-tuning"] = scores(Runner(model)(val_set), val_set.y)
+        summary["accuracy"]["result before fine-tuning"] = scores(Runner(model, threads=threads)(val_set), val_set.y)
     if train_set is not None and options is not None and options.epochs > 0:
-        from .training import finetune
-        teacher = _teacher_logits(sources, train_set) if options.distill else None
+        from .training import finetune, split_holdout
+        teacher = (lambda d: _teacher_logits(sources, d, threads=threads)) if options.distill else None
         result = finetune(model, train_set, options, val_set, teacher, progress)
         summary["training"] = {"options": result.options, "history": result.history}
         summary["_model"] = result.model
         if val_set is not None:
-            summary["accuracy"]["result after fine-tuning"] = scores(Runner(result.model)(val_set), val_set.y)
+            summary["accuracy"]["result after fine-tuning"] = scores(Runner(result.model, threads=threads)(val_set),
+                                                                     val_set.y)
+        on = val_set if val_set is not None else split_holdout(train_set, options.holdout)[1]
+        if len(sources) > 1 and on is not None:
+            summary.update(_versus_best_member(result.model, sources, on, val_set is not None, threads))
+            if options.require_gain and summary["beats_best_member"] is False:
+                v = summary["versus_best_member"]
+                raise NoGainError(f"--require-gain: the fused model ({v['result']:.4g}) is below the best member "
+                                  f"{v['best_member']} ({v['best_member_score']:.4g}) by {v['metric']} on "
+                                  f"{v['on']}; nothing was written", {key: value for key, value in summary.items() if key != "_model"})
+
+
+def _versus_best_member(model, sources, on, is_val: bool, threads: int) -> dict:
+    """Whether the result is at least as good as the best member on `on` (onnxruntime): accuracy, or MSE for
+    regression. `beats_best_member` is None when `on` has no labels."""
+    from .runtime import Runner, merit, scores
+    where = "--val" if is_val else on.source
+    if on.y is None:
+        return {"beats_best_member": None, "versus_best_member": {"on": where, "note": "no labels: not compared"}}
+    metric = "mse" if on.regression else "accuracy"
+    members = [(scores(Runner(s, threads=threads)(on), on.y), _name(s, i)) for i, s in enumerate(sources)]
+    best, name = max(members, key=lambda m: merit(m[0]))
+    mine = scores(Runner(model, threads=threads)(on), on.y)
+    return {"beats_best_member": merit(mine)[:1] >= merit(best)[:1],
+            "versus_best_member": {"on": where, "metric": metric, "result": mine[metric], "best_member": name,
+                                   "best_member_score": best[metric]}}
 
 
 def finetune(model, data, output=None, teachers=None, val=None, force: bool = False, progress: bool = False,
@@ -523,26 +566,30 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
     options = _train_options(training) or _train_options({"epochs": 3})
     train_set = load_data(data, full)
     val_set = load_data(val, full) if val is not None else None
-    read = set()
-    teacher = _teacher_logits(teachers, train_set, read) if options.distill and teachers else None
-    if output is not None and read:             # the teachers' external data may not be overwritten either
+    if options.distill and teachers and output is not None:    # the teachers' external data may not be overwritten
+        read = set()
+        for t in teachers:
+            read_model(t, read)
         check_output_path(output, sorted(read), force)
+    teacher = (lambda d: _teacher_logits(teachers, d, threads=options.threads)) if options.distill and teachers \
+        else None
     result = run_finetune(full, train_set, options, val_set, teacher, progress)
     summary = {"method": "finetune", "members": [member.name], "training": {"options": result.options,
                                                                          "history": result.history}}
     if val_set is not None:
-        summary["accuracy"] = {"before": scores(Runner(full)(val_set), val_set.y),
-                               "after": scores(Runner(result.model)(val_set), val_set.y)}
+        summary["accuracy"] = {"before": scores(Runner(full, threads=options.threads)(val_set), val_set.y),
+                               "after": scores(Runner(result.model, threads=options.threads)(val_set), val_set.y)}
     fusion = Fusion(*TensorTable.detach(result.model))
     return _written(fusion, summary, output, force, start)
 
 
-def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> list[dict]:
-    """Accuracy and loss of each model on an .npz, and of their ensemble (mean of logits)."""
+def evaluate(models, data, ensemble: bool = False, provider: str = "cpu", threads: int = 1) -> list[dict]:
+    """Accuracy and loss of each model on data (.npz or arrays; regression: MSE and MAE), and of their ensemble
+    (mean of outputs)."""
     from .data import load_data
     from .runtime import evaluate as run_evaluate
     models = _sources(models)
-    return run_evaluate(models, load_data(data, read_model(models[0])), ensemble, provider)
+    return run_evaluate(models, load_data(data, read_model(models[0])), ensemble, provider, threads)
 
 
 def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cpu", threads: int = 1,

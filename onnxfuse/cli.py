@@ -144,8 +144,18 @@ def _training_options(fn):
                      help="Fine-tuning epochs (default 3 when --data is given)."),
         click.option("--distill", is_flag=True,
                      help="Train on the members' mean logits (KL, T=2) instead of labels; needs no labels."),
-        click.option("--lr", type=float, default=None, callback=_number(0),
-                     help="Initial learning rate (default 0.05 SGD, 1e-3 Adam)."),
+        click.option("--lr", type=str, default="auto", show_default=True, callback=_learning_rate,
+                     help="Initial learning rate, or 'auto': chosen by short probes on the held-out slice of "
+                          "--data (never --val), a fifth of the fine-tuning's steps."),
+        click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+                     help="Fraction of --data never trained on: --lr auto probes on it, and without --val the "
+                          "best epoch is chosen on it (0: no split; needs a numeric --lr)."),
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="torch and onnxruntime intra-op threads. Results are byte-identical for a given "
+                          "thread count; more threads than idle cores slow training down many times."),
+        click.option("--task", type=click.Choice(["auto", "classification", "regression"]), default="auto",
+                     show_default=True,
+                     help="auto: float targets 'y' are regression (MSE), integer labels classification."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
         click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
                      help="SGD has momentum 0.9."),
@@ -168,14 +178,28 @@ def _training_options(fn):
     return fn
 
 
+def _learning_rate(ctx, param, value: str):
+    if value == "auto":
+        return value
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = -1.0
+    if not rate > 0 or rate != rate or rate == float("inf"):
+        raise click.BadParameter(f"expected 'auto' or a positive number, got '{value}'")
+    return rate
+
+
 def _training(kw: dict) -> dict:
     epochs = kw.pop("epochs")
     training = {k: kw.pop(k) for k in ("distill", "lr", "batch_size", "optimizer", "schedule", "train_only",
-                                       "seed", "device", "target_output", "checkpoint_dir", "resume")}
+                                       "seed", "device", "target_output", "checkpoint_dir", "resume", "holdout",
+                                       "threads", "task")}
     if training["resume"] and not training["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir")
     if not kw.get("data"):
-        given = [f"--{k.replace('_', '-')}" for k in ("lr", "checkpoint_dir", "target_output") if training[k]]
+        given = [f"--{k.replace('_', '-')}" for k in ("checkpoint_dir", "target_output") if training[k]]
+        given = ["--lr"] * (training["lr"] != "auto") + given
         given += ["--epochs"] * (epochs is not None and epochs > 0) + ["--distill"] * training["distill"]
         if given:
             raise click.UsageError(f"{given[0]} applies to fine-tuning, which needs --data TRAIN.npz")
@@ -213,15 +237,19 @@ def _training(kw: dict) -> dict:
 @click.option("--soup-epochs", type=click.IntRange(min=1), default=None, metavar="E",
               help="Epochs of each soup copy (default: --epochs).")
 @click.option("--soup-mode", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True,
-              help="greedy: copies in order of --val accuracy, each kept only if the soup's does not drop.")
+              help="greedy: copies in order of held-out accuracy (--val, else the held-out slice of --data), each "
+                   "kept only if the soup's does not drop.")
 @click.option("--fp16", is_flag=True, help="Same as --quantize fp16.")
 @click.option("--quantize-exclude", "quantize_exclude", multiple=True, metavar="NODE",
               help="A node to keep in float when quantizing to int8 (repeat for several).")
+@click.option("--require-gain", is_flag=True,
+              help="Exit with code 3 and write nothing when the fine-tuned result is below the best member on "
+                   "--val (or on the held-out slice of --data).")
 @_training_options
 @_common
 @_reports_errors
 def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_epochs, soup_mode, quantize, fp16,
-          quantize_exclude, force, quiet, as_json, **kw):
+          quantize_exclude, require_gain, force, quiet, as_json, **kw):
     """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation (or, with --method, by
     averaging their aligned weights).
 
@@ -233,15 +261,21 @@ def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_epo
     Example:
       onnxfuse merge a.onnx b.onnx -o fused.onnx --data train.npz --val val.npz
     """
-    training = _training(kw)
+    training = {**_training(kw), "require_gain": require_gain}
     if fp16 and quantize not in (None, "fp16"):
         raise click.UsageError("--fp16 and --quantize int8 exclude each other")
     quantize = "fp16" if fp16 else quantize
-    _finish(api.fuse(models, method, keep, output, force, kw["data"], kw["val"], training,
-                     progress=_show_progress(quiet, as_json), calibrate=calibrate, calib_samples=calib_samples,
-                     quantize=quantize, quantize_exclude=quantize_exclude, soup=soup, soup_mode=soup_mode,
-                     soup_epochs=soup_epochs),
-            quiet, as_json)
+    try:
+        result = api.fuse(models, method, keep, output, force, kw["data"], kw["val"], training,
+                          progress=_show_progress(quiet, as_json), calibrate=calibrate, calib_samples=calib_samples,
+                          quantize=quantize, quantize_exclude=quantize_exclude, soup=soup, soup_mode=soup_mode,
+                          soup_epochs=soup_epochs)
+    except api.NoGainError as exc:
+        if as_json and api.is_main_process():
+            click.echo(json.dumps(exc.summary, indent=2))
+        click.echo(f"onnxfuse: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    _finish(result, quiet, as_json)
 
 
 @main.command(short_help="Fine-tune any model; same graph, tuned weights.")
@@ -271,15 +305,23 @@ def finetune(model, output, teachers, force, quiet, as_json, **kw):
 @click.option("--ensemble", is_flag=True, help="Also score the ensemble of MODELS (mean of logits).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider (cuda needs onnxfuse[gpu]).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @_reports_errors
-def evaluate(models, data, ensemble, provider, as_json):
-    """Accuracy and cross-entropy of each of MODELS (and their ensemble) on DATA, with onnxruntime."""
-    rows = api.evaluate(list(models), data, ensemble, provider)
+def evaluate(models, data, ensemble, provider, threads, as_json):
+    """Accuracy and cross-entropy of each of MODELS (and their ensemble) on DATA, with onnxruntime.
+    With float targets 'y' (regression): MSE and MAE."""
+    rows = api.evaluate(list(models), data, ensemble, provider, threads)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     width = max(len(r["model"]) for r in rows)
+    if "mse" in rows[0]:
+        click.echo(f"{'model':<{width}}  {'MSE':>10}  {'MAE':>10}")
+        for r in rows:
+            click.echo(f"{r['model']:<{width}}  {r['mse']:>10.5g}  {r['mae']:>10.5g}")
+        return
     click.echo(f"{'model':<{width}}  accuracy      loss")
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
@@ -544,6 +586,10 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     s = result.summary
     if not api.is_main_process():      # under torchrun, rank 0 speaks for all
         return
+    if s.get("beats_best_member") is False:       # never silently worse, even with --quiet or --json
+        v = s["versus_best_member"]
+        click.echo(f"onnxfuse: warning: the fused model is below the best member {v['best_member']} on {v['on']} "
+                   f"({v['metric']} {v['result']:.4g} vs {v['best_member_score']:.4g})", err=True)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -579,7 +625,13 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     if "training" in s:
         o = s["training"]["options"]
         click.echo(f"  fine-tuned {o['epochs']} epochs ({'distillation' if o['distill'] else 'labels'}, "
-                   f"{o['optimizer']}, {o['schedule']} lr)")
+                   f"{o['optimizer']}, {o['schedule']} lr from {o['lr']:g}; {o['threads']} thread"
+                   f"{'s' if o['threads'] > 1 else ''})")
+        if o["lr_choice"]["how"] == "auto":
+            click.echo(f"  lr auto: {o['lr_choice']['why']}")
+        if o["selected_on"]:
+            click.echo(f"  kept epoch {o['selected_epoch']} of {o['epochs']}, the best on "
+                       f"{'--val' if o['selected_on'] == 'val' else 'the held-out slice of --data'}")
     if "soup" in s:
         r = s["soup"]
         click.echo(f"  {r['mode']} soup of {len(r['kept'])} of {len(r['ingredients'])} models "
@@ -600,8 +652,15 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
                  for k, v in s["accuracy"].items()}
         width = max(len(k) for k in shown)
         for name, sc in shown.items():
-            click.echo(f"  {name:<{width}}  val accuracy {sc['accuracy']:.4f}  loss {sc['loss']:.4f}"
-                       if sc["accuracy"] is not None else f"  {name:<{width}}  (no labels)")
+            if sc.get("mse") is not None:
+                click.echo(f"  {name:<{width}}  val MSE {sc['mse']:.5g}  MAE {sc['mae']:.5g}")
+            else:
+                click.echo(f"  {name:<{width}}  val accuracy {sc['accuracy']:.4f}  loss {sc['loss']:.4f}"
+                           if sc["accuracy"] is not None else f"  {name:<{width}}  (no labels)")
+    if s.get("beats_best_member") is not None:
+        v = s["versus_best_member"]
+        click.echo(f"  {'at least as good as' if s['beats_best_member'] else 'BELOW'} the best member "
+                   f"{v['best_member']} on {v['on']}: {v['metric']} {v['result']:.4g} vs {v['best_member_score']:.4g}")
     if "parameters" in s:
         p = s["parameters"]
         click.echo(f"  parameters: {p['output']:,} (one member: {p['member']:,})")

@@ -1,4 +1,6 @@
-"""Datasets from .npz files: `x` (or one array per graph input, by name) and optional integer labels `y`."""
+"""Datasets: `x` (or one array per graph input, by name) and optional targets `y` -- integer class labels, or
+float targets of the output's shape (regression) -- from an .npz file, a numpy array (inputs only), a dict of
+arrays, or a torch Dataset/DataLoader that yields `x` or `(x, y)`."""
 from __future__ import annotations
 
 import math
@@ -20,9 +22,18 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     y: np.ndarray | None
     source: str
+    teacher: np.ndarray | None = None      # the members' mean outputs on these samples (distillation)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
+
+    @property
+    def regression(self) -> bool:
+        return self.y is not None and np.issubdtype(self.y.dtype, np.floating)
+
+    def subset(self, index: np.ndarray, source: str) -> "Dataset":
+        pick = (lambda a: None if a is None else a[index])
+        return Dataset({k: v[index] for k, v in self.inputs.items()}, pick(self.y), source, pick(self.teacher))
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -30,47 +41,111 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in constants]
 
 
-def load_data(path, model: onnx.ModelProto) -> Dataset:
-    """Read an .npz and check it against the model's graph inputs (names, shapes, dtypes).
+def describe(source) -> str:
+    """How a data source is named in messages and metadata: the file name, or the kind of object."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"<{type(source).__name__}>"
 
-    Only the arrays the graph needs (and the labels 'y') are read, each after checking that the archive
-    really holds the bytes its header declares: other arrays, however large, are never decompressed."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: " + ("not a regular file" if path.exists() else "no such data file"))
-    inputs = graph_inputs(model)
-    try:
-        if not zipfile.is_zipfile(path):
-            raise InputError(f"{path}: not an .npz file (not a zip archive; write it with numpy.savez)")
-        with zipfile.ZipFile(path) as archive, np.load(path, allow_pickle=False) as npz:
-            available = set(npz.files)
-            keys = {}
-            for spec in inputs:
-                key = spec.name if spec.name in available else \
-                    ("x" if len(inputs) == 1 and "x" in available else None)
-                if key is None:
-                    names = "'x'" if spec.name == "x" else f"'x' or '{spec.name}'"
-                    raise InputError(f"{path}: no array for graph input '{spec.name}' (found {sorted(available)}; "
-                                     f"name it {names})")
-                keys[spec.name] = key
-            arrays = {k: _read(archive, npz, k, path) for k in {*keys.values(), *({"y"} & available)}}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+
+def load_data(source, model: onnx.ModelProto) -> Dataset:
+    """Read a dataset (see the module docstring) and check it against the model's graph inputs (names, shapes,
+    dtypes).
+
+    From an .npz, only the arrays the graph needs (and the targets 'y') are read, each after checking that the
+    archive really holds the bytes its header declares: other arrays, however large, are never decompressed."""
+    if isinstance(source, Dataset):
+        return source
+    inputs, path = graph_inputs(model), describe(source)
+    if isinstance(source, (str, Path)):
+        keys, arrays = _read_npz(Path(source), inputs)
+    else:
+        arrays = _arrays(source)
+        keys = _keys(inputs, set(arrays), path)
     feeds = {spec.name: _fit(arrays[keys[spec.name]], spec, f"{path}: array '{keys[spec.name]}'") for spec in inputs}
     sizes = {len(v) for v in feeds.values()}
     if sizes == {0}:
         raise InputError(f"{path}: the data is empty")
     y = arrays.get("y")
     if y is not None:
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise InputError(f"{path}: labels 'y' must be a 1-D integer array, got {y.dtype} {list(y.shape)}")
-        if y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max:
+        if np.issubdtype(y.dtype, np.floating) and y.ndim >= 1:
+            y = y.astype(np.float32)        # regression targets, checked against the output's shape in training
+        elif y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise InputError(f"{path}: labels 'y' must be a 1-D integer array (classes) or a float array of "
+                             f"the output's shape (regression), got {y.dtype} {list(y.shape)}")
+        elif y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max:
             raise InputError(f"{path}: label {y.max()} in 'y' is too large for a class index")
+        else:
+            y = y.astype(np.int64)
         sizes.add(len(y))
-        y = y.astype(np.int64)
     if len(sizes) != 1:
         raise InputError(f"{path}: arrays have different numbers of samples {sorted(sizes)}")
-    return Dataset(feeds, y, str(path))
+    return Dataset(feeds, y, path)
+
+
+def _keys(inputs, available: set, path: str) -> dict[str, str]:
+    """Graph input -> the array that feeds it: the input's own name, or `x` for a single input."""
+    keys = {}
+    for spec in inputs:
+        key = spec.name if spec.name in available else ("x" if len(inputs) == 1 and "x" in available else None)
+        if key is None:
+            names = "'x'" if spec.name == "x" else f"'x' or '{spec.name}'"
+            raise InputError(f"{path}: no array for graph input '{spec.name}' (found {sorted(available)}; "
+                             f"name it {names})")
+        keys[spec.name] = key
+    return keys
+
+
+def _read_npz(path: Path, inputs) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    if not path.is_file():
+        raise InputError(f"{path}: " + ("not a regular file" if path.exists() else "no such data file"))
+    try:
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"{path}: not an .npz file (not a zip archive; write it with numpy.savez)")
+        with zipfile.ZipFile(path) as archive, np.load(path, allow_pickle=False) as npz:
+            available = set(npz.files)
+            keys = _keys(inputs, available, str(path))
+            arrays = {k: _read(archive, npz, k, path) for k in {*keys.values(), *({"y"} & available)}}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    return keys, arrays
+
+
+def _arrays(source) -> dict[str, np.ndarray]:
+    """The named arrays of an in-memory data source: an array (x), a dict of arrays, a torch Dataset or
+    DataLoader of `x` or `(x, y)` items (a dict item gives its keys)."""
+    if isinstance(source, np.ndarray):
+        return {"x": source}
+    if isinstance(source, dict):
+        return {k: np.asarray(v) for k, v in source.items()}
+    if hasattr(source, "__iter__") or hasattr(source, "__getitem__"):
+        return _from_torch(source)
+    raise InputError(f"data must be an .npz path, a numpy array, a dict of arrays or a torch Dataset/DataLoader, "
+                     f"got {type(source).__name__}")
+
+
+def _from_torch(source) -> dict[str, np.ndarray]:
+    """Collect a torch Dataset (items) or DataLoader (batches) into arrays."""
+    try:
+        from torch.utils.data import DataLoader
+    except ImportError:
+        raise InputError(f"{describe(source)}: reading a torch Dataset needs torch") from None
+    batches = source if isinstance(source, DataLoader) else DataLoader(source, batch_size=256, shuffle=False)
+    columns: dict[str, list] = {}
+    for batch in batches:
+        if isinstance(batch, dict):
+            named = batch
+        elif isinstance(batch, (tuple, list)):
+            if len(batch) > 2:
+                raise InputError(f"{describe(source)}: items must be x or (x, y), got {len(batch)} values")
+            named = dict(zip(("x", "y"), batch))
+        else:
+            named = {"x": batch}
+        for k, v in named.items():
+            columns.setdefault(k, []).append(v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+    if not columns:
+        raise InputError(f"{describe(source)}: the data is empty")
+    return {k: np.concatenate(v) for k, v in columns.items()}
 
 
 def _read(archive: zipfile.ZipFile, npz, key: str, path: Path) -> np.ndarray:

@@ -362,6 +362,7 @@ def reconstruct(graph: onnx.ModelProto, tensors: TensorTable, wide: onnx.ModelPr
         raise OnnxFuseError(f"the reconstruction ridge must be >= 0, got {ridge}")
     model = tensors.materialize(graph)
     data = load_data(calibrate, model)
+    calibrate = data.source          # a file name, or the kind of in-memory data
     feeds = _pick(data.inputs, int(samples))
     for name, value in feeds.items():
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():

@@ -69,7 +69,8 @@ def _both_runtimes_installed() -> bool:
 class Runner:
     """An onnxruntime session that also returns the logits value."""
 
-    def __init__(self, source, output: str | None = None, provider: str = "cpu", files: set | None = None):
+    def __init__(self, source, output: str | None = None, provider: str = "cpu", files: set | None = None,
+                 threads: int = 1):
         model = read_model(source, files)
         self.name = str(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
         self.logits = logits_output(model, output)
@@ -80,6 +81,7 @@ class Runner:
             model = copy
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session_providers = providers(provider)
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=session_providers)
@@ -96,8 +98,8 @@ class Runner:
                 raise OnnxFuseError(f"{self.name}: onnxruntime cannot run it on {data.source} "
                                     f"({_first_line(exc)})") from None
         logits = np.concatenate(chunks).astype(np.float64)
-        if data.y is not None and len(data.y) and (logits.ndim != 2 or data.y.min() < 0 or
-                                                   data.y.max() >= logits.shape[1]):
+        if data.y is not None and len(data.y) and not data.regression and (
+                logits.ndim != 2 or data.y.min() < 0 or data.y.max() >= logits.shape[1]):
             raise OnnxFuseError(f"{data.source}: labels range over [{data.y.min()}, {data.y.max()}] but "
                                 f"{Path(self.name).name}'s output '{self.logits}' has shape {list(logits.shape)}")
         return logits
@@ -109,8 +111,16 @@ def _first_line(exc: Exception) -> str:
 
 
 def scores(logits: np.ndarray, y: np.ndarray | None) -> dict:
+    """Classification (integer labels): accuracy and cross-entropy. Regression (float targets of the output's
+    shape): MSE and MAE, with `loss` = MSE."""
     if y is None:
         return {"accuracy": None, "loss": None}
+    if np.issubdtype(y.dtype, np.floating):
+        if logits.shape != y.shape:
+            raise OnnxFuseError(f"regression targets have shape {list(y.shape)} but the model's output has shape "
+                                f"{list(logits.shape)}")
+        err = logits - y
+        return {"mse": float((err ** 2).mean()), "mae": float(np.abs(err).mean()), "loss": float((err ** 2).mean())}
     if logits.ndim != 2 or y.max(initial=0) >= logits.shape[1] or y.min(initial=0) < 0:
         raise OnnxFuseError(f"labels range over [{y.min()}, {y.max()}] but the model's output has shape "
                             f"{list(logits.shape)}")
@@ -120,11 +130,26 @@ def scores(logits: np.ndarray, y: np.ndarray | None) -> dict:
             "loss": float(-log_probs[np.arange(len(y)), y].mean())}
 
 
-def evaluate(models, data: Dataset, ensemble: bool = False, provider: str = "cpu") -> list[dict]:
-    """Accuracy and cross-entropy of each model, and of their ensemble (mean of logits) if asked."""
+def merit(score: dict) -> tuple:
+    """Sort key of a score (larger is better): accuracy then lower loss; for regression, lower MSE."""
+    if score.get("accuracy") is not None:
+        return (score["accuracy"], -score["loss"])
+    return (-score["loss"],) if score.get("loss") is not None else ()
+
+
+def headline(score: dict) -> str:
+    """The figure to show for a score: 'accuracy 0.9512' or 'MSE 0.0123'."""
+    if score.get("accuracy") is not None:
+        return f"accuracy {score['accuracy']:.4f}"
+    return f"MSE {score['mse']:.4g}" if score.get("mse") is not None else "(no labels)"
+
+
+def evaluate(models, data: Dataset, ensemble: bool = False, provider: str = "cpu", threads: int = 1) -> list[dict]:
+    """Accuracy and cross-entropy (regression: MSE and MAE) of each model, and of their ensemble (mean of
+    outputs) if asked."""
     rows, all_logits = [], []
     for source in models:
-        runner = Runner(source, provider=provider)
+        runner = Runner(source, provider=provider, threads=threads)
         logits = runner(data)
         all_logits.append(logits)
         rows.append({"model": Path(runner.name).name, **scores(logits, data.y)})

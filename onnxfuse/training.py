@@ -1,15 +1,24 @@
-"""Fine-tuning: labels (cross-entropy) or distillation from the members' ensemble, written back into the graph.
+"""Fine-tuning: labels (cross-entropy; MSE for float regression targets) or distillation from the members'
+ensemble, written back into the graph.
 
-Defaults follow the retraining literature rather than the NT paper: SGD with momentum 0.9 and a learning
-rate decaying linearly to 0 over the run (Zimmer et al., ICLR 2023). `--schedule constant --lr 0.01` gives
-the paper's settings.
+The recipe (Zimmer et al., ICLR 2023: short retraining with a learning rate decaying linearly to 0 recovers
+as much as long schedules, and its initial value can be chosen adaptively):
+- a fixed slice of the training data (`holdout`, default 10%) is never trained on;
+- `lr="auto"` (the default) chooses the initial rate on that slice with short probes: every candidate rate
+  trains a short probe (the rate held for half of it, then decaying linearly to 0), and the choice is the largest rate
+  whose held-out loss is within TOLERANCE of the best probe's (see choose_lr); the probes together take
+  PROBE_BUDGET of the steps of the run they serve;
+- every epoch is scored on `val` (if given) or on the held-out slice, and the best epoch's weights are
+  returned, not the last (epoch 0, the model as given, counts too).
+`--schedule constant --lr 0.01 --holdout 0` gives the NT paper's settings.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -17,7 +26,13 @@ import onnx
 from .data import Dataset
 from .errors import OnnxFuseError
 
+
 NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
+CANDIDATES = {"sgd": (0.1, 0.03, 0.01, 0.003, 0.001), "adam": (3e-3, 1e-3, 3e-4, 1e-4)}
+PROBE_BUDGET = 0.2         # probes' steps as a fraction of the fine-tuning steps they serve
+PROBE_SCHEDULE = "hold-decay"
+TOLERANCE = 0.5            # lr auto: the largest rate whose probe loss is within 50% of the best probe's
+HOLDOUT_SPLIT_SEED = 0     # the held-out slice does not depend on --seed (which orders the batches)
 
 
 class TrainingError(OnnxFuseError):
@@ -27,7 +42,7 @@ class TrainingError(OnnxFuseError):
 @dataclass
 class TrainOptions:
     epochs: int = 3
-    lr: float | None = None            # default: 0.05 for SGD, 1e-3 for Adam
+    lr: float | str | None = "auto"    # "auto" (or None): chosen on the held-out slice; a number overrides
     batch_size: int = 64
     optimizer: str = "sgd"
     schedule: str = "linear"
@@ -41,9 +56,15 @@ class TrainOptions:
     target_output: str | None = None
     checkpoint_dir: str | None = None   # save the training state after every epoch
     resume: bool = False                # continue from the last checkpoint in checkpoint_dir
+    holdout: float = 0.1                # fraction of the training data held out (lr probes, epoch selection)
+    threads: int = 1                    # torch intra-op threads (results are byte-identical per thread count)
+    require_gain: bool = False          # merge: refuse to write a result below the best member (api)
+    task: str = "auto"                  # classification | regression | auto (float targets y: regression;
+                                        # no labels: a 2-D output is class logits)
 
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
+    @property
+    def auto_lr(self) -> bool:
+        return self.lr is None or self.lr == "auto"
 
 
 @dataclass
@@ -85,12 +106,37 @@ def _device(requested: str, rank: int = 0):
     return torch.device(requested)
 
 
+def split_holdout(train: Dataset, fraction: float) -> tuple[Dataset, Dataset | None]:
+    """(training part, held-out part): the held-out part is a fixed random `fraction` of the samples."""
+    if not 0 <= fraction < 1:
+        raise TrainingError(f"--holdout must be in [0, 1), got {fraction}")
+    count = int(round(len(train) * fraction))
+    if count == 0 or fraction == 0:
+        return train, None
+    if count >= len(train):
+        raise TrainingError(f"--holdout {fraction} leaves no training data out of {len(train)} samples")
+    order = np.random.default_rng(HOLDOUT_SPLIT_SEED).permutation(len(train))
+    keep, held = np.sort(order[count:]), np.sort(order[:count])
+    return (train.subset(keep, train.source),
+            train.subset(held, f"held-out {fraction:g} of {train.source} ({count} samples)"))
+
+
 def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val: Dataset | None = None,
              teacher_logits: np.ndarray | None = None, progress: bool = False) -> TrainResult:
-    """Train a copy of `model` and return it with the tuned initializers. `teacher_logits` (one row per
-    training sample) are the members' mean logits, needed for distillation."""
+    """Train a copy of `model` and return it with the tuned initializers (the best epoch's, see the module
+    docstring). `teacher_logits` are the members' mean outputs, needed for distillation: one row per training
+    sample, or a function of a Dataset that returns them (then `val` is scored against the teacher too)."""
     import torch
-    import torch.nn.functional as F
+    previous = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        return _finetune(model, train, options, val, teacher_logits, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _finetune(model, train, options, val, teacher_logits, progress) -> TrainResult:
+    import torch
 
     from .torch_bridge import OnnxModule
 
@@ -100,6 +146,24 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
         raise TrainingError(f"{train.source} has no labels 'y': fine-tune with --distill (needs no labels)")
     if options.epochs < 0 or options.batch_size < 1:
         raise TrainingError("--epochs must be >= 0 and --batch-size >= 1")
+    if options.threads < 1:
+        raise TrainingError(f"--threads must be >= 1, got {options.threads}")
+    if options.optimizer not in CANDIDATES:
+        raise TrainingError(f"unknown optimizer '{options.optimizer}' (sgd or adam)")
+    if options.schedule not in ("linear", "constant"):
+        raise TrainingError(f"unknown schedule '{options.schedule}' (linear or constant)")
+    if not options.auto_lr and not (isinstance(options.lr, (int, float)) and options.lr > 0):
+        raise TrainingError(f"--lr must be a positive number or 'auto', got {options.lr!r}")
+    if callable(teacher_logits):
+        teach, teacher_logits = teacher_logits, teacher_logits(train)
+        if options.distill and val is not None:
+            val = replace(val, teacher=teach(val))
+    if options.distill and teacher_logits is not None:
+        train = replace(train, teacher=np.asarray(teacher_logits))
+    train, holdout = split_holdout(train, options.holdout)
+    if options.auto_lr and holdout is None:
+        raise TrainingError("--lr auto chooses the rate on a held-out slice of the training data: give "
+                            "--holdout > 0 (or a rate with --lr)")
     torch.manual_seed(options.seed)
     rank, world = start_distributed(options.device)
     device = _device(options.device, rank)
@@ -115,80 +179,225 @@ def finetune(model: onnx.ModelProto, train: Dataset, options: TrainOptions, val:
         p.requires_grad_(trainable is None or module.onnx_names[key] in trainable)
     if not params:
         raise TrainingError(f"no parameters to train with --train-only {options.train_only}")
-    lr = options.learning_rate()
-    if options.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=options.momentum, weight_decay=options.weight_decay)
-    elif options.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=options.weight_decay)
-    else:
-        raise TrainingError(f"unknown optimizer '{options.optimizer}' (sgd or adam)")
     shard = len(train) // world          # every rank takes the same number of steps
     if shard == 0:
         raise TrainingError(f"{len(train)} samples cannot be shared among {world} processes")
     steps_per_epoch = math.ceil(shard / options.batch_size)
     total = max(1, options.epochs * steps_per_epoch)
-    if options.schedule not in ("linear", "constant"):
-        raise TrainingError(f"unknown schedule '{options.schedule}' (linear or constant)")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda step: max(0.0, 1 - step / total)) if options.schedule == "linear" else (lambda step: 1.0))
+    loop = _Loop(module, step_module, params, train, options, device, rank, world, shard)
+    select_on = val if val is not None else holdout
 
-    names = list(train.inputs)
-    xs = [torch.from_numpy(np.ascontiguousarray(train.inputs[k])).to(device) for k in names]
-    ys = torch.from_numpy(train.y).to(device) if train.y is not None else None
-    teacher = torch.from_numpy(teacher_logits.astype(np.float32)).to(device) if options.distill else None
-    if ys is not None:
-        _check_labels(module, xs, ys, train.source)
-    generator = torch.Generator().manual_seed(options.seed)
     history = []
     checkpoints = Checkpoints(options, model, len(train), rank == 0) if options.checkpoint_dir else None
-    first = 1
-    if checkpoints is not None and options.resume:
-        first, history = checkpoints.restore(module, opt, sched, generator)
-    elif val is not None:
-        history.append({"epoch": 0, **_evaluate(module, val, device)})
+    state = checkpoints.load() if checkpoints is not None and options.resume else None
+    if state is not None:
+        lr, choice = state["lr"], state["lr_choice"]
+    elif options.auto_lr:
+        clock = time.process_time()
+        lr, choice = choose_lr(loop, holdout, total)
+        choice["cpu_seconds"] = round(time.process_time() - clock, 3)
+        torch.manual_seed(options.seed)        # the run itself is the same as with --lr <chosen rate>
+    else:
+        lr, choice = float(options.lr), {"how": "given (--lr)"}
+    opt, sched = loop.optimizer(lr, total, options.schedule)
+    clock = time.process_time()
+    generator = torch.Generator().manual_seed(options.seed)
+    first, best = 1, None
+    if state is not None:
+        first, history, best = checkpoints.restore(state, module, opt, sched, generator)
+    elif select_on is not None:
+        history.append({"epoch": 0, **_evaluate(module, select_on, device, loop)})
+        best = _Best(0, history[-1], module)
     bar = _progress(progress and rank == 0, options.epochs, steps_per_epoch)
-    T = options.temperature
     for epoch in range(first, options.epochs + 1):
         module.train()
-        order = torch.randperm(len(train), generator=generator)[rank:world * shard:world].to(device)
         running, seen = 0.0, 0
-        for step in range(steps_per_epoch):
-            idx = order[step * options.batch_size:(step + 1) * options.batch_size]
-            out = step_module(*[x[idx] for x in xs])
-            if options.distill:
-                loss = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(teacher[idx] / T, 1), reduction="batchmean",
-                                log_target=True) * T * T
-            else:
-                loss = F.cross_entropy(out, ys[idx])
-            if not torch.isfinite(loss) or loss.item() > 1e6:
-                raise TrainingError(f"the loss diverged ({loss.item():.3g}) at epoch {epoch}, step {step + 1}; "
-                                    f"nothing was written: try a lower --lr (now {lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += loss.item() * len(idx)
+        for step, idx in enumerate(loop.epoch(generator, steps_per_epoch)):
+            loss = loop.step(opt, sched, idx, f"at epoch {epoch}, step {step + 1}", lr)
+            running += loss * len(idx)
             seen += len(idx)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{running / seen:.4f}")
         row = {"epoch": epoch, "train_loss": _mean_over_ranks(running, seen, world)}
-        if val is not None:
-            row.update(_evaluate(module, val, device))
+        if select_on is not None:
+            row.update(_evaluate(module, select_on, device, loop))
+            if _merit(row) > _merit(best.score):
+                best = _Best(epoch, row, module)
         history.append(row)
         if checkpoints is not None:
-            checkpoints.save(epoch, module, opt, sched, generator, history)
-        if bar is not None and val is not None:
-            bar.write(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val accuracy {row['accuracy']:.4f}")
+            checkpoints.save(epoch, module, opt, sched, generator, history, lr, choice, best)
+        if bar is not None and select_on is not None:
+            bar.write(f"epoch {epoch}: train loss {row['train_loss']:.4f}, {_figure(row)} on "
+                      f"{'--val' if val is not None else 'the held-out slice'}")
     if bar is not None:
         bar.close()
+    if best is not None:
+        module.load_state_dict(best.state)
     module.eval()
-    run = {**asdict(options), "lr": lr, "processes": world}
+    seconds = round(time.process_time() - clock, 3)
+    run = {**asdict(options), "lr": lr, "lr_choice": choice, "processes": world,
+           "task": "regression" if loop.regression else "classification",
+           "trained_on": len(train), "held_out": 0 if holdout is None else len(holdout),
+           "selected_on": None if select_on is None else ("val" if val is not None else "holdout"),
+           "selected_epoch": options.epochs if best is None else best.epoch, "run_cpu_seconds": seconds}
     if world > 1:
         run["ranks_agree"] = _ranks_agree(module)
         if not run["ranks_agree"]:
             raise TrainingError("the data-parallel processes ended with different weights")
     return TrainResult(module.to("cpu").write_back(), history, run)
+
+
+def _figure(row: dict) -> str:
+    if row.get("accuracy") is not None:
+        return f"accuracy {row['accuracy']:.4f}"
+    if row.get("loss") is not None:
+        return f"loss {row['loss']:.4g}"
+    return f"distillation loss {row.get('distill_loss', float('nan')):.4g}"
+
+
+class _Best:
+    """The best epoch so far: its number, score and a copy of its weights."""
+
+    def __init__(self, epoch: int, score: dict, module):
+        self.epoch, self.score = epoch, score
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class _Loop:
+    """One training step and the batch order, shared by the probes and the run."""
+
+    def __init__(self, module, step_module, params, train, options, device, rank, world, shard):
+        import torch
+        self.module, self.step_module, self.params, self.options = module, step_module, params, options
+        self.device, self.rank, self.world, self.shard, self.n = device, rank, world, shard, len(train)
+        self.xs = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in train.inputs.values()]
+        self.ys = torch.from_numpy(train.y).to(device) if train.y is not None else None
+        self.teacher = (torch.from_numpy(train.teacher.astype(np.float32)).to(device)
+                        if options.distill else None)
+        if options.task not in ("auto", "classification", "regression"):
+            raise TrainingError(f"unknown task '{options.task}' (auto, classification or regression)")
+        if options.task != "auto":
+            self.regression = options.task == "regression"
+        elif train.y is not None:
+            self.regression = train.regression
+        else:
+            self.regression = not _looks_like_classes(module, self.xs)
+        if self.ys is not None and self.regression != train.regression:
+            raise TrainingError(f"{train.source}: --task {options.task} needs "
+                                f"{'float targets' if self.regression else 'integer labels'} 'y', got {train.y.dtype}")
+        if self.ys is not None and not options.distill:
+            _check_labels(module, self.xs, self.ys, train.source)
+
+    def optimizer(self, lr: float, total: int, schedule: str):
+        import torch
+        o = self.options
+        if o.optimizer == "sgd":
+            opt = torch.optim.SGD(self.params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.Adam(self.params, lr=lr, weight_decay=o.weight_decay)
+        shapes = {"linear": lambda step: max(0.0, 1 - step / total), "constant": lambda step: 1.0,
+                  # probes: the full rate for the first half, then linear decay to 0
+                  "hold-decay": lambda step: min(1.0, max(0.0, 2 - 2 * step / total))}
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, shapes[schedule])
+
+    def epoch(self, generator, steps: int):
+        import torch
+        b = self.options.batch_size
+        order = torch.randperm(self.n, generator=generator)[self.rank:self.world * self.shard:self.world]
+        order = order.to(self.device)
+        return [order[i * b:(i + 1) * b] for i in range(steps)]
+
+    def step(self, opt, sched, idx, where: str, lr: float, check: bool = True) -> float:
+        """One optimizer step; the loss. `check`: a loss that diverged is an error (probes judge afterwards, on
+        the held-out slice, which every data-parallel rank sees alike)."""
+        import torch.nn.functional as F
+        out = self.step_module(*[x[idx] for x in self.xs])
+        if self.options.distill:
+            loss = self.distill_loss(out, self.teacher[idx])
+        elif self.regression:
+            loss = F.mse_loss(out, self.ys[idx])
+        else:
+            loss = F.cross_entropy(out, self.ys[idx])
+        value = loss.item()
+        if check and (not math.isfinite(value) or value > 1e6):
+            raise TrainingError(f"the loss diverged ({value:.3g}) {where}; nothing was written: try a lower "
+                                f"--lr (now {lr:g})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return value
+
+
+    def distill_loss(self, out, teacher):
+        """KL(softmax(t/T) || softmax(s/T)) * T^2 for classes; MSE to the teacher's mean output for regression."""
+        import torch.nn.functional as F
+        if self.regression:
+            return F.mse_loss(out, teacher)
+        T = self.options.temperature
+        return F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean",
+                        log_target=True) * T * T
+
+
+def _looks_like_classes(module, xs) -> bool:
+    """Without labels: a 2-D output with several columns is taken as class logits, anything else as regression."""
+    import torch
+    with torch.no_grad():
+        module.eval()
+        out = module(*[x[:1] for x in xs])
+    return out.dim() == 2 and out.shape[-1] > 1
+
+
+def _merit(row: dict) -> tuple:
+    """Larger is better: by the labels when the set has them (accuracy, or MSE), else by the distillation loss."""
+    from .runtime import merit
+    return merit(row) or ((-row["distill_loss"],) if row.get("distill_loss") is not None else ())
+
+
+def _probe_loss(row: dict, distill: bool):
+    return row.get("distill_loss") if distill else row.get("loss")
+
+
+def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
+    """Probe every rate of CANDIDATES: train `length` steps from the starting weights (PROBE_SCHEDULE: the rate
+    held for half the probe, so that a rate that kills the network early shows, then decaying linearly to 0
+    so that transient damage can settle; PROBE_BUDGET * `total` steps in all) and take the loss on the
+    held-out slice. The choice is the largest rate whose probe loss is within TOLERANCE of the best probe's: a
+    probe much shorter than the run favours low rates (a high rate first disturbs the transplanted weights and
+    recovers later in the run), so it is trusted to rule out rates that do lasting damage or diverge, not to
+    rank the others. Deterministic, and the same on every data-parallel rank."""
+    import torch
+    candidates = CANDIDATES[loop.options.optimizer]
+    length = max(1, int(PROBE_BUDGET * total / len(candidates)))
+    start = {k: v.detach().clone() for k, v in loop.module.state_dict().items()}
+    probes = []
+    for lr in candidates:
+        loop.module.load_state_dict(start)
+        loop.module.train()
+        opt, sched = loop.optimizer(lr, length, PROBE_SCHEDULE)
+        generator = torch.Generator().manual_seed(loop.options.seed + 1)
+        taken = 0
+        while taken < length:
+            for idx in loop.epoch(generator, math.ceil(loop.shard / loop.options.batch_size))[:length - taken]:
+                loop.step(opt, sched, idx, "", lr, check=False)
+                taken += 1
+        loss = _probe_loss(_evaluate(loop.module, holdout, loop.device, loop), loop.options.distill)
+        if loss is not None and not (math.isfinite(loss) and loss < 1e6):
+            loss = None                                  # diverged: out
+        probes.append({"lr": lr, "steps": taken, "holdout_loss": loss})
+    loop.module.load_state_dict(start)
+    finite = [p for p in probes if p["holdout_loss"] is not None and math.isfinite(p["holdout_loss"])]
+    if not finite:
+        raise TrainingError(f"every candidate learning rate diverged ({', '.join(map(str, candidates))}): "
+                            f"give one with --lr")
+    best = min(p["holdout_loss"] for p in finite)
+    chosen = max(p["lr"] for p in finite if p["holdout_loss"] <= best * (1 + TOLERANCE))
+    steps = sum(p["steps"] for p in probes)
+    why = (f"{chosen:g}, the largest of {len(candidates)} rates whose held-out loss after a {length}-step probe is within "
+           f"{TOLERANCE:.0%} of the best ({best:.4g}); {len(holdout)} held-out samples; probes took {steps} steps, "
+           f"{steps / total:.0%} of the {total} fine-tuning steps")
+    return chosen, {"how": "auto", "why": why, "probe_steps": steps, "run_steps": total, "probes": probes}
 
 
 def start_distributed(device: str) -> tuple[int, int]:
@@ -227,10 +436,11 @@ def _ranks_agree(module) -> bool:
 
 class Checkpoints:
     """The training state after each epoch in `checkpoint_dir` (written atomically, latest only), so that an
-    interrupted fine-tuning resumes where it stopped and ends with the same weights as an uninterrupted one."""
+    interrupted fine-tuning resumes where it stopped and ends with the same weights as an uninterrupted one.
+    It holds the chosen learning rate (the probes are not rerun) and the best epoch's weights."""
 
     SAME_RUN = ("epochs", "lr", "batch_size", "optimizer", "schedule", "momentum", "weight_decay", "distill",
-                "temperature", "train_only", "seed", "target_output")
+                "temperature", "train_only", "seed", "target_output", "holdout", "threads")
 
     def __init__(self, options: TrainOptions, model: onnx.ModelProto, samples: int, writer: bool = True):
         import json
@@ -250,13 +460,15 @@ class Checkpoints:
     def _path(self):
         return self.folder / "onnxfuse-finetune.pt"
 
-    def save(self, epoch, module, opt, sched, generator, history) -> None:
+    def save(self, epoch, module, opt, sched, generator, history, lr, choice, best) -> None:
         import torch
         if not self.writer:
             return
         state = {"fingerprint": self.fingerprint, "epoch": epoch, "module": module.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}
+                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                 "lr": lr, "lr_choice": choice,
+                 "best": None if best is None else {"epoch": best.epoch, "score": best.score, "state": best.state}}
         tmp = self._path().with_suffix(".tmp")
         try:
             torch.save(state, tmp)
@@ -265,9 +477,9 @@ class Checkpoints:
             raise TrainingError(f"--checkpoint-dir {self.folder}: cannot write the checkpoint ({exc.strerror})") \
                 from None
 
-    def restore(self, module, opt, sched, generator) -> tuple[int, list]:
+    def load(self) -> dict:
         """Load the checkpoint with torch's weights-only unpickler (tensors and plain values: it cannot run
-        code), check that it belongs to this run before using any of it, then restore every state."""
+        code) and check that it belongs to this run before any of it is used."""
         import torch
         if not self._path().is_file():
             raise TrainingError(f"--resume: no checkpoint in {self.folder}")
@@ -280,13 +492,23 @@ class Checkpoints:
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             raise TrainingError(f"--resume: the checkpoint in {self.folder} belongs to another run (other model, "
                                 f"data or training options)")
+        return state
+
+    def restore(self, state, module, opt, sched, generator):
+        """Restore every state from a loaded checkpoint; a damaged one is a clean error."""
+        import torch
         try:
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
-            return int(state["epoch"]) + 1, list(state["history"])
+            best = None
+            if state["best"] is not None:
+                best = _Best.__new__(_Best)
+                best.epoch, best.score, best.state = (state["best"]["epoch"], state["best"]["score"],
+                                                      state["best"]["state"])
+            return int(state["epoch"]) + 1, list(state["history"]), best
         except Exception as exc:
             raise TrainingError(f"--resume: {self._path()} is damaged ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
@@ -296,20 +518,31 @@ def _check_labels(module, xs, ys, source):
     import torch
     with torch.no_grad():
         module.eval()
-        classes = module(*[x[:1] for x in xs]).shape[-1]
+        out = module(*[x[:1] for x in xs])
+    if torch.is_floating_point(ys):
+        if list(ys.shape[1:]) != list(out.shape[1:]):
+            raise TrainingError(f"{source}: regression targets 'y' have shape {['batch', *ys.shape[1:]]}, but the "
+                                f"model's output has shape {['batch', *out.shape[1:]]}")
+        return
+    classes = out.shape[-1]
     if int(ys.min()) < 0 or int(ys.max()) >= classes:
         raise TrainingError(f"{source}: labels range over [{int(ys.min())}, {int(ys.max())}] but the model "
                             f"has {classes} outputs")
 
 
-def _evaluate(module, data: Dataset, device) -> dict:
+def _evaluate(module, data: Dataset, device, loop=None) -> dict:
+    """Scores on `data` (its labels), and the distillation loss if `data` carries the teacher's outputs."""
     import torch
     module.eval()
     with torch.no_grad():
         xs = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in data.inputs.values()]
         logits = torch.cat([module(*[x[i:i + 2048] for x in xs]) for i in range(0, len(data), 2048)])
-    from .runtime import scores
-    return scores(logits.double().cpu().numpy(), data.y)
+        from .runtime import scores     # onnxruntime is imported only where it is used
+        row = scores(logits.double().cpu().numpy(), data.y)
+        if loop is not None and loop.options.distill and data.teacher is not None:
+            t = torch.from_numpy(data.teacher.astype(np.float32)).to(device)
+            row["distill_loss"] = float(loop.distill_loss(logits, t))
+    return row
 
 
 def _progress(enabled: bool, epochs: int, steps: int):
