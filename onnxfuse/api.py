@@ -96,8 +96,10 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
          quantize: str | None = None, quantize_exclude=(), soup: int | None = None,
          soup_mode: str = "uniform", soup_epochs: int | None = None) -> Fusion:
     """Fuse N models of one architecture. method: 'nt' (transplant the top-k neurons), 'concat' (the wide
-    ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), or a baseline that averages
-    the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion).
+    ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), a baseline that averages
+    the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion), or
+    'auto' (needs `data`): the method for where the members come from (see _auto_method; `summary["auto"]`
+    says what was chosen and why).
 
     With `data` (an .npz, arrays, a dict of arrays or a torch Dataset/DataLoader) and `training` options
     (TrainOptions fields, e.g. epochs=3), the result is fine-tuned before it is written (see
@@ -115,7 +117,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     if output is not None:
         check_output_path(output, [*sources, data, val, calibrate], force)
     options = _train_options(training)
-    _check_method(method, sources, keep, calibrate)
+    _check_method(method, sources, keep, calibrate, data)
     if method == "ot":                 # POT (which imports torch when installed): its own phase, not "fuse"
         import ot  # noqa: F401
         phases.mark("import")
@@ -123,13 +125,16 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     if output is not None:       # and now with every file the members read (their external data)
         check_output_path(output, members, force)
     phases.mark("load")
+    auto = {}
     try:
+        if method == "auto":
+            method = _auto_method(members, data, options, keep, calibrate, auto)
         built = _build(members, method, keep)
     except UnsupportedGraphError as exc:           # an analysis error that does not say which model
         message = str(exc)
         raise UnsupportedGraphError(message if members[0].name in message else f"{members[0].name}: {message}") \
             from None
-    fusion, summary = Fusion(built.graph, built.tensors), built.summary
+    fusion, summary = Fusion(built.graph, built.tensors), {**built.summary, **auto}
     phases.mark("fuse")
     if calibrate is not None:
         _reconstruct(built, sources, calibrate, calib_samples)
@@ -212,11 +217,55 @@ def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: s
     return Fusion(result.graph, result.tensors)
 
 
-def _check_method(method: str, sources: list, keep, calibrate) -> None:
-    if method not in ("nt", "concat", "prune", *alignment.METHODS):
-        raise OnnxFuseError(f"unknown method '{method}' (nt, {', '.join(alignment.METHODS)}, concat or prune)")
-    if (method == "nt" or method in alignment.METHODS) and len(sources) < 2:
+def _auto_method(members: list[Member], data, options, keep, calibrate, summary: dict) -> str:
+    """--method auto: the method for where the members come from (onnxfuse.similarity measures it on the
+    held-out slice of `data`, never on `val`).
+
+    - identical members or one basin (fine-tunes of one checkpoint): `average`, a soup of the members;
+    - independently trained, with fine-tuning to follow: `nt` (it needs the fine-tuning, and after it is ahead
+      of the averaging methods; benchmarks/auto_method.py);
+    - independently trained, no fine-tuning: the best of `weight-matching`, `ot` and `average` on the held-out
+      slice (NT before fine-tuning is far below them);
+    - `--keep` or `--calibrate`: `nt` (they apply to it only)."""
+    from .data import load_data
+    from .similarity import similarity
+    from .training import split_holdout
+    fraction = options.holdout if options is not None and options.holdout > 0 else 0.1
+    train_set = load_data(data, members[0].model)
+    holdout = split_holdout(train_set, fraction)[1] or train_set
+    if holdout.y is None:
+        raise OnnxFuseError("--method auto needs labels 'y' in --data to measure the members; name a --method")
+    sim = similarity(members, holdout)
+    tuned = options is not None and options.epochs > 0
+    candidates = None
+    if keep is not None or calibrate is not None:
+        method, why = "nt", "--keep and --calibrate apply to neuron transplantation"
+    elif sim["regime"] in ("identical", "one basin"):
+        method, why = "average", f"members are {sim['regime']}: {sim['why']}"
+    elif tuned:
+        method, why = "nt", (f"members are independent ({sim['why']}), and fine-tuning follows: neuron "
+                             f"transplantation")
+    else:
+        from .runtime import Runner, scores
+        candidates = {}
+        for name in ("weight-matching", "ot", "average"):
+            built = _build(members, name, None)
+            candidates[name] = scores(Runner(built.tensors.materialize(built.graph))(holdout), holdout.y)["accuracy"]
+        method = max(candidates, key=candidates.get)
+        why = (f"members are independent and nothing is fine-tuned: the best of the averaging methods on "
+               f"{holdout.source} ({candidates[method]:.4f})")
+    summary["auto"] = {"method": method, "why": why, "regime": sim["regime"], "similarity": sim,
+                       **({"candidates": candidates} if candidates else {})}
+    return method
+
+
+def _check_method(method: str, sources: list, keep, calibrate, data=None) -> None:
+    if method not in ("nt", "auto", "concat", "prune", *alignment.METHODS):
+        raise OnnxFuseError(f"unknown method '{method}' (nt, auto, {', '.join(alignment.METHODS)}, concat or prune)")
+    if method in ("nt", "auto", *alignment.METHODS) and len(sources) < 2:
         raise OnnxFuseError(f"merge needs at least 2 models, got {len(sources)}")
+    if method == "auto" and data is None:
+        raise OnnxFuseError("--method auto measures the members on --data: give --data, or name a --method")
     if method in alignment.METHODS and keep is not None:
         raise OnnxFuseError(f"--keep applies to neuron transplantation only, not to --method {method}")
     if method == "prune" and (len(sources) != 1 or keep is None):

@@ -213,12 +213,14 @@ def _training(kw: dict) -> dict:
 @click.option("--keep", type=float, default=None, metavar="FRACTION", callback=_number(0, 1),
               help="Fraction of the wide model's neurons to keep in every layer (default 1/N: the "
                    "original width).")
-@click.option("--method", type=click.Choice(["nt", "average", "weight-matching", "ot"]), default="nt",
-              show_default=True,
-              help="nt: Neuron Transplantation. The baselines average the members' weights at the original "
-                   "width: average (no alignment), weight-matching (channels permuted to match member 0 "
-                   "first, Git Re-Basin), ot (channels aligned layer by layer by optimal transport, Singh & "
-                   "Jaggi).")
+@click.option("--method", type=click.Choice(["auto", "nt", "average", "weight-matching", "ot"]), default=None,
+              help="auto (the default with --data): measure how alike the members are on the held-out slice of "
+                   "--data and choose: average for fine-tunes of one checkpoint, nt for independently trained "
+                   "members when fine-tuning follows, else the best averaging method on that slice. nt (the "
+                   "default without --data): Neuron Transplantation. The baselines average the members' weights "
+                   "at the original width: average (no alignment), weight-matching (channels permuted to match "
+                   "member 0 first, Git Re-Basin), ot (channels aligned layer by layer by optimal transport, "
+                   "Singh & Jaggi).")
 @click.option("--calibrate", type=str, default=None, metavar="CALIB.npz",
               help="Reconstruct without training: refit every layer that consumes pruned neurons by least "
                    "squares so the fused model reproduces the wide model (the ensemble) on these inputs "
@@ -262,6 +264,7 @@ def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_epo
       onnxfuse merge a.onnx b.onnx -o fused.onnx --data train.npz --val val.npz
     """
     training = {**_training(kw), "require_gain": require_gain}
+    method = method or ("auto" if kw["data"] else "nt")
     if fp16 and quantize not in (None, "fp16"):
         raise click.UsageError("--fp16 and --quantize int8 exclude each other")
     quantize = "fp16" if fp16 else quantize
@@ -632,6 +635,8 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
         if o["selected_on"]:
             click.echo(f"  kept epoch {o['selected_epoch']} of {o['epochs']}, the best on "
                        f"{'--val' if o['selected_on'] == 'val' else 'the held-out slice of --data'}")
+    if "auto" in s:
+        click.echo(f"  --method auto chose {s['auto']['method']}: {s['auto']['why']}")
     if "soup" in s:
         r = s["soup"]
         click.echo(f"  {r['mode']} soup of {len(r['kept'])} of {len(r['ingredients'])} models "
