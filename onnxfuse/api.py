@@ -180,8 +180,8 @@ def _quantized(fusion: Fusion, mode: str, exclude, calibration, val, summary: di
 def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: str, summary: dict,
             progress: bool, soup_epochs: int | None = None) -> Fusion:
     """Fine-tune `model` as usual, then `k` copies of the result for `soup_epochs` more epochs each (seeds
-    seed+1 .. seed+k: other batch orders and dropout), and return their soup (onnxfuse.soups): uniform, or
-    greedy on `val`. The copies branch from one fine-tuned model, as the sparse-model-soups recipe retrains
+    seed+1 .. seed+k: other batch orders and dropout; the start's learning rate), and return their soup
+    (onnxfuse.soups): uniform, or greedy on `val` (else on the held-out slice of `data`). The copies branch from one fine-tuned model, as the sparse-model-soups recipe retrains
     copies of one good pruned model: branched straight from the transplanted model they drift into different
     basins and their average lost to each of them (benchmarks/soup.py)."""
     from dataclasses import replace
@@ -197,17 +197,21 @@ def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: s
     start = summary.pop("_model")
     train_set = load_data(data, start)
     val_set = load_data(val, start) if val is not None else None
-    teacher = _teacher_logits(sources, train_set) if options.distill else None
+    teacher = (lambda d: _teacher_logits(sources, d, threads=options.threads)) if options.distill else None
     epochs = soup_epochs or options.epochs
+    lr = summary["training"]["options"]["lr"]          # the start's rate (chosen once, if auto)
     copies = []
     for i in range(k):
-        copy = replace(options, seed=options.seed + 1 + i, epochs=epochs, checkpoint_dir=None, resume=False)
+        copy = replace(options, seed=options.seed + 1 + i, epochs=epochs, lr=lr, checkpoint_dir=None,
+                       resume=False, require_gain=False)
         tuned = finetune(start, train_set, copy, None, teacher, progress).model
         copies.append(load_member(tuned, i))
         if val_set is not None:
             summary["accuracy"][f"copy {i} (+{epochs} epochs, seed {copy.seed})"] = scores(Runner(tuned)(val_set),
                                                                                          val_set.y)
-    result = make_soup(copies, mode, _held_out_score(val, copies[0]) if val is not None else None)
+    from .training import split_holdout
+    ranked_on = val if val is not None else split_holdout(train_set, options.holdout)[1]   # greedy: never trained on
+    result = make_soup(copies, mode, _held_out_score(ranked_on, copies[0]) if ranked_on is not None else None)
     result.report["ingredients"] = [f"copy {i} (seed {options.seed + 1 + i})" for i in range(k)]
     result.report["epochs_per_copy"] = epochs
     summary["soup"] = result.report
