@@ -117,7 +117,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         if tuned is not None:
             fusion = Fusion(*TensorTable.detach(tuned))
         phases.mark("tune")
-    return _written(fusion, summary, output, force, start, phases)
+    return _written(fusion, summary, output, force, start, phases, sources[0])
 
 
 def _check_method(method: str, sources: list, keep, calibrate) -> None:
@@ -200,10 +200,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _written(fusion: Fusion, summary: dict, output, force: bool, start: float, phases: Phases | None = None) -> Fusion:
-    """Save the result if asked (only rank 0 under torchrun), and complete its summary."""
+def _written(fusion: Fusion, summary: dict, output, force: bool, start: float, phases: Phases | None = None,
+             reference=None) -> Fusion:
+    """Save the result if asked (only rank 0 under torchrun), and complete its summary. What is written must run:
+    it is loaded in onnxruntime and run on one batch like `reference` (member 0) first, or refused unwritten."""
     if output is not None and is_main_process():
-        save_model(fusion.graph, output, force, fusion.tensors)
+        from .runtime import check_runs
+        label = reference.graph.name if isinstance(reference, onnx.ModelProto) else str(reference)
+        save_model(fusion.graph, output, force, fusion.tensors,
+                   check=None if reference is None else lambda path: check_runs(path, reference, label))
         summary["output"] = str(output)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     if phases is not None:
@@ -357,7 +362,7 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
         summary["accuracy"] = {"before": scores(Runner(full)(val_set), val_set.y),
                                "after": scores(Runner(result.model)(val_set), val_set.y)}
     fusion = Fusion(*TensorTable.detach(result.model))
-    return _written(fusion, summary, output, force, start)
+    return _written(fusion, summary, output, force, start, reference=model)
 
 
 def evaluate(models, data, ensemble: bool = False, provider: str = "cpu") -> list[dict]:

@@ -258,6 +258,11 @@ class Analysis:
             elif flags == {True, False}:
                 raise UnsupportedGraphError(f"tensor '{touch.tensor}' of node '{touch.node}' mixes fused and "
                                             f"fixed-width channels on one axis")
+        for touch in self.touches:      # one tensor read by a fused layer and by a fixed-width one
+            if touch.axis in result.get(touch.tensor, {}) and not all(self.is_widened(s.space) for s in touch.segs):
+                raise UnsupportedGraphError(f"tensor '{touch.tensor}' is shared by a fused layer "
+                                            f"('{result[touch.tensor][touch.axis].node}') and a fixed-width one "
+                                            f"('{touch.node}')")
         return result
 
 
@@ -402,7 +407,7 @@ def _rule_conv(a, node):
     if group != 1:
         return _depthwise_conv(a, node, group)
     segs = _weight_layer(a, node, node.input[0], node.input[1], in_axis=1, out_axis=0, x_axis=1, out_chan_axis=1)
-    if segs and len(node.input) > 2 and node.input[2]:
+    if segs and len(node.input) > 2 and node.input[2] in a.tensors:
         a.touches.append(Touch(node.input[2], 0, segs, "param", node.name))
 
 

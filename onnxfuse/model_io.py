@@ -56,8 +56,43 @@ def load_member(source, index: int = 0) -> Member:
             digest = pool.submit(_sha256, path)
             model, tensors = parse_model(path, str(path), path.resolve().parent)
             member = Member(str(path), model, tensors, digest.result(), path)
+    member.tensors = unshare_constants(member.model, member.tensors)
     _refuse_unsupported(member)
     return member
+
+
+def unshare_constants(model: onnx.ModelProto, tensors: "TensorTable") -> "TensorTable":
+    """Give every layer its own tensors: the legacy torch exporter stores initializers with equal values once
+    and feeds the other users through `Identity` nodes (e.g. every zero bias of one width), so one stored tensor
+    would stand for unrelated layers, fused or not. Each Identity of a constant becomes an initializer of its
+    own (the same values; the array is shared, not copied) and the node goes. Same result in every member,
+    whichever of its tensors happen to be equal."""
+    graph, constants = model.graph, {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in graph.output}
+    kept, sources = [], set()
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Identity" and node.domain in ("", "ai.onnx") else None
+        if source in constants and node.output[0] not in outputs and node.output[0] not in constants:
+            copy = graph.initializer.add()
+            copy.CopyFrom(constants[source])
+            copy.name = node.output[0]
+            constants[copy.name] = copy
+            sources.add(source)
+            if source in tensors.arrays:
+                tensors.arrays[copy.name] = tensors.arrays[source]
+        else:
+            kept.append(node)
+    if len(kept) == len(graph.node):
+        return tensors
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {x for node in graph.node for x in node.input} | outputs | {v.name for v in graph.input}
+    for i in reversed(range(len(graph.initializer))):      # a source only the Identity nodes read goes too
+        name = graph.initializer[i].name
+        if name in sources and name not in used:
+            del graph.initializer[i]
+            tensors.arrays.pop(name, None)
+    return TensorTable(graph, tensors.arrays)
 
 
 def _sha256(path: Path) -> str:
@@ -453,8 +488,10 @@ def check_output_path(output, inputs=(), force: bool = False) -> Path:
     return out
 
 
-def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: TensorTable | None = None) -> Path:
-    """Write atomically: into a temporary folder beside the output, then rename into place.
+def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: TensorTable | None = None,
+               check=None) -> Path:
+    """Write atomically: into a temporary folder beside the output, then rename into place. `check(path)` is
+    called on the complete temporary file before the rename (the runtime guard): if it raises, nothing is written.
 
     `tensors` holds detached weight data (see TensorTable.detach): it is streamed into the file, never
     assembled into one protobuf in memory. Outputs above EXTERNAL_DATA_THRESHOLD go to `<name>.data`
@@ -470,10 +507,14 @@ def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: Ten
             model = _write_external(model, tensors, tmp / (out.name + ".data"), out.name + ".data")
             with open(tmp / out.name, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
+            if check is not None:
+                check(tmp / out.name)
             os.replace(tmp / (out.name + ".data"), out.with_name(out.name + ".data"))
         else:
             with open(tmp / out.name, "wb") as f:
                 _write_streaming(f, model, tensors)
+            if check is not None:
+                check(tmp / out.name)
         os.replace(tmp / out.name, out)
     finally:
         for leftover in tmp.iterdir():
