@@ -16,7 +16,7 @@ from .errors import IncompatibleMembersError, OnnxFuseError, UnsupportedGraphErr
 from .groups import Analysis, analyze, output_exactness
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
                        save_model)
-from .select import channel_scores, kept_count, top_k
+from .select import channel_scores, select_kept
 from .transplant import MemberTensors, transplant
 from . import methods as alignment
 
@@ -159,7 +159,7 @@ def _build(members: list[Member], method: str, keep) -> _Built:
         kept = None
     else:
         scores = channel_scores(a, load, n, a.widened_touches())
-        kept = {g.id: top_k(scores[g.id], kept_count(g.width, n, keep)) for g in groups}
+        kept = select_kept(a, scores, groups, n, keep)
     exactness = output_exactness(a, load.differing()) if method == "concat" else None
     member_params = _count_params(members[0].model)
     if kept is None:

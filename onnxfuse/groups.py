@@ -78,6 +78,19 @@ class DerivedBound:
 
 
 @dataclass
+class GroupedConv:
+    """A Conv with 1 < group < channels: input channel block b (of channels / group) feeds only output block b.
+    Both channel axes are kept evenly within blocks (the block count is the group count times the members), and
+    the weight's input axis, which indexes a position inside a block, is cut block by block."""
+    node: str
+    tensor: str
+    segs: tuple[Seg, ...]          # the input channels
+    out_segs: tuple[Seg, ...]
+    groups: int
+    index: int                     # the node's position, for its `group` attribute
+
+
+@dataclass
 class Group:
     id: int
     width: int
@@ -132,6 +145,7 @@ class Analysis:
     attr_consts: list[AttrConst] = field(default_factory=list)
     equal_parts: list[EqualPart] = field(default_factory=list)
     derived_bounds: list[DerivedBound] = field(default_factory=list)
+    grouped: list[GroupedConv] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)    # unsupported ops touching channels
     mixing: dict[str, str] = field(default_factory=dict)  # node -> why it mixes channels of one axis
     retired: set[int] = field(default_factory=set)          # spaces replaced by their parts (refine)
@@ -198,6 +212,8 @@ class Analysis:
             item.segs = fn(item.segs)
         for item in self.derived_bounds:
             item.axis_segs = fn(item.axis_segs)
+        for item in self.grouped:
+            item.segs, item.out_segs = fn(item.segs), fn(item.out_segs)
 
     def width(self, space: int) -> int:
         return self.space_width[self.find(space)]
@@ -222,6 +238,21 @@ class Analysis:
     def size(self, segs) -> int:
         """Size of an axis laid out as `segs` in the analysed graph (every group at its own width)."""
         return sum(self.width(s.space) * s.inner for s in segs)
+
+    def blocks(self) -> dict[int, tuple[int, str]]:
+        """group root -> (blocks per member, node): channels of the group are kept evenly within that many
+        consecutive blocks (a grouped Conv's; the finest when several meet)."""
+        out: dict[int, tuple[int, str]] = {}
+        for conv in self.grouped:
+            for seg in conv.segs + conv.out_segs:
+                root = self.find(seg.space)
+                have = out.get(root, (1, conv.node))[0]
+                need = max(have, conv.groups)
+                if need % min(have, conv.groups) or self.space_width[root] % need:
+                    raise UnsupportedGraphError(f"grouped convolutions '{out[root][1]}' and '{conv.node}' cut one "
+                                                f"channel group into {have} and {conv.groups} blocks")
+                out[root] = (need, conv.node if need == conv.groups else out[root][1])
+        return out
 
     # -- groups, for reports and for selection
     def groups(self) -> list[Group]:
@@ -418,6 +449,9 @@ def _depthwise_conv(a, node, group: int):
     if x not in a.chan or w not in a.tensors:
         return _unsupported(a, node, f"grouped convolution (group={group}) of a graph input")
     axis, segs = a.chan[x]
+    if axis == 1 and len(segs) == 1 and segs[0].inner == 1 and a.size(segs) % group == 0 and \
+            a.size(segs) != group:
+        return _grouped_conv(a, node, group)
     if axis != 1 or len(segs) != 1 or segs[0].inner != 1 or a.size(segs) != group:
         return _unsupported(a, node, f"grouped convolution with group={group} (only depthwise, group = input "
                                      f"channels, is supported)")
@@ -428,6 +462,22 @@ def _depthwise_conv(a, node, group: int):
         a.touches.append(Touch(node.input[2], 0, out_segs, "param", node.name))
     a.attr_consts.append(AttrConst(_node_index(a, node), "group", segs))
     a.chan[node.output[0]] = (1, out_segs)
+
+
+def _grouped_conv(a, node, group: int):
+    """1 < group < channels (ResNeXt, RegNet): the output opens a space; input and output channels are kept
+    evenly within the conv's blocks, see GroupedConv and `Analysis.blocks`."""
+    x, w = node.input[0], node.input[1]
+    segs = a.chan[x][1]
+    shape = a.tensors.shape(w)
+    if shape[1] * group != a.size(segs) or shape[0] % group:
+        return _unsupported(a, node, f"grouped convolution (group={group}) whose weight {list(shape)} does not "
+                                     f"match its input's {a.size(segs)} channels")
+    out_segs = _open_space(a, node, shape[0], node.output[0], 1)
+    a.touches.append(Touch(w, 0, out_segs, "out", node.name))
+    if len(node.input) > 2 and node.input[2] in a.tensors:
+        a.touches.append(Touch(node.input[2], 0, out_segs, "param", node.name))
+    a.grouped.append(GroupedConv(node.name, w, segs, out_segs, group, _node_index(a, node)))
 
 
 def _node_index(a, node) -> int:

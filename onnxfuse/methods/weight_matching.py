@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .permute import Perms, channel_rows, identity, permute, touches_by_group
+from .permute import Perms, channel_rows, identity, permute, pinned, touches_by_group
 
 
 def permutations(a, load, n: int, seed: int = 0, max_passes: int = 30) -> list[Perms]:
@@ -30,7 +30,8 @@ def _rows(a, touch, root, arr) -> np.ndarray:
 def _match(a, load, k: int, widened, by_group, rng, max_passes: int) -> Perms:
     from scipy.optimize import linear_sum_assignment
     perm = identity(a)
-    roots = [r for r in sorted(perm) if by_group.get(r)]
+    fixed = pinned(a)
+    roots = [r for r in sorted(perm) if by_group.get(r) and r not in fixed]
     mine = {r: [_rows(a, widened[t][axis], r, load(t, 0)) for t, axis in by_group[r]] for r in roots}
     # the groups whose permutation a group's cost depends on: those of its tensors' other widened axes
     depends = {r: sorted({a.find(s.space) for t, axis in by_group[r] for other, touch in widened[t].items()
