@@ -584,7 +584,22 @@ def _rule_reshape(a, node):
         a.chan[y] = (axis, head_segs)
         _record_target(a, node, axis, head_segs)
         return
+    if _reshape_leading(a, node, axis, segs, dims_in, dims_out):
+        return
     _unsupported(a, node, f"reshapes the channel axis ({dims_in} -> {dims_out})")
+
+
+def _reshape_leading(a, node, axis: int, segs, dims_in, dims_out) -> bool:
+    """A Reshape that keeps the channel axis and everything after it, and regroups only the axes before it
+    (channel-last windows: [B, H, W, C] -> [B, H/w, w, W/w, w, C] or [B*H*W, C]): each channel's values stay
+    where they were relative to the channel axis, which moves to its place counted from the end."""
+    tail = len(dims_in) - axis
+    if len(dims_out) < tail or not _same_dims(dims_in[axis:], dims_out[len(dims_out) - tail:]):
+        return False
+    out_axis = len(dims_out) - tail
+    a.chan[node.output[0]] = (out_axis, segs)
+    _record_target(a, node, out_axis, segs)
+    return True
 
 
 def _record_target(a, node, axis: int, segs) -> None:
