@@ -203,7 +203,7 @@ def _in_process(args: list[str], timeout: float) -> dict:
 
 def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    stamp = {"commit": git_state(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    stamp = {"commit": args.commit or git_state(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "command": " ".join(["python benchmarks/zoo.py", *sys.argv[1:]])}
     out.with_suffix(".json").write_text(json.dumps({**stamp, "results": results, "not_run": skipped}, indent=1))
     counts = {op: {} for op in OPS + ["torch-pruning"]}
@@ -265,6 +265,7 @@ def main() -> None:
     p.add_argument("--tp-path", default="", help="a site-packages folder holding torch_pruning")
     p.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning row")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo"))
+    p.add_argument("--commit", help="the commit to stamp, when run from an exported copy of it (git archive)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--tp-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
