@@ -660,6 +660,32 @@ def _resolve_target(dims_in, target):
     return out
 
 
+@rule("Pad")
+def _rule_pad(a, node):
+    """Padding of other axes (a channel-last window partition pads H and W) passes the channels on; padding the
+    channel axis itself, or pads the analysis cannot read, is not supported."""
+    x = node.input[0]
+    axis, segs = a.chan[x]
+    rank = _rank(a, x)
+    pads = _const(a, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "pads")
+    axes = _const(a, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if len(node.input) > 3 and node.input[3] and axes is None or rank is None:
+        return _unsupported(a, node, "pads of unknown axes")
+    tries = [pads]
+    if pads is None:       # computed from x's shape (the legacy exporter's padding to whole windows)
+        compute = _shape_function(a, node.input[1], x) if len(node.input) > 1 else None
+        if compute is None:
+            return _unsupported(a, node, "pads that are neither constants nor computed from the input's shape")
+        shape = list(a.shapes[x])
+        tries = [compute(shape[:axis] + [width] + shape[axis + 1:]) for width in (a.size(segs), 2 * a.size(segs) + 1)]
+    axes = [int(v) % rank for v in (axes if axes is not None else range(rank))]
+    for pads in tries:
+        pads = np.asarray(pads).reshape(-1)
+        if axis in axes and (pads[axes.index(axis)] or pads[len(axes) + axes.index(axis)]):
+            return _unsupported(a, node, "pads the channel axis")
+    a.chan[node.output[0]] = (axis, segs)
+
+
 @rule("Transpose")
 def _rule_transpose(a, node):
     axis, segs = a.chan[node.input[0]]
@@ -953,7 +979,8 @@ def _rule_ml(a, node):
 def is_linear(node) -> bool:
     """Ops that commute with averaging over members (used to tell whether a wide model is exact)."""
     return node.op_type in LINEAR_UNARY | LINEAR_POOLS | {"Flatten", "Reshape", "Transpose", "Squeeze",
-                                                          "Unsqueeze", "Add", "Sub", "Concat", "Shape", "Size"}
+                                                          "Unsqueeze", "Add", "Sub", "Concat", "Shape", "Size", "Pad",
+                                                          "ReduceMean", "ReduceSum"}
 
 
 SIZE_INPUTS = {"Slice": {1, 2, 3, 4}, "Reshape": {1}, "Split": {1}, "Expand": {1}, "Tile": {1}}

@@ -198,3 +198,33 @@ def test_a_result_that_does_not_run_is_refused_and_not_written(zoo, tmp_path, mo
     with pytest.raises(onnxfuse.UnsupportedGraphError, match=r"does not run in onnxruntime at node '.*fc.*' \(Gemm\)"):
         api.fuse(files, "nt", output=tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def _channel_last(seed, channel_pad=0):
+    """conv -> Pad of H and W -> channels last -> Reshape [B, H*W, C] (windows regroup only the leading axes) ->
+    MatMul -> mean over positions."""
+    rng = np.random.default_rng(seed)
+    h = onnx.helper
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in
+             (("w1", (6, 3, 3, 3)), ("b1", (6,)), ("w2", (6, 5)))]
+    inits += [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("pads", [0, channel_pad, 1, 1, 0, 0, 1, 1]), ("shape", [1, 36, 6]), ("axes", [1]))]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c"]), h.make_node("Pad", ["c", "pads"], ["p"]),
+             h.make_node("Transpose", ["p"], ["t"], perm=[0, 2, 3, 1]),
+             h.make_node("Reshape", ["t", "shape"], ["r"]), h.make_node("MatMul", ["r", "w2"], ["m"]),
+             h.make_node("ReduceMean", ["m", "axes"], ["y"], keepdims=0)]
+    graph = h.make_graph(nodes, "channel_last", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_pad_and_channel_last_reshape():
+    members = [_channel_last(s) for s in (0, 1)]
+    x = np.random.default_rng(5).normal(size=(1, 3, 6, 6)).astype(np.float32)
+    wide = api.fuse(members, "concat")
+    assert wide.summary["exact"]
+    mean = np.mean([outputs(m, x) for m in members], axis=0)
+    assert np.allclose(outputs(wide.model, x), mean, rtol=1e-5, atol=1e-6)
+    assert outputs(api.merge(members), x).shape == (1, 5)
+    report = api.inspect([_channel_last(0, channel_pad=1)])
+    assert not report["fusable"] and "pads the channel axis" in report["problems"][0]
