@@ -265,6 +265,7 @@ def main() -> None:
     p.add_argument("--tp-path", default="", help="a site-packages folder holding torch_pruning")
     p.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning row")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo"))
+    p.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")
     p.add_argument("--commit", help="the commit to stamp, when run from an exported copy of it (git archive)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--tp-worker", help=argparse.SUPPRESS)
@@ -285,6 +286,11 @@ def main() -> None:
     quick_first = sorted(specs, key=lambda s: s not in QUICK)      # a second exporter: the quick set first
     jobs = [(s, e) for i, e in enumerate(args.exporters.split(",")) for s in (specs if i == 0 else quick_first)]
     results, skipped, start = [], [], time.perf_counter()
+    previous = Path(args.out).with_suffix(".json")
+    if args.resume and previous.exists():      # keep what an earlier (interrupted or budgeted) run found
+        results = [r for r in json.loads(previous.read_text())["results"] if (r["model"], r["exporter"]) in jobs]
+        done = {(r["model"], r["exporter"]) for r in results}
+        jobs = [j for j in jobs if j not in done]
     for spec, exporter in jobs:
         if time.perf_counter() - start > args.budget:
             skipped.append(f"{spec} ({exporter}): over the --budget of {args.budget:.0f} s")
