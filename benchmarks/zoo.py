@@ -207,7 +207,8 @@ def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
              "command": " ".join(["python benchmarks/zoo.py", *sys.argv[1:]])}
     out.with_suffix(".json").write_text(json.dumps({**stamp, "results": results, "not_run": skipped}, indent=1))
     counts = {op: {} for op in OPS + ["torch-pruning"]}
-    lines = [f"# The vision zoo\n\ncommit {stamp['commit']}, {stamp['date']}: `{stamp['command']}`\n",
+    commits = sorted({r.get("commit", stamp["commit"]) for r in results})
+    lines = [f"# The vision zoo\n\ncommit {', '.join(commits)}, {stamp['date']}: `{stamp['command']}`\n",
              "Random init, a different seed per member (2 members), batch 1, 64x64 inputs (inception_v3 96, "
              "maxvit_t / levit 224). ok = written and runs in onnxruntime (concat: within 1e-4 of the members' mean "
              "where exact is claimed); ref = refused with one line; INVALID = written but does not run / not exact; "
@@ -299,6 +300,7 @@ def main() -> None:
                **_in_process(["--worker", f"{spec}@{exporter}", "--ops", args.ops, "--cache", str(cache)],
                              args.timeout)}
         row.setdefault("ops", {})
+        row["commit"] = args.commit or git_state()
         if exporter == args.exporters.split(",")[0] and model_id(spec)[0] == "torchvision" and not args.no_tp:
             row["tp"] = _in_process(["--tp-worker", spec, "--tp-path", args.tp_path], args.timeout)
         results.append(row)
