@@ -289,7 +289,8 @@ def main() -> None:
     results, skipped, start = [], [], time.perf_counter()
     previous = Path(args.out).with_suffix(".json")
     if args.resume and previous.exists():      # keep what an earlier (interrupted or budgeted) run found
-        results = [r for r in json.loads(previous.read_text())["results"] if (r["model"], r["exporter"]) in jobs]
+        earlier = json.loads(previous.read_text())
+        results = [{"commit": earlier["commit"], **r} for r in earlier["results"] if (r["model"], r["exporter"]) in jobs]
         done = {(r["model"], r["exporter"]) for r in results}
         jobs = [j for j in jobs if j not in done]
     for spec, exporter in jobs:
