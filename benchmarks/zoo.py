@@ -290,7 +290,7 @@ def main() -> None:
     previous = Path(args.out).with_suffix(".json")
     if args.resume and previous.exists():      # keep what an earlier (interrupted or budgeted) run found
         earlier = json.loads(previous.read_text())
-        results = [{"commit": earlier["commit"], **r} for r in earlier["results"] if (r["model"], r["exporter"]) in jobs]
+        results = [{"commit": earlier["commit"], **r} for r in earlier["results"]]
         done = {(r["model"], r["exporter"]) for r in results}
         jobs = [j for j in jobs if j not in done]
     for spec, exporter in jobs:
