@@ -250,7 +250,14 @@ def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
             lines.append(f"| {op} | " + " | ".join(str(c.get(s, 0)) for s in ("ok", "refused", "invalid", "crash"))
                          + " |")
     lines += ["", "## Why not ok", ""] + (notes or ["(every operation ok)"])
-    lines += ["", "## Not run", ""] + ([f"- {s}" for s in skipped] or ["(none)"])
+    swept = {(r["model"], r["exporter"]) for r in results}
+    listed = {s.split(" (")[0] for s in skipped}
+    rest = [f"{spec} ({e})" for e in ("legacy", "dynamo") for spec in TORCHVISION + [f"timm:{n}" for n in TIMM]
+            if (spec, e) not in swept and spec not in listed]
+    lines += ["", "## Not run", ""] + ([f"- {s}" for s in skipped] or ["(nothing over the budget)"])
+    if rest:
+        lines += ["", f"Not in this sweep ({len(rest)} of {2 * (len(TORCHVISION) + len(TIMM))} model x exporter "
+                  f"pairs; options or time): " + ", ".join(rest)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -266,6 +273,7 @@ def main() -> None:
     p.add_argument("--tp-path", default="", help="a site-packages folder holding torch_pruning")
     p.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning row")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo"))
+    p.add_argument("--report", action="store_true", help="only rewrite the table from --out's json")
     p.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")
     p.add_argument("--commit", help="the commit to stamp, when run from an exported copy of it (git archive)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -273,6 +281,11 @@ def main() -> None:
     args = p.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        earlier = json.loads(Path(args.out).with_suffix(".json").read_text())
+        rows = [{"commit": earlier["commit"], **r} for r in earlier["results"]]
+        write(rows, earlier.get("not_run", []), args, Path(args.out))
+        return
     if args.worker:
         spec, exporter = args.worker.rsplit("@", 1)
         print(json.dumps(worker(spec, exporter, cache, args.ops.split(","))))
