@@ -251,9 +251,9 @@ def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
                          + " |")
     lines += ["", "## Why not ok", ""] + (notes or ["(every operation ok)"])
     swept = {(r["model"], r["exporter"]) for r in results}
-    listed = {s.split(" (")[0] for s in skipped}
+    listed = {s.rsplit("): ", 1)[0] + ")" for s in skipped}
     rest = [f"{spec} ({e})" for e in ("legacy", "dynamo") for spec in TORCHVISION + [f"timm:{n}" for n in TIMM]
-            if (spec, e) not in swept and spec not in listed]
+            if (spec, e) not in swept and f"{spec} ({e})" not in listed]
     lines += ["", "## Not run", ""] + ([f"- {s}" for s in skipped] or ["(nothing over the budget)"])
     if rest:
         lines += ["", f"Not in this sweep ({len(rest)} of {2 * (len(TORCHVISION) + len(TIMM))} model x exporter "
