@@ -65,8 +65,9 @@ def unshare_constants(model: onnx.ModelProto, tensors: "TensorTable") -> "Tensor
     """Give every layer its own tensors: the legacy torch exporter stores initializers with equal values once
     and feeds the other users through `Identity` nodes (e.g. every zero bias of one width), so one stored tensor
     would stand for unrelated layers, fused or not. Each Identity of a constant becomes an initializer of its
-    own (the same values; the array is shared, not copied) and the node goes. Same result in every member,
-    whichever of its tensors happen to be equal."""
+    own (the same values; the array is shared, not copied) and the node goes; the new exporter reads such a
+    tensor directly from several nodes, so a 1-D float initializer read more than once gets a copy per further
+    use. Same result in every member, whichever of its tensors happen to be equal."""
     graph, constants = model.graph, {t.name: t for t in model.graph.initializer}
     outputs = {o.name for o in graph.output}
     kept, sources = [], set()
@@ -82,7 +83,26 @@ def unshare_constants(model: onnx.ModelProto, tensors: "TensorTable") -> "Tensor
                 tensors.arrays[copy.name] = tensors.arrays[source]
         else:
             kept.append(node)
-    if len(kept) == len(graph.node):
+    # the new exporter shares them directly: a 1-D float initializer (bias, normalization parameter) read more
+    # than once gets a copy per further use (tied weight matrices stay tied)
+    seen, inputs, copied = set(), {v.name for v in graph.input}, False
+    for node in kept:
+        for i, x in enumerate(node.input):
+            t = constants.get(x)
+            if t is None or x in inputs or len(t.dims) != 1 or t.data_type not in FLOAT_TYPES:
+                continue
+            if x not in seen:
+                seen.add(x)
+                continue
+            copy = graph.initializer.add()
+            copy.CopyFrom(t)
+            copy.name = _fresh(f"{x}__{node.name or node.output[0]}", constants)
+            constants[copy.name] = copy
+            if x in tensors.arrays:
+                tensors.arrays[copy.name] = tensors.arrays[x]
+            node.input[i] = copy.name
+            copied = True
+    if not sources and not copied:
         return tensors
     del graph.node[:]
     graph.node.extend(kept)
@@ -93,6 +113,13 @@ def unshare_constants(model: onnx.ModelProto, tensors: "TensorTable") -> "Tensor
             del graph.initializer[i]
             tensors.arrays.pop(name, None)
     return TensorTable(graph, tensors.arrays)
+
+
+def _fresh(name: str, taken) -> str:
+    out, k = name, 1
+    while out in taken:
+        out, k = f"{name}_{k}", k + 1
+    return out
 
 
 def _sha256(path: Path) -> str:

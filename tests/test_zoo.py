@@ -228,3 +228,37 @@ def test_pad_and_channel_last_reshape():
     assert outputs(api.merge(members), x).shape == (1, 5)
     report = api.inspect([_channel_last(0, channel_pad=1)])
     assert not report["fusable"] and "pads the channel axis" in report["problems"][0]
+
+
+def _shared_bn(seed, via_identity):
+    """Two conv + BatchNorm layers whose BN parameters are one stored tensor (as the exporters deduplicate the
+    ones and zeros of a random init): read directly by both nodes, or through Identity (the legacy exporter)."""
+    rng = np.random.default_rng(seed)
+    h = onnx.helper
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in
+             (("w1", (4, 3, 3, 3)), ("w2", (4, 4, 3, 3)), ("w3", (2, 4)))]
+    inits += [onnx.numpy_helper.from_array(np.ones(4, np.float32), "one"),
+              onnx.numpy_helper.from_array(np.zeros(4, np.float32), "zero")]
+    nodes = [h.make_node("Identity", ["one"], ["one2"]), h.make_node("Identity", ["zero"], ["zero2"])] \
+        if via_identity else []
+    second = ("one2", "zero2") if via_identity else ("one", "zero")
+    nodes += [h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4),
+              h.make_node("BatchNormalization", ["c1", "one", "zero", "zero", "one"], ["n1"]),
+              h.make_node("Relu", ["n1"], ["r1"]), h.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4),
+              h.make_node("BatchNormalization", ["c2", second[0], second[1], second[1], second[0]], ["n2"]),
+              h.make_node("Relu", ["n2"], ["r2"]), h.make_node("GlobalAveragePool", ["r2"], ["g"]),
+              h.make_node("Flatten", ["g"], ["f"]), h.make_node("Gemm", ["f", "w3"], ["y"], transB=1)]
+    graph = h.make_graph(nodes, "shared", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 5, 5])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("via_identity", [False, True], ids=["direct", "identity"])
+def test_one_stored_tensor_for_several_layers(via_identity):
+    members = [_shared_bn(s, via_identity) for s in (0, 1)]
+    x = np.random.default_rng(2).normal(size=(1, 3, 5, 5)).astype(np.float32)
+    mean = np.mean([outputs(m, x) for m in members], axis=0)
+    assert np.allclose(outputs(api.concat(members), x), mean, rtol=1e-5, atol=1e-6)
+    for method in ("nt", "weight-matching", "ot"):
+        assert outputs(api.merge(members, method=method), x).shape == (1, 2)
+    assert outputs(api.prune(members[0], 0.5), x).shape == (1, 2)
