@@ -16,7 +16,7 @@ from .errors import IncompatibleMembersError, InputError, OnnxFuseError, Unsuppo
 from .groups import Analysis, analyze, output_exactness
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
                        read_model, save_model)
-from .select import channel_scores, kept_count, top_k
+from .select import channel_scores, select_kept
 from .transplant import MemberTensors, transplant
 from . import methods as alignment
 
@@ -159,7 +159,7 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     if quantize is not None:
         fusion = _quantized(fusion, quantize, quantize_exclude, calibrate or data, val, summary)
         phases.mark("quantize")
-    return _written(fusion, summary, output, force, start, phases)
+    return _written(fusion, summary, output, force, start, phases, sources[0])
 
 
 def _quantized(fusion: Fusion, mode: str, exclude, calibration, val, summary: dict) -> Fusion:
@@ -304,7 +304,7 @@ def _build(members: list[Member], method: str, keep) -> _Built:
         kept = None
     else:
         scores = channel_scores(a, load, n, a.widened_touches())
-        kept = {g.id: top_k(scores[g.id], kept_count(g.width, n, keep)) for g in groups}
+        kept = select_kept(a, scores, groups, n, keep)
     exactness = output_exactness(a, load.differing()) if method == "concat" else None
     member_params = _count_params(members[0].model)
     if kept is None:
@@ -347,10 +347,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _written(fusion: Fusion, summary: dict, output, force: bool, start: float, phases: Phases | None = None) -> Fusion:
-    """Save the result if asked (only rank 0 under torchrun), and complete its summary."""
+def _written(fusion: Fusion, summary: dict, output, force: bool, start: float, phases: Phases | None = None,
+             reference=None) -> Fusion:
+    """Save the result if asked (only rank 0 under torchrun), and complete its summary. What is written must run:
+    it is loaded in onnxruntime and run on one batch like `reference` (member 0) first, or refused unwritten."""
     if output is not None and is_main_process():
-        save_model(fusion.graph, output, force, fusion.tensors)
+        from .runtime import check_runs
+        label = reference.graph.name if isinstance(reference, onnx.ModelProto) else str(reference)
+        save_model(fusion.graph, output, force, fusion.tensors,
+                   check=None if reference is None else lambda path: check_runs(path, reference, label))
         summary["output"] = str(output)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     if phases is not None:
@@ -431,7 +436,7 @@ def quantize_with_report(model, output=None, mode: str = "int8", calibrate=None,
     calib = load_data(calibrate, full) if calibrate is not None and mode == "int8" else None
     result, report = run_quantize(full, mode, calib, exclude, calib_samples, member.name, activations=activations)
     summary = {"method": "quantize", "members": [member.name], "quantization": report}
-    return _written(Fusion(*TensorTable.detach(result)), summary, output, force, start)
+    return _written(Fusion(*TensorTable.detach(result)), summary, output, force, start, reference=full)
 
 
 def soup(models, output=None, mode: str = "uniform", val=None, force: bool = False) -> onnx.ModelProto:
@@ -450,7 +455,7 @@ def soup_with_report(models, output=None, mode: str = "uniform", val=None, force
     result = make_soup(members, mode, _held_out_score(val, members[0]) if val is not None else None)
     _stamp_soup(result.graph, members, result.report)
     summary = {"method": "soup", "members": [m.name for m in members], "soup": result.report}
-    return _written(Fusion(result.graph, result.tensors), summary, output, force, start)
+    return _written(Fusion(result.graph, result.tensors), summary, output, force, start, reference=sources[0])
 
 
 def _held_out_score(val, member: Member):
@@ -633,7 +638,7 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
         summary["accuracy"] = {"before": scores(Runner(full, threads=options.threads)(val_set), val_set.y),
                                "after": scores(Runner(result.model, threads=options.threads)(val_set), val_set.y)}
     fusion = Fusion(*TensorTable.detach(result.model))
-    return _written(fusion, summary, output, force, start)
+    return _written(fusion, summary, output, force, start, reference=model)
 
 
 def evaluate(models, data, ensemble: bool = False, provider: str = "cpu", threads: int = 1) -> list[dict]:

@@ -82,6 +82,19 @@ class DerivedBound:
 
 
 @dataclass
+class GroupedConv:
+    """A Conv with 1 < group < channels: input channel block b (of channels / group) feeds only output block b.
+    Both channel axes are kept evenly within blocks (the block count is the group count times the members), and
+    the weight's input axis, which indexes a position inside a block, is cut block by block."""
+    node: str
+    tensor: str
+    segs: tuple[Seg, ...]          # the input channels
+    out_segs: tuple[Seg, ...]
+    groups: int
+    index: int                     # the node's position, for its `group` attribute
+
+
+@dataclass
 class Group:
     id: int
     width: int
@@ -136,6 +149,7 @@ class Analysis:
     attr_consts: list[AttrConst] = field(default_factory=list)
     equal_parts: list[EqualPart] = field(default_factory=list)
     derived_bounds: list[DerivedBound] = field(default_factory=list)
+    grouped: list[GroupedConv] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)    # unsupported ops touching channels
     mixing: dict[str, str] = field(default_factory=dict)  # node -> why it mixes channels of one axis
     retired: set[int] = field(default_factory=set)          # spaces replaced by their parts (refine)
@@ -207,6 +221,8 @@ class Analysis:
             item.segs = fn(item.segs)
         for item in self.derived_bounds:
             item.axis_segs = fn(item.axis_segs)
+        for item in self.grouped:
+            item.segs, item.out_segs = fn(item.segs), fn(item.out_segs)
 
     def width(self, space: int) -> int:
         return self.space_width[self.find(space)]
@@ -231,6 +247,21 @@ class Analysis:
     def size(self, segs) -> int:
         """Size of an axis laid out as `segs` in the analysed graph (every group at its own width)."""
         return sum(self.width(s.space) * s.inner for s in segs)
+
+    def blocks(self) -> dict[int, tuple[int, str]]:
+        """group root -> (blocks per member, node): channels of the group are kept evenly within that many
+        consecutive blocks (a grouped Conv's; the finest when several meet)."""
+        out: dict[int, tuple[int, str]] = {}
+        for conv in self.grouped:
+            for seg in conv.segs + conv.out_segs:
+                root = self.find(seg.space)
+                have = out.get(root, (1, conv.node))[0]
+                need = max(have, conv.groups)
+                if need % min(have, conv.groups) or self.space_width[root] % need:
+                    raise UnsupportedGraphError(f"grouped convolutions '{out[root][1]}' and '{conv.node}' cut one "
+                                                f"channel group into {have} and {conv.groups} blocks")
+                out[root] = (need, conv.node if need == conv.groups else out[root][1])
+        return out
 
     # -- groups, for reports and for selection
     def groups(self) -> list[Group]:
@@ -267,6 +298,11 @@ class Analysis:
             elif flags == {True, False}:
                 raise UnsupportedGraphError(f"tensor '{touch.tensor}' of node '{touch.node}' mixes fused and "
                                             f"fixed-width channels on one axis")
+        for touch in self.touches:      # one tensor read by a fused layer and by a fixed-width one
+            if touch.axis in result.get(touch.tensor, {}) and not all(self.is_widened(s.space) for s in touch.segs):
+                raise UnsupportedGraphError(f"tensor '{touch.tensor}' is shared by a fused layer "
+                                            f"('{result[touch.tensor][touch.axis].node}') and a fixed-width one "
+                                            f"('{touch.node}')")
         return result
 
 
@@ -633,7 +669,7 @@ def _rule_conv(a, node):
     if group != 1:
         return _depthwise_conv(a, node, group)
     segs = _weight_layer(a, node, node.input[0], node.input[1], in_axis=1, out_axis=0, x_axis=1, out_chan_axis=1)
-    if segs and len(node.input) > 2 and node.input[2]:
+    if segs and len(node.input) > 2 and node.input[2] in a.tensors:
         a.touches.append(Touch(node.input[2], 0, segs, "param", node.name))
 
 
@@ -644,6 +680,9 @@ def _depthwise_conv(a, node, group: int):
     if x not in a.chan or w not in a.tensors:
         return _unsupported(a, node, f"grouped convolution (group={group}) of a graph input")
     axis, segs = a.chan[x]
+    if axis == 1 and len(segs) == 1 and segs[0].inner == 1 and a.size(segs) % group == 0 and \
+            a.size(segs) != group:
+        return _grouped_conv(a, node, group)
     if axis != 1 or len(segs) != 1 or segs[0].inner != 1 or a.size(segs) != group:
         return _unsupported(a, node, f"grouped convolution with group={group} (only depthwise, group = input "
                                      f"channels, is supported)")
@@ -654,6 +693,22 @@ def _depthwise_conv(a, node, group: int):
         a.touches.append(Touch(node.input[2], 0, out_segs, "param", node.name))
     a.attr_consts.append(AttrConst(_node_index(a, node), "group", segs))
     a.chan[node.output[0]] = (1, out_segs)
+
+
+def _grouped_conv(a, node, group: int):
+    """1 < group < channels (ResNeXt, RegNet): the output opens a space; input and output channels are kept
+    evenly within the conv's blocks, see GroupedConv and `Analysis.blocks`."""
+    x, w = node.input[0], node.input[1]
+    segs = a.chan[x][1]
+    shape = a.tensors.shape(w)
+    if shape[1] * group != a.size(segs) or shape[0] % group:
+        return _unsupported(a, node, f"grouped convolution (group={group}) whose weight {list(shape)} does not "
+                                     f"match its input's {a.size(segs)} channels")
+    out_segs = _open_space(a, node, shape[0], node.output[0], 1)
+    a.touches.append(Touch(w, 0, out_segs, "out", node.name))
+    if len(node.input) > 2 and node.input[2] in a.tensors:
+        a.touches.append(Touch(node.input[2], 0, out_segs, "param", node.name))
+    a.grouped.append(GroupedConv(node.name, w, segs, out_segs, group, _node_index(a, node)))
 
 
 def _node_index(a, node) -> int:
@@ -760,6 +815,8 @@ def _rule_reshape(a, node):
         head_segs = (Seg(segs[0].space),)
         a.chan[y] = (axis, head_segs)
         _record_target(a, node, axis, head_segs)
+        return
+    if _reshape_leading(a, node, axis, segs, dims_in, dims_out):
         return
     _unsupported(a, node, f"reshapes the channel axis ({dims_in} -> {dims_out})")
 
@@ -894,6 +951,19 @@ def _traced_target(a, node, dims_in):
     if inferred is not None and len(inferred) == len(out):
         out = [i if d is None else d for d, i in zip(out, inferred)]
     return out
+
+
+def _reshape_leading(a, node, axis: int, segs, dims_in, dims_out) -> bool:
+    """A Reshape that keeps the channel axis and everything after it, and regroups only the axes before it
+    (channel-last windows: [B, H, W, C] -> [B, H/w, w, W/w, w, C] or [B*H*W, C]): each channel's values stay
+    where they were relative to the channel axis, which moves to its place counted from the end."""
+    tail = len(dims_in) - axis
+    if len(dims_out) < tail or not _same_dims(dims_in[axis:], dims_out[len(dims_out) - tail:]):
+        return False
+    out_axis = len(dims_out) - tail
+    a.chan[node.output[0]] = (out_axis, segs)
+    _record_target(a, node, out_axis, segs)
+    return True
 
 
 def _record_target(a, node, axis: int, segs) -> None:
@@ -1241,20 +1311,29 @@ def _rule_slice_other_axis(a, node):
 
 @rule("Pad")
 def _rule_pad(a, node):
-    """Pad that leaves the channel axis alone (Swin pads its windows): channel by channel."""
+    """Padding of other axes (a channel-last window partition pads H and W) passes the channels on; padding the
+    channel axis itself, or pads the analysis cannot read, is not supported."""
     x = node.input[0]
     axis, segs = a.chan[x]
     rank = _rank(a, x)
-    pads = _shape_elements(a, node.input[1]) if len(node.input) > 1 else _attr(node, "pads")
+    pads = _const(a, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "pads")
     axes = _const(a, node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    if rank is None or pads is None or (len(node.input) > 3 and node.input[3] and axes is None):
-        return _unsupported(a, node, "pads of unknown size")
-    axes = [int(v) % rank for v in (axes if axes is not None else range(rank))]
-    half = len(pads) // 2
-    if axis in axes and (pads[axes.index(axis)] != 0 or pads[half + axes.index(axis)] != 0):
-        return _unsupported(a, node, "pads the channel axis")
-    if any(x in a.chan for x in node.input[1:]):
+    if len(node.input) > 3 and node.input[3] and axes is None or rank is None:
+        return _unsupported(a, node, "pads of unknown axes")
+    if any(v in a.chan for v in node.input[1:]):
         return _unsupported(a, node, "pad sizes carry channels")
+    tries = [pads]
+    if pads is None:       # computed from x's shape (the legacy exporter's padding to whole windows)
+        compute = _shape_function(a, node.input[1], x) if len(node.input) > 1 else None
+        if compute is None:
+            return _unsupported(a, node, "pads that are neither constants nor computed from the input's shape")
+        shape = list(a.shapes[x])
+        tries = [compute(shape[:axis] + [width] + shape[axis + 1:]) for width in (a.size(segs), 2 * a.size(segs) + 1)]
+    axes = [int(v) % rank for v in (axes if axes is not None else range(rank))]
+    for pads in tries:
+        pads = np.asarray(pads).reshape(-1)
+        if axis in axes and (pads[axes.index(axis)] or pads[len(axes) + axes.index(axis)]):
+            return _unsupported(a, node, "pads the channel axis")
     a.chan[node.output[0]] = (axis, segs)
 
 
@@ -1693,7 +1772,8 @@ def _rule_ml(a, node):
 def is_linear(node) -> bool:
     """Ops that commute with averaging over members (used to tell whether a wide model is exact)."""
     return node.op_type in LINEAR_UNARY | LINEAR_POOLS | {"Flatten", "Reshape", "Transpose", "Squeeze",
-                                                          "Unsqueeze", "Add", "Sub", "Concat", "Shape", "Size"}
+                                                          "Unsqueeze", "Add", "Sub", "Concat", "Shape", "Size", "Pad",
+                                                          "ReduceMean", "ReduceSum"}
 
 
 SIZE_INPUTS = {"Slice": {1, 2, 3, 4}, "Reshape": {1}, "Split": {1}, "Expand": {1}, "Tile": {1}}

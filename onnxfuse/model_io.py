@@ -68,6 +68,7 @@ def load_member(source, index: int = 0) -> Member:
                 stop.set()                        # a refused file is not hashed to its end
                 raise
             member = Member(str(path), model, tensors, digest.result(), path, files)
+    member.tensors = unshare_constants(member.model, member.tensors)
     _refuse_unsupported(member)
     return member
 
@@ -98,6 +99,79 @@ def _model_path(source) -> Path:
     except (OSError, ValueError) as exc:
         raise InputError(f"{str(path)[:200]!r}: not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
     return path
+
+
+def unshare_constants(model: onnx.ModelProto, tensors: "TensorTable") -> "TensorTable":
+    """Give every layer its own tensors: the legacy torch exporter stores initializers with equal values once
+    and feeds the other users through `Identity` nodes (e.g. every zero bias of one width), so one stored tensor
+    would stand for unrelated layers, fused or not. Each Identity of a constant becomes an initializer of its
+    own (the same values; the array is shared, not copied) and the node goes; the new exporter reads such a
+    tensor directly from several nodes, so a 1-D float initializer read more than once gets a copy per further
+    use. Same result in every member, whichever of its tensors happen to be equal.
+
+    Only tensors whose elements are all equal (zeros, ones: the fresh biases and normalization parameters that
+    exporters deduplicate between unrelated layers) are copied. Any other tensor that several nodes read is a
+    real tie (ALBERT's shared layers, a tied embedding): it stays one tensor, and the analysis cuts it the same
+    way for every use."""
+    graph, constants = model.graph, {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in graph.output}
+    kept, sources = [], set()
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Identity" and node.domain in ("", "ai.onnx") else None
+        if source in constants and node.output[0] not in outputs and node.output[0] not in constants \
+                and _uniform(tensors, source):
+            copy = graph.initializer.add()
+            copy.CopyFrom(constants[source])
+            copy.name = node.output[0]
+            constants[copy.name] = copy
+            sources.add(source)
+            if source in tensors.arrays:
+                tensors.arrays[copy.name] = tensors.arrays[source]
+        else:
+            kept.append(node)
+    # the new exporter shares them directly: a 1-D float initializer (bias, normalization parameter) read more
+    # than once gets a copy per further use (tied weight matrices stay tied)
+    seen, inputs, copied = set(), {v.name for v in graph.input}, False
+    for node in kept:
+        for i, x in enumerate(node.input):
+            t = constants.get(x)
+            if t is None or x in inputs or len(t.dims) != 1 or t.data_type not in FLOAT_TYPES \
+                    or not _uniform(tensors, x):
+                continue
+            if x not in seen:
+                seen.add(x)
+                continue
+            copy = graph.initializer.add()
+            copy.CopyFrom(t)
+            copy.name = _fresh(f"{x}__{node.name or node.output[0]}", constants)
+            constants[copy.name] = copy
+            if x in tensors.arrays:
+                tensors.arrays[copy.name] = tensors.arrays[x]
+            node.input[i] = copy.name
+            copied = True
+    if not sources and not copied:
+        return tensors
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {x for node in graph.node for x in node.input} | outputs | {v.name for v in graph.input}
+    for i in reversed(range(len(graph.initializer))):      # a source only the Identity nodes read goes too
+        name = graph.initializer[i].name
+        if name in sources and name not in used:
+            del graph.initializer[i]
+            tensors.arrays.pop(name, None)
+    return TensorTable(graph, tensors.arrays)
+
+
+def _uniform(tensors: "TensorTable", name: str) -> bool:
+    value = tensors.array(name)
+    return value.size > 0 and bool(np.all(value == value.reshape(-1)[0]))
+
+
+def _fresh(name: str, taken) -> str:
+    out, k = name, 1
+    while out in taken:
+        out, k = f"{name}_{k}", k + 1
+    return out
 
 
 def _sha256(path: Path, stop: threading.Event | None = None) -> str | None:
@@ -695,9 +769,11 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: TensorTable | None = None) -> Path:
+def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: TensorTable | None = None,
+               check=None) -> Path:
     """Write atomically: into a temporary folder beside the output, then link (or, with `force`, rename) it
-    into place, so that two runs racing on one new output cannot both succeed.
+    into place, so that two runs racing on one new output cannot both succeed. `check(path)` is called on the
+    complete temporary file first (the runtime guard): if it raises, nothing is written.
 
     `tensors` holds detached weight data (see TensorTable.detach): it is streamed into the file, never
     assembled into one protobuf in memory. Outputs above EXTERNAL_DATA_THRESHOLD go to `<name>.data`
@@ -717,15 +793,20 @@ def save_model(model: onnx.ModelProto, output, force: bool = False, tensors: Ten
         raise OutputError(f"{out}: cannot write into {out.absolute().parent} ({exc.strerror})") from None
     try:
         if external:
-            model = _write_external(model, tensors, tmp / "data", data_out.name)
+            # the data file keeps its final name in the temporary folder too: the guard loads the model from there
+            model = _write_external(model, tensors, tmp / data_out.name, data_out.name)
             with open(tmp / "model", "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
+            if check is not None:
+                check(tmp / "model")
             if force and (out.exists() or out.is_symlink()):
                 out.unlink()
-            _place(tmp / "data", data_out, force)
+            _place(tmp / data_out.name, data_out, force)
         else:
             with open(tmp / "model", "wb") as f:
                 _write_streaming(f, model, tensors)
+            if check is not None:
+                check(tmp / "model")
         _place(tmp / "model", out, force)
     except OSError as exc:
         raise OutputError(f"{out}: could not be written ({exc.strerror or exc}); nothing was written") from None

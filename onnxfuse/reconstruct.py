@@ -113,8 +113,8 @@ def find_layers(graph: onnx.GraphProto, tensors: TensorTable, a: Analysis, kept:
         label = f"{node.op_type} '{node.name or node.output[0]}'"
         if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
             if axes:
-                skipped.append(f"{label}: depthwise convolution (each output sees one input channel; kept as "
-                               f"transplanted)")
+                skipped.append(f"{label}: grouped or depthwise convolution (each output sees its group's input "
+                               f"channels only; kept as transplanted)")
             continue
         if w not in tensors or not any(t.role == "in" for t in axes.values()):
             continue

@@ -189,3 +189,58 @@ def output_deviation(wide: onnx.ModelProto, members: list, feeds: dict[str, np.n
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / max(float(np.abs(mean).max()), 1e-12))
     return {"max_abs": worst_abs, "max_relative": worst_rel}
+
+
+def guard_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """One batch for every graph input: standard-normal floats, zeros for integers and booleans (valid token
+    ids and indices), symbolic dims = 1."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    inits = {t.name for t in model.graph.initializer}
+    for spec in model.graph.input:
+        if spec.name in inits:
+            continue
+        tt = spec.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[spec.name] = (rng.normal(size=dims).astype(dtype) if np.issubdtype(dtype, np.floating)
+                            else np.zeros(dims, dtype=dtype))
+    return feeds
+
+
+def _session_outputs(source, feeds):
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    data = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
+    sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
+
+
+def check_runs(path, reference, label: str) -> None:
+    """The last guard before a result is written: the file at `path` must load in onnxruntime and run one batch
+    of random inputs of `reference`'s (member 0's) input shapes, and give outputs of the shapes `reference`
+    gives on it. Otherwise one line naming the node onnxruntime names (UnsupportedGraphError)."""
+    import re
+    from .errors import UnsupportedGraphError
+    ref = onnx.load(str(reference), load_external_data=False) if not isinstance(reference, onnx.ModelProto) \
+        else reference
+    feeds = guard_feeds(ref)
+    try:
+        got = _session_outputs(path, feeds)
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        node = re.search(r"running (\w+) node\. Name:'([^']*)'", text) or \
+            re.search(r"Node \(([^)]*)\) Op \((\w+)\)", text)
+        where = (f"node '{node.group(2)}' ({node.group(1)})" if node and text[node.start():].startswith("running")
+                 else f"node '{node.group(1)}' ({node.group(2)})" if node else "the graph")
+        detail = text.split("Status Message: ")[-1] if "Status Message: " in text else text
+        raise UnsupportedGraphError(f"{label}: the result does not run in onnxruntime at {where}: "
+                                    f"{detail[:200]}; nothing written") from None
+    try:
+        want = _session_outputs(reference, feeds)
+    except Exception:      # the member itself does not run on random inputs: only running is checked
+        return
+    for name, value in want.items():
+        if name in got and got[name].shape != value.shape:
+            raise UnsupportedGraphError(f"{label}: output '{name}' of the result has shape {list(got[name].shape)}"
+                                        f", member 0's {list(value.shape)}; nothing written")

@@ -33,7 +33,41 @@ def channel_scores(a: Analysis, load, n: int, widened: dict) -> dict[int, np.nda
                     scores.setdefault(root, np.zeros(n * width))[m * width:(m + 1) * width] += chunk
                     terms[root] = terms.get(root, 0) + (m == 0)
                     offset += width * seg.inner
+    for conv in a.grouped:      # a grouped Conv's input slice of channel c: its block's rows, c's position
+        root = a.find(conv.segs[0].space)
+        if not a.is_widened(root):
+            continue
+        width, blocks = a.space_width[root], conv.groups
+        for m in range(n):
+            w = load(conv.tensor, m)
+            per = sum_of_squares(w.reshape(w.shape[0] * w.shape[1], -1), 0).reshape(w.shape[:2])
+            per = per.reshape(blocks, -1, per.shape[1]).sum(axis=1).reshape(-1)    # [out, in] -> block by block
+            scores.setdefault(root, np.zeros(n * width))[m * width:(m + 1) * width] += per
+        terms[root] = terms.get(root, 0) + 1
     return {root: s / terms[root] for root, s in scores.items()}
+
+
+def select_kept(a: Analysis, scores: dict, groups, n: int, keep) -> dict[int, np.ndarray]:
+    """The kept channels of every group: the top-k, or where a grouped Conv cuts the group into blocks, the
+    same number of top channels in every block (k rounded to a multiple of the block count)."""
+    blocks = a.blocks()
+    kept = {}
+    for g in groups:
+        k = kept_count(g.width, n, keep)
+        count, node = blocks.get(g.id, (1, None))
+        if count == 1:
+            kept[g.id] = top_k(scores[g.id], k)
+            continue
+        total = count * n
+        per = max(1, int(Fraction(k, total) + Fraction(1, 2)))
+        if keep is None and per * total != k:
+            raise OnnxFuseError(f"grouped convolution '{node}' has {count} groups of {g.width // count} channels: "
+                                f"{n} members cannot keep {k} channels evenly in its {total} groups; pass a --keep "
+                                f"that keeps a multiple of {total}")
+        size = g.width // count
+        kept[g.id] = np.concatenate([b * size + top_k(scores[g.id][b * size:(b + 1) * size], per)
+                                     for b in range(total)])
+    return kept
 
 
 def sum_of_squares(arr: np.ndarray, axis: int) -> np.ndarray:

@@ -114,11 +114,14 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
     model.CopyFrom(members[0].model)
     tensors = TensorTable(model.graph, members[0].tensors.arrays)
     widened = a.widened_touches()
+    grouped = grouped_convs(a)
     for name in members[0].tensors.names():
         axes = widened.get(name)
         if axes:
             maps = {axis: axis_map(a, touch.segs, kept) for axis, touch in axes.items()}
             value = assemble([load(name, m) for m in range(n)], maps, tensor_scale(axes, n))
+            if name in grouped:
+                value = _grouped_inputs(a, grouped[name], value, kept, n)
         else:
             value = _shared_value(load, name, n, members)
         if value is not None:
@@ -141,6 +144,9 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
             private_shape_const(model, const, target)
         else:
             tensors.set(const.tensor, target)
+    for conv in a.grouped:
+        if a.is_widened(conv.out_segs[0].space):
+            next(at for at in model.graph.node[conv.index].attribute if at.name == "group").i = conv.groups * n
     for const in a.attr_consts:
         attr = next(at for at in model.graph.node[const.node].attribute if at.name == const.name)
         if const.index is None:
@@ -206,3 +212,27 @@ def _shared_value(load: MemberTensors, name: str, n: int, members: list[Member])
         return np.mean(arrays, axis=0)
     raise IncompatibleMembersError(f"non-float tensor '{name}' differs between {members[0].name} and the "
                                    f"other members; it cannot be averaged")
+
+
+def grouped_convs(a: Analysis) -> dict:
+    """weight -> GroupedConv, for the grouped convolutions whose channels are fused; a grouped Conv whose input
+    and output are not both fused (or both fixed) cannot keep its block structure and is refused."""
+    out = {}
+    for conv in a.grouped:
+        fused = {a.is_widened(s.space) for s in conv.segs + conv.out_segs}
+        if fused == {True, False}:
+            raise UnsupportedGraphError(f"grouped convolution '{conv.node}' (group={conv.groups}): its input and "
+                                        f"output channels must both be fused or both keep their width")
+        if fused == {True}:
+            out[conv.tensor] = conv
+    return out
+
+
+def _grouped_inputs(a: Analysis, conv, value: np.ndarray, kept: dict, n: int) -> np.ndarray:
+    """Cut a grouped Conv's weight (rows already assembled) on its input axis block by block: the rows of
+    block b read the positions, inside block b, of the input channels kept there."""
+    root = a.find(conv.segs[0].space)
+    blocks, size = conv.groups * n, a.space_width[root] // conv.groups
+    positions = kept[root].reshape(blocks, -1) - (np.arange(blocks) * size)[:, None]
+    rows = value.reshape(blocks, value.shape[0] // blocks, *value.shape[1:])
+    return np.concatenate([np.take(rows[b], positions[b], axis=1) for b in range(blocks)])

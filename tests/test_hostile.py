@@ -538,7 +538,9 @@ def test_eval_of_models_with_other_inputs_or_bad_weights_is_a_clean_error(tmp_pa
             says="b.onnx: onnxruntime cannot run it")
 
 
-def test_without_onnxruntime_merge_works_and_eval_names_the_extra(tmp_path):
+def test_without_onnxruntime_inspect_works_and_what_runs_models_names_the_extra(tmp_path):
+    """merge runs its result in onnxruntime before writing it (never a file that does not run): without
+    onnxruntime it says which extra to install and writes nothing, like eval."""
     import json
     import subprocess
     import sys
@@ -547,11 +549,13 @@ def test_without_onnxruntime_merge_works_and_eval_names_the_extra(tmp_path):
         "from click.testing import CliRunner\n"
         "from onnxfuse.cli import main\n"
         "a, b, out, data = sys.argv[1:]\n"
-        "runs = [CliRunner().invoke(main, args) for args in (['merge', a, b, '-o', out], ['eval', a, '--data', data])]\n"
+        "runs = [CliRunner().invoke(main, args) for args in (['inspect', a, b], ['merge', a, b, '-o', out],\n"
+        "                                                    ['eval', a, '--data', data])]\n"
         "print(json.dumps([[r.exit_code, r.stderr] for r in runs]))\n")
     result = subprocess.run([sys.executable, "-c", script, *MLP, str(tmp_path / "f.onnx"), TRAIN],
                             capture_output=True, text=True, timeout=120)
-    (merged, merge_err), (evaluated, eval_err) = json.loads(result.stdout.splitlines()[-1])
-    assert merged == 0 and (tmp_path / "f.onnx").is_file(), merge_err
-    assert evaluated == 2 and eval_err.strip() == "onnxfuse: error: this needs onnxruntime: pip install " \
-        "'onnxfuse[cpu]' (or 'onnxfuse[gpu]' for CUDA; never both)", eval_err
+    (inspected, inspect_err), (merged, merge_err), (evaluated, eval_err) = json.loads(result.stdout.splitlines()[-1])
+    assert inspected == 0, inspect_err
+    needs = "onnxfuse: error: this needs onnxruntime: pip install 'onnxfuse[cpu]' (or 'onnxfuse[gpu]' for CUDA; never both)"
+    assert merged == 2 and merge_err.strip() == needs and not (tmp_path / "f.onnx").exists(), merge_err
+    assert evaluated == 2 and eval_err.strip() == needs, eval_err

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .permute import Perms, channel_rows, identity, permute, touches_by_group
+from .permute import Perms, channel_rows, identity, permute, pinned, touches_by_group
 
 
 def permutations(a, load, n: int) -> list[Perms]:
@@ -29,8 +29,11 @@ def graph_order(a, roots) -> list[int]:
 def _transport(a, load, k: int, widened, by_group) -> Perms:
     import ot as pot
     from scipy.optimize import linear_sum_assignment
-    perm, done = identity(a), set()
+    perm, done, fixed = identity(a), set(), pinned(a)
     for root in graph_order(a, perm):
+        if root in fixed:
+            done.add(root)
+            continue
         mine, theirs = [], []
         for tensor, axis in by_group.get(root, []):
             axes = widened[tensor]

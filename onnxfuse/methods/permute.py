@@ -21,6 +21,12 @@ def identity(a: Analysis) -> Perms:
     return {g.id: np.arange(g.width) for g in a.groups() if g.prunable}
 
 
+def pinned(a: Analysis) -> set[int]:
+    """Groups that stay in place (identity) for the alignment methods: the input and output channels of a grouped
+    Conv, whose block structure a free permutation would break."""
+    return {a.find(s.space) for conv in a.grouped for s in conv.segs + conv.out_segs}
+
+
 def permute(arr: np.ndarray, axes: dict[int, Touch], a: Analysis, perms: Perms, skip: int | None = None):
     """`arr` with every widened axis (except `skip`) reordered by the permutations of its groups."""
     for axis, touch in axes.items():
