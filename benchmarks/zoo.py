@@ -201,10 +201,11 @@ def _in_process(args: list[str], timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
+def write(results: list[dict], skipped: list[str], args, out: Path, command: str | None = None,
+          note: str = "") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     stamp = {"commit": args.commit or git_state(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-             "command": " ".join(["python benchmarks/zoo.py", *sys.argv[1:]])}
+             "command": command or " ".join(["python benchmarks/zoo.py", *sys.argv[1:]]), "note": note}
     out.with_suffix(".json").write_text(json.dumps({**stamp, "results": results, "not_run": skipped}, indent=1))
     counts = {op: {} for op in OPS + ["torch-pruning"]}
     commits = sorted({r.get("commit", stamp["commit"]) for r in results})
@@ -213,7 +214,8 @@ def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
              "maxvit_t / levit 224). ok = written and runs in onnxruntime (concat: within 1e-4 of the members' mean "
              "where exact is claimed); ref = refused with one line; INVALID = written but does not run / not exact; "
              "CRASH = other exception. concat column: relative max error vs the members' mean. "
-             "TP = Torch-Pruning DepGraph L2 ratio 0.5.\n",
+             "TP = Torch-Pruning DepGraph L2 ratio 0.5. Seconds are wall time of one worker on a 2-core machine "
+             "shared with other jobs.\n" + (f"\n{note}\n" if note else ""),
              "| model | exporter | params | " + " | ".join(OPS) + " | TP |", "|" + "---|" * (len(OPS) + 4)]
     notes = []
     for r in results:
@@ -284,7 +286,7 @@ def main() -> None:
     if args.report:
         earlier = json.loads(Path(args.out).with_suffix(".json").read_text())
         rows = [{"commit": earlier["commit"], **r} for r in earlier["results"]]
-        write(rows, earlier.get("not_run", []), args, Path(args.out))
+        write(rows, earlier.get("not_run", []), args, Path(args.out), earlier["command"], earlier.get("note", ""))
         return
     if args.worker:
         spec, exporter = args.worker.rsplit("@", 1)
