@@ -175,7 +175,8 @@ def tp_worker(spec: str) -> dict:
     x = torch.randn(1, 3, size, size)
     start = time.perf_counter()
     try:
-        last = [m for m in net.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 10]
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 10 or
+                isinstance(m, torch.nn.Conv2d) and m.out_channels == 10]     # the classifier (SqueezeNet: a conv)
         pruner = tp.pruner.MagnitudePruner(net, x, importance=tp.importance.MagnitudeImportance(p=2),
                                            pruning_ratio=0.5, ignored_layers=last)
         pruner.step()
@@ -236,7 +237,7 @@ def write(results: list[dict], skipped: list[str], args, out: Path, command: str
             cells.append(cell)
             if status != "ok" and o.get("detail"):
                 notes.append(f"- {r['model']} ({r['exporter']}) {op}: {status}: {o['detail'][:240]}")
-        tp = r.get("tp", {}).get("status", "-")
+        tp = r.get("tp", {}).get("status", "timeout" if "timeout" in r.get("tp", {}) else "-")
         if "tp" in r:
             counts["torch-pruning"][tp] = counts["torch-pruning"].get(tp, 0) + 1
             if tp != "ok":
@@ -247,7 +248,7 @@ def write(results: list[dict], skipped: list[str], args, out: Path, command: str
               + " |", "|---|---|---|---|---|"]
     for op, c in counts.items():
         if op == "torch-pruning":
-            lines.append(f"| {op} | {c.get('ok', 0)} | fail {c.get('fail', 0)} | - | - |")
+            lines.append(f"| {op} | {c.get('ok', 0)} | fail {c.get('fail', 0)}, timeout {c.get('timeout', 0)} | - | - |")
         else:
             lines.append(f"| {op} | " + " | ".join(str(c.get(s, 0)) for s in ("ok", "refused", "invalid", "crash"))
                          + " |")
