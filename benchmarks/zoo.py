@@ -175,7 +175,8 @@ def tp_worker(spec: str) -> dict:
     x = torch.randn(1, 3, size, size)
     start = time.perf_counter()
     try:
-        last = [m for m in net.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 10]
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 10 or
+                isinstance(m, torch.nn.Conv2d) and m.out_channels == 10]     # the classifier (SqueezeNet: a conv)
         pruner = tp.pruner.MagnitudePruner(net, x, importance=tp.importance.MagnitudeImportance(p=2),
                                            pruning_ratio=0.5, ignored_layers=last)
         pruner.step()
@@ -201,10 +202,11 @@ def _in_process(args: list[str], timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
+def write(results: list[dict], skipped: list[str], args, out: Path, command: str | None = None,
+          note: str = "") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     stamp = {"commit": args.commit or git_state(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-             "command": " ".join(["python benchmarks/zoo.py", *sys.argv[1:]])}
+             "command": command or " ".join(["python benchmarks/zoo.py", *sys.argv[1:]]), "note": note}
     out.with_suffix(".json").write_text(json.dumps({**stamp, "results": results, "not_run": skipped}, indent=1))
     counts = {op: {} for op in OPS + ["torch-pruning"]}
     commits = sorted({r.get("commit", stamp["commit"]) for r in results})
@@ -213,7 +215,8 @@ def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
              "maxvit_t / levit 224). ok = written and runs in onnxruntime (concat: within 1e-4 of the members' mean "
              "where exact is claimed); ref = refused with one line; INVALID = written but does not run / not exact; "
              "CRASH = other exception. concat column: relative max error vs the members' mean. "
-             "TP = Torch-Pruning DepGraph L2 ratio 0.5.\n",
+             "TP = Torch-Pruning DepGraph L2 ratio 0.5. Seconds are wall time of one worker on a 2-core machine "
+             "shared with other jobs.\n" + (f"\n{note}\n" if note else ""),
              "| model | exporter | params | " + " | ".join(OPS) + " | TP |", "|" + "---|" * (len(OPS) + 4)]
     notes = []
     for r in results:
@@ -234,7 +237,7 @@ def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
             cells.append(cell)
             if status != "ok" and o.get("detail"):
                 notes.append(f"- {r['model']} ({r['exporter']}) {op}: {status}: {o['detail'][:240]}")
-        tp = r.get("tp", {}).get("status", "-")
+        tp = r.get("tp", {}).get("status", "timeout" if "timeout" in r.get("tp", {}) else "-")
         if "tp" in r:
             counts["torch-pruning"][tp] = counts["torch-pruning"].get(tp, 0) + 1
             if tp != "ok":
@@ -245,7 +248,7 @@ def write(results: list[dict], skipped: list[str], args, out: Path) -> None:
               + " |", "|---|---|---|---|---|"]
     for op, c in counts.items():
         if op == "torch-pruning":
-            lines.append(f"| {op} | {c.get('ok', 0)} | fail {c.get('fail', 0)} | - | - |")
+            lines.append(f"| {op} | {c.get('ok', 0)} | fail {c.get('fail', 0)}, timeout {c.get('timeout', 0)} | - | - |")
         else:
             lines.append(f"| {op} | " + " | ".join(str(c.get(s, 0)) for s in ("ok", "refused", "invalid", "crash"))
                          + " |")
@@ -284,7 +287,7 @@ def main() -> None:
     if args.report:
         earlier = json.loads(Path(args.out).with_suffix(".json").read_text())
         rows = [{"commit": earlier["commit"], **r} for r in earlier["results"]]
-        write(rows, earlier.get("not_run", []), args, Path(args.out))
+        write(rows, earlier.get("not_run", []), args, Path(args.out), earlier["command"], earlier.get("note", ""))
         return
     if args.worker:
         spec, exporter = args.worker.rsplit("@", 1)
