@@ -134,7 +134,8 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
         message = str(exc)
         raise UnsupportedGraphError(message if members[0].name in message else f"{members[0].name}: {message}") \
             from None
-    fusion, summary = Fusion(built.graph, built.tensors), {**built.summary, **auto}
+    built.summary.update(auto)
+    fusion, summary = Fusion(built.graph, built.tensors), built.summary
     phases.mark("fuse")
     if calibrate is not None:
         _reconstruct(built, sources, calibrate, calib_samples)
@@ -274,7 +275,7 @@ def _check_method(method: str, sources: list, keep, calibrate, data=None) -> Non
         raise OnnxFuseError(f"--keep applies to neuron transplantation only, not to --method {method}")
     if method == "prune" and (len(sources) != 1 or keep is None):
         raise OnnxFuseError("prune takes one model and a --keep fraction")
-    if calibrate is not None and method not in ("nt", "prune"):
+    if calibrate is not None and method not in ("nt", "auto", "prune"):      # auto: --calibrate means nt
         raise OnnxFuseError(f"--calibrate applies to neuron transplantation (and prune), not to method {method}")
 
 

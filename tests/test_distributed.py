@@ -30,7 +30,7 @@ def test_torchrun_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     start = result.stdout.index("{")
     summary = json.loads(result.stdout[start:])                 # one summary: rank 0 only prints
-    assert result.stdout.count('"method"') == 1
+    assert result.stdout.count('"phases"') == 1
     options = summary["training"]["options"]
     assert options["processes"] == 2 and options["ranks_agree"] is True
     assert [p.name for p in tmp_path.iterdir()] == ["fused.onnx"]
