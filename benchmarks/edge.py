@@ -229,10 +229,11 @@ def main():
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model and batch size")
     args = parser.parse_args()
     seconds = 0.2 if args.quick else args.seconds
+    commit = git_state()                 # the code that runs, read before it runs
     with tempfile.TemporaryDirectory(prefix="onnxfuse-edge-") as tmp:
         work = Path(tmp)
         results = [measure(s, work, seconds, memory=not args.quick) for s in member_sets(args.quick, work)]
-    env, commit = environment(), git_state()
+    env = environment()
     text = markdown(results, env, commit)
     print(text)
     if args.quick:
