@@ -70,6 +70,23 @@ def check_written(out: Path, feeds) -> list:
     return run(out, feeds)
 
 
+def bridge_check(path: Path, feeds, expected) -> str:
+    """The torch bridge (what fine-tuning trains) on the fused model in eval mode against onnxruntime: 'ok'
+    within 1e-4 (relative to the largest output), else why not."""
+    import onnx
+    import torch
+    from onnxfuse.torch_bridge import OnnxModule
+    try:
+        module = OnnxModule(onnx.load(str(path))).eval()
+        with torch.no_grad():
+            got = module(*[torch.from_numpy(feeds[n]) for n in module.input_names])
+        got = (got[0] if isinstance(got, (list, tuple)) else got).numpy()
+        dev = float(np.max(np.abs(got - expected)) / (np.max(np.abs(expected)) + 1e-12))
+        return "ok" if dev <= 1e-4 else f"deviates by {dev:.1e}"
+    except Exception as exc:
+        return first_line(exc)
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
@@ -127,6 +144,8 @@ def sweep_pair(family: str, exporter: str, cache: Path, work: Path) -> dict:
             if op == "merge" and summary["parameters"]["output"] != summary["parameters"]["member"]:
                 raise AssertionError(f"merge has {summary['parameters']['output']} parameters, a member "
                                      f"{summary['parameters']['member']}")
+            if op == "merge":
+                row["bridge"] = bridge_check(out, feeds, got[0])
             row[op] = "ok"
         except Exception as exc:
             row[op] = first_line(exc)
@@ -142,14 +161,16 @@ def table(rows: list[dict]) -> str:
              "batch 3 / sequence 11 (export: batch 2 / sequence 8); merge keeps a member's parameter count; "
              "concat's deviation from the members' mean is measured (relative to the largest output).", "",
              f"Exported pairs: {len(exported)} of {len(rows)}. " +
-             ", ".join(f"{op} ok: {sum(r.get(op) == 'ok' for r in exported)} of {len(exported)}" for op in OPS),
+             ", ".join(f"{op} ok: {sum(r.get(op) == 'ok' for r in exported)} of {len(exported)}" for op in OPS) +
+             f"; the torch bridge equals onnxruntime (<= 1e-4, eval mode) on the merged model in "
+             f"{sum(r.get('bridge') == 'ok' for r in exported)} of {sum('bridge' in r for r in exported)}.",
              "", "Before issue 14 (commit 7997dab, `transformers_before.json`) the same sweep fused 2 of 47 exported "
              "pairs (ELECTRA and TimeSeriesTransformer with the new exporter).",
              "", "| family | exporter | inspect | concat | merge | prune --keep 0.5 | concat deviation | "
-             "member beside itself |", "|---|---|---|---|---|---|---|---|"]
+             "member beside itself | bridge |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["export"] != "ok":
-            lines.append(f"| {r['family']} | {r['exporter']} | exporter failed: {r['export'][:120]} | | | | | |")
+            lines.append(f"| {r['family']} | {r['exporter']} | exporter failed: {r['export'][:120]} | | | | | | |")
             continue
         cells = [("ok" if r.get(op) == "ok" else f"refused: {str(r.get(op))[:160]}").replace("|", "/")
                  for op in OPS]
@@ -158,7 +179,7 @@ def table(rows: list[dict]) -> str:
                                                          " (reported not exact)")
         twin = r.get("self_concat_deviation")
         lines.append(f"| {r['family']} | {r['exporter']} | " + " | ".join(cells) + f" | {devtext} | " +
-                     ("" if twin is None else f"{twin:.1e}") + " |")
+                     ("" if twin is None else f"{twin:.1e}") + f" | {str(r.get('bridge', ''))[:120]} |")
     return "\n".join(lines) + "\n"
 
 
