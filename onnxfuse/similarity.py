@@ -35,8 +35,12 @@ def similarity(members: list[Member], data=None) -> dict:
 def _pair(members, load, floats, m: int, data) -> dict:
     shared = [np.array_equal(load(n, 0), load(n, m)) for n in floats]
     sizes = [load(n, 0).size for n in floats]
-    diff = sum(float(np.sum((load(n, 0).astype(np.float64) - load(n, m)) ** 2)) for n in floats)
-    norm = sum(float(np.sum(load(n, 0).astype(np.float64) ** 2)) for n in floats)
+    diff = norm = 0.0
+    for n in floats:            # finite entries only: masks hold -inf, equal in every member
+        a, b = load(n, 0).astype(np.float64), load(n, m).astype(np.float64)
+        d = np.where(a == b, 0.0, a - b)
+        diff += float(np.sum(np.where(np.isfinite(d), d, 0.0) ** 2))
+        norm += float(np.sum(np.where(np.isfinite(a), a, 0.0) ** 2))
     pair = {"member": members[m].name, "shared_tensors": int(sum(shared)), "tensors": len(floats),
             "shared_weights": round(sum(s for s, k in zip(sizes, shared) if k) / max(sum(sizes), 1), 4),
             "relative_distance": round(float(np.sqrt(diff / max(norm, 1e-30))), 4)}
