@@ -194,6 +194,12 @@ def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: s
         raise OnnxFuseError("--soup needs --data and at least one epoch of fine-tuning")
     if k < 2:
         raise OnnxFuseError(f"--soup needs at least 2 copies, got {k}")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and world != k:
+        raise OnnxFuseError(f"under torchrun, --soup {k} trains one copy per process: start {k} processes, "
+                            f"not {world}")
+    if world > 1:    # every process fine-tunes the start alike, then its own copy: no gradient all-reduce
+        options = replace(options, independent=True, checkpoint_dir=None, resume=False)
     _tune_and_score(model, sources, data, val, options, summary, progress)
     start = summary.pop("_model")
     train_set = load_data(data, start)
@@ -201,20 +207,28 @@ def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: s
     teacher = (lambda d: _teacher_logits(sources, d, threads=options.threads)) if options.distill else None
     epochs = soup_epochs or options.epochs
     lr = summary["training"]["options"]["lr"]          # the start's rate (chosen once, if auto)
-    copies = []
+    tuned = []
     for i in range(k):
+        if world > 1 and i != rank:
+            continue
         copy = replace(options, seed=options.seed + 1 + i, epochs=epochs, lr=lr, checkpoint_dir=None,
                        resume=False, require_gain=False)
-        tuned = finetune(start, train_set, copy, None, teacher, progress).model
-        copies.append(load_member(tuned, i))
+        tuned.append(finetune(start, train_set, copy, None, teacher, progress).model)
+    if world > 1:                     # every process gets every copy (and computes the same soup)
+        import torch.distributed as dist
+        gathered = [None] * world
+        dist.all_gather_object(gathered, tuned[0].SerializeToString(deterministic=True))
+        tuned = [onnx.load_from_string(b) for b in gathered]
+    copies = [load_member(t, i) for i, t in enumerate(tuned)]
+    for i, t in enumerate(tuned):
         if val_set is not None:
-            summary["accuracy"][f"copy {i} (+{epochs} epochs, seed {copy.seed})"] = scores(Runner(tuned)(val_set),
-                                                                                         val_set.y)
+            summary["accuracy"][f"copy {i} (+{epochs} epochs, seed {options.seed + 1 + i})"] = scores(
+                Runner(t)(val_set), val_set.y)
     from .training import split_holdout
     ranked_on = val if val is not None else split_holdout(train_set, options.holdout)[1]   # greedy: never trained on
     result = make_soup(copies, mode, _held_out_score(ranked_on, copies[0]) if ranked_on is not None else None)
     result.report["ingredients"] = [f"copy {i} (seed {options.seed + 1 + i})" for i in range(k)]
-    result.report["epochs_per_copy"] = epochs
+    result.report.update(epochs_per_copy=epochs, processes=world)
     summary["soup"] = result.report
     if val_set is not None:
         summary["accuracy"][f"{mode} soup of {len(result.report['kept'])}"] = scores(

@@ -59,6 +59,7 @@ class TrainOptions:
     holdout: float = 0.1                # fraction of the training data held out (lr probes, epoch selection)
     threads: int = 1                    # torch intra-op threads (results are byte-identical per thread count)
     require_gain: bool = False          # merge: refuse to write a result below the best member (api)
+    independent: bool = False           # under torchrun: train alone in this process (soup copies), no all-reduce
     task: str = "auto"                  # classification | regression | auto (float targets y: regression;
                                         # no labels: a 2-D output is class logits)
 
@@ -167,6 +168,8 @@ def _finetune(model, train, options, val, teacher_logits, progress) -> TrainResu
     torch.manual_seed(options.seed)
     rank, world = start_distributed(options.device)
     device = _device(options.device, rank)
+    if options.independent:            # one soup copy per process: this process trains alone
+        rank, world = 0, 1
     from .runtime import logits_output      # onnxruntime is imported only where it is used
     target = logits_output(model, options.target_output)
     module = OnnxModule(model, [target]).to(device)
