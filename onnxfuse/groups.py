@@ -1323,6 +1323,13 @@ def _rule_pad(a, node):
     if any(v in a.chan for v in node.input[1:]):
         return _unsupported(a, node, "pad sizes carry channels")
     tries = [pads]
+    traced = _shape_elements(a, node.input[1]) if pads is None and len(node.input) > 1 else None
+    if traced is not None and axis in (axes_list := [int(v) % rank for v in (axes if axes is not None else
+                                                                              range(rank))]):
+        j = axes_list.index(axis)           # traced pads (Swin's): only the channel axis' two entries matter
+        if len(traced) == 2 * len(axes_list) and traced[j] == 0 and traced[len(axes_list) + j] == 0:
+            a.chan[node.output[0]] = (axis, segs)
+            return
     if pads is None:       # computed from x's shape (the legacy exporter's padding to whole windows)
         compute = _shape_function(a, node.input[1], x) if len(node.input) > 1 else None
         if compute is None:
