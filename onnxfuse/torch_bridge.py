@@ -289,10 +289,17 @@ def _slice(m, at, x, starts, ends, axes=None, steps=None):
     index = [slice(None)] * x.dim()
     axes = axes.tolist() if axes is not None else list(range(len(starts)))
     steps = steps.tolist() if steps is not None else [1] * len(axes)
+    backwards = []
     for s, e, a, st in zip(starts.tolist(), ends.tolist(), axes, steps):
         size = x.shape[a]
-        index[a] = slice(max(min(s, size), -size), max(min(e, size), -size - 1), st)
-    return x[tuple(index)]
+        if st > 0:
+            index[a] = slice(max(min(s, size), -size), max(min(e, size), -size - 1), st)
+        else:              # torch has no negative steps: ONNX's bounds are Python's, so let range() pick them
+            backwards.append((a, torch.tensor(list(range(size)[slice(s, e, st)]), dtype=torch.long)))
+    x = x[tuple(index)]
+    for a, picked in backwards:
+        x = torch.index_select(x, a, picked.to(x.device))
+    return x
 
 
 @op("Gather")

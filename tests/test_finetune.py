@@ -202,3 +202,22 @@ def test_bridge_names_a_missing_op():
     model.graph.node[1].domain = "custom.domain"
     with pytest.raises(onnxfuse.UnsupportedGraphError, match="no implementation of op Mystery"):
         OnnxModule(model)
+
+
+@pytest.mark.parametrize("starts,ends,steps", [([-1], [-2**63], [-1]), ([5], [1], [-2]), ([2**62], [0], [-1]),
+                                               ([1], [7], [2]), ([-3], [-9], [-3])])
+def test_bridge_slice_with_any_step_equals_onnxruntime(starts, ends, steps):
+    """Negative steps (torch.roll and flips as exporters write them, e.g. Swin's shifted windows)."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxfuse.torch_bridge import OnnxModule
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for v, n in ((starts, "s"), (ends, "e"), ([1], "a"),
+                                                                             (steps, "t"))]
+    graph = helper.make_graph([helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.arange(16, dtype=np.float32).reshape(2, 8)
+    got = OnnxModule(model).eval()(torch.from_numpy(x))
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    np.testing.assert_array_equal(got.numpy(), run(model, x))
