@@ -315,6 +315,11 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
         inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:
         inferred = light
+    return _value_shapes(inferred, model)
+
+
+def _value_shapes(inferred: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, list]:
+    """value -> dims (ints, or None/str for unknown/symbolic) of a shape-inferred copy; initializers' own dims."""
     shapes = {}
     for v in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
         tt = v.type.tensor_type
@@ -338,15 +343,7 @@ def symbolic_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
         return None
     if inferred is None:
         return None
-    shapes = {}
-    for v in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
-        tt = v.type.tensor_type
-        if tt.HasField("shape"):
-            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                              for d in tt.shape.dim]
-    for t in model.graph.initializer:
-        shapes[t.name] = list(t.dims)
-    return shapes
+    return _value_shapes(inferred, model)
 
 
 def analyze(model: onnx.ModelProto, tensors: TensorTable | None = None, source: str = "model") -> Analysis:

@@ -13,15 +13,6 @@ MLP = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(2)]
 TRAIN, VAL = str(SAMPLES / "digits_train.npz"), str(SAMPLES / "digits_val.npz")
 
 
-@pytest.fixture(scope="module")
-def finetunes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("auto")
-    paths = [root / f"ft_{seed}.onnx" for seed in range(2)]
-    for seed, path in enumerate(paths):
-        onnxfuse.finetune(MLP[0], TRAIN, output=path, epochs=2, seed=seed, lr=0.05, holdout=0)
-    return [str(p) for p in paths]
-
-
 def sharing(paths, tmp_path, layers: int):
     """Copies of the members whose first `layers` weight layers are member 0's (frozen layers)."""
     models = [onnx.load(p) for p in paths]

@@ -13,16 +13,6 @@ MLP = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(2)]
 TRAIN, VAL = str(SAMPLES / "digits_train.npz"), str(SAMPLES / "digits_val.npz")
 
 
-@pytest.fixture(scope="module")
-def finetunes(tmp_path_factory):
-    """Member 0 fine-tuned twice with different seeds: fine-tunes of one checkpoint."""
-    root = tmp_path_factory.mktemp("finetunes")
-    paths = [root / f"ft_{seed}.onnx" for seed in range(2)]
-    for seed, path in enumerate(paths):
-        onnxfuse.finetune(MLP[0], TRAIN, output=path, epochs=2, seed=seed, lr=0.05)
-    return [str(p) for p in paths]
-
-
 def test_independent_members_have_a_loss_barrier():
     s = onnxfuse.inspect(MLP, data=VAL)["similarity"]
     assert s["regime"] == "independent"
