@@ -482,7 +482,7 @@ def _held_out_score(val, member: Member):
     def score(model: onnx.ModelProto) -> float:
         s = scores(Runner(model)(val_set), val_set.y)
         if s["accuracy"] is None:
-            raise OnnxFuseError(f"{val}: scoring the soup's ingredients needs labels 'y'")
+            raise OnnxFuseError(f"{val_set.source}: scoring the soup's ingredients needs labels 'y'")
         return round(float(s["accuracy"]), 6)
     return score
 
