@@ -36,6 +36,21 @@ class Dataset:
         return Dataset({k: v[index] for k, v in self.inputs.items()}, pick(self.y), source, pick(self.teacher))
 
 
+def pick_samples(feeds: dict[str, np.ndarray], samples: int) -> dict[str, np.ndarray]:
+    """`samples` of a calibration set: all of them, or a fixed random subset (in file order)."""
+    total = len(next(iter(feeds.values())))
+    if total <= samples:
+        return feeds
+    idx = np.sort(np.random.default_rng(0).choice(total, samples, replace=False))
+    return {k: v[idx] for k, v in feeds.items()}
+
+
+def batches(feeds: dict[str, np.ndarray], size: int):
+    total = len(next(iter(feeds.values())))
+    for start in range(0, total, size):
+        yield {k: v[start:start + size] for k, v in feeds.items()}
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     constants = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in constants]

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .data import batches, pick_samples
 from .errors import InputError, UnsupportedGraphError
 
 MODES = ("int8", "fp16")
@@ -37,7 +38,7 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMu
 
 
 def quantize(model: onnx.ModelProto, mode: str = "int8", calibration=None, exclude=(), calib_samples: int = 512,
-             name: str = "model", seed: int = 0, activations: str = "uint8") -> tuple[onnx.ModelProto, dict]:
+             name: str = "model", activations: str = "uint8") -> tuple[onnx.ModelProto, dict]:
     """The `mode` version of `model` (a complete ModelProto with its weights) and a report of what was done.
 
     calibration: a data.Dataset of the model's inputs (int8 static); None gives dynamic int8 where the graph
@@ -69,7 +70,7 @@ def quantize(model: onnx.ModelProto, mode: str = "int8", calibration=None, exclu
                                  f"MatMul/Gemm-only graphs")
             result, report = _dynamic(model, exclude, name), {"mode": "int8", "kind": "dynamic"}
         else:
-            feeds = _subset(calibration.inputs, calib_samples, seed)
+            feeds = pick_samples(calibration.inputs, calib_samples)
             result = _static(model, feeds, exclude, name, activations)
             report = {"mode": "int8", "kind": f"static (QDQ, per-channel int8 weights, {activations} activations)",
                       "calibration_samples": len(next(iter(feeds.values())))}
@@ -91,13 +92,6 @@ def _refuse_quantized(model: onnx.ModelProto, name: str) -> None:
                              f"float model")
 
 
-def _subset(inputs: dict[str, np.ndarray], limit: int, seed: int) -> dict[str, np.ndarray]:
-    """A fixed random subset of at most `limit` samples (calibration cost grows with the sample count)."""
-    n = len(next(iter(inputs.values())))
-    pick = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False)) if n > limit else np.arange(n)
-    return {k: v[pick] for k, v in inputs.items()}
-
-
 @contextlib.contextmanager
 def _quiet_logging():
     """onnxruntime's quantization tools log advice through the root logger; the report says what was done."""
@@ -116,8 +110,7 @@ def _static(model: onnx.ModelProto, feeds: dict[str, np.ndarray], exclude, name:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            n = len(next(iter(feeds.values())))
-            self.batches = iter([{k: v[i:i + 64] for k, v in feeds.items()} for i in range(0, n, 64)])
+            self.batches = batches(feeds, 64)
 
         def get_next(self):
             return next(self.batches, None)

@@ -41,6 +41,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from .data import batches, load_data, pick_samples
 from .errors import InputError, OnnxFuseError
 from .groups import Analysis
 from .model_io import TensorTable
@@ -331,21 +332,6 @@ def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession
     return ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _batches(feeds: dict[str, np.ndarray], size: int = BATCH):
-    total = len(next(iter(feeds.values())))
-    for start in range(0, total, size):
-        yield {k: v[start:start + size] for k, v in feeds.items()}
-
-
-def _pick(feeds: dict[str, np.ndarray], samples: int) -> dict[str, np.ndarray]:
-    """`samples` of the calibration set: all of them, or a fixed random subset (in file order)."""
-    total = len(next(iter(feeds.values())))
-    if total <= samples:
-        return feeds
-    idx = np.sort(np.random.default_rng(0).choice(total, samples, replace=False))
-    return {k: v[idx] for k, v in feeds.items()}
-
-
 # ----------------------------------------------------------------------------- the driver
 
 def reconstruct(graph: onnx.ModelProto, tensors: TensorTable, wide: onnx.ModelProto, a: Analysis,
@@ -354,7 +340,6 @@ def reconstruct(graph: onnx.ModelProto, tensors: TensorTable, wide: onnx.ModelPr
     """Refit, in place in `tensors`, every layer of the fused model (`graph` + `tensors`) that consumes a
     fused channel group, so that it reproduces the wide model `wide` on the calibration data `calibrate` (an
     .npz checked against the graph inputs; labels are not used). Returns a report for the summary."""
-    from .data import load_data
     start = time.perf_counter()
     if not isinstance(samples, (int, np.integer)) or isinstance(samples, bool) or samples < 1:
         raise OnnxFuseError(f"--calib-samples must be a positive integer, got {samples!r}")
@@ -363,7 +348,7 @@ def reconstruct(graph: onnx.ModelProto, tensors: TensorTable, wide: onnx.ModelPr
     model = tensors.materialize(graph)
     data = load_data(calibrate, model)
     calibrate = data.source          # a file name, or the kind of in-memory data
-    feeds = _pick(data.inputs, int(samples))
+    feeds = pick_samples(data.inputs, int(samples))
     for name, value in feeds.items():
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             raise InputError(f"{calibrate}: the calibration array for input '{name}' has NaN or infinite values")
@@ -379,7 +364,7 @@ def reconstruct(graph: onnx.ModelProto, tensors: TensorTable, wide: onnx.ModelPr
         todo = [layer for layer in layers if layer.level == level]
         fused_session = _session(tensors.materialize(graph), [layer.x for layer in todo])
         sums: dict[int, NormalEquations] = {}
-        for batch in _batches(feeds):
+        for batch in batches(feeds, BATCH):
             xs = fused_session.run([layer.x for layer in todo], batch)
             ys = wide_session.run([layer.target for layer in todo], batch)
             for i, (layer, x, y) in enumerate(zip(todo, xs, ys)):
