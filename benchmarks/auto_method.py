@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 import onnxfuse  # noqa: E402
-from _common import git_state  # noqa: E402
+from _common import adam_epochs, git_state  # noqa: E402
 
 METHODS = ("nt", "average", "weight-matching", "ot")
 KINDS = ("independent", "fine-tunes", "frozen")
@@ -49,17 +49,10 @@ def train(net, x, y, seed: int, epochs: int, lr: float, frozen: int = 0):
     params = list(net.parameters())
     for p in params[:frozen]:
         p.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in params if p.requires_grad], lr)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    net.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(100):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
+    adam_epochs(net, x, y, epochs, lr, 100, [p for p in params if p.requires_grad])
     for p in params:
         p.requires_grad_(True)
-    return net.eval()
+    return net
 
 
 def members(kind: str, factory, x, y, epochs: int, folder: Path, tag: str, export) -> list[str]:

@@ -42,7 +42,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 import onnxfuse  # noqa: E402
 from onnxfuse.bench import environment  # noqa: E402
-from _common import git_state  # noqa: E402
+from _common import adam_epochs, git_state  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
 SMALL_MS = 1.0          # a member faster than this at batch 32 is too small for int8 kernels to matter
@@ -99,17 +99,8 @@ def transformer(d=64, heads=4, ff=128, layers=2):
 def train_and_export(make, x, y, seed, epochs, lr, path: Path) -> Path:
     import torch
     torch.manual_seed(seed)
-    net = make()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(net.parameters(), lr)
-    net.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
-    net.eval()
-    torch.onnx.export(net, (xt[:1],), str(path), input_names=["x"], output_names=["logits"],
+    net = adam_epochs(make(), x, y, epochs, lr, 64)
+    torch.onnx.export(net, (torch.from_numpy(x[:1]),), str(path), input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     return path
 
