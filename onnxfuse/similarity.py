@@ -45,7 +45,7 @@ def _pair(members, load, floats, m: int, data) -> dict:
             "shared_weights": round(sum(s for s, k in zip(sizes, shared) if k) / max(sum(sizes), 1), 4),
             "relative_distance": round(float(np.sqrt(diff / max(norm, 1e-30))), 4)}
     if data is not None and not all(shared):
-        pair["path"] = _path(members, m, data)
+        pair["path"] = _path(members, load, m, data)
         ends = pair["path"]["loss"][0], pair["path"]["loss"][-1]
         pair["barrier"] = round(max(loss - ((1 - a) * ends[0] + a * ends[1])
                                     for a, loss in zip(ALPHAS, pair["path"]["loss"])), 4)
@@ -53,13 +53,13 @@ def _pair(members, load, floats, m: int, data) -> dict:
     return pair
 
 
-def _path(members, m: int, data) -> dict:
+def _path(members, load, m: int, data) -> dict:
     """Loss and accuracy of (1 - alpha) * member 0 + alpha * member m on `data`."""
     from .runtime import Runner, scores
     from .soups import average
     losses, accuracies = [], []
     for alpha in ALPHAS:
-        graph, tensors = average([members[0], members[m]], [0, 1], [1 - alpha, alpha])
+        graph, tensors = average(members, [0, m], [1 - alpha, alpha], load)
         s = scores(Runner(tensors.materialize(graph))(data), data.y)
         losses.append(round(s["loss"], 4))
         accuracies.append(round(s["accuracy"], 4))

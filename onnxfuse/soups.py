@@ -24,16 +24,16 @@ from .transplant import MemberTensors
 MODES = ("uniform", "greedy")
 
 
-def average(members: list[Member], picked: list[int] | None = None,
-            coefficients: list[float] | None = None) -> tuple[onnx.ModelProto, TensorTable]:
+def average(members: list[Member], picked: list[int] | None = None, coefficients: list[float] | None = None,
+            load: MemberTensors | None = None) -> tuple[onnx.ModelProto, TensorTable]:
     """Member 0's graph with every float tensor the mean of the picked members' tensors (or their combination
     with `coefficients`, one per picked member: a point on the path between models). Computed in float64, and
     tensors equal in every picked member are kept bit for bit. Raises IncompatibleMembersError, naming the
-    first difference, when the models do not share one graph."""
+    first difference, when the models do not share one graph. `load`: the members' matched tensors, when the
+    caller has matched them already."""
     picked = list(range(len(members))) if picked is None else picked
     coefficients = [1 / len(picked)] * len(picked) if coefficients is None else coefficients
-    maps = check_compatible(members)
-    load = MemberTensors(members, maps)
+    load = load or MemberTensors(members, check_compatible(members))
     model = onnx.ModelProto()
     model.CopyFrom(members[0].model)
     tensors = TensorTable(model.graph, dict(members[0].tensors.arrays))
@@ -71,26 +71,26 @@ def make_soup(members: list[Member], mode: str = "uniform", score=None) -> Soup:
         raise InputError(f"a soup needs at least 2 models, got {len(members)}")
     if mode == "greedy" and score is None:
         raise InputError("a greedy soup needs held-out data to rank its ingredients (--val)")
-    check_compatible(members)
+    load = MemberTensors(members, check_compatible(members))      # matched once, for every average below
     report: dict = {"mode": mode, "ingredients": [m.name for m in members]}
     if score is None:
-        graph, tensors = average(members)
+        graph, tensors = average(members, load=load)
         report["kept"] = list(range(len(members)))
         return Soup(graph, tensors, report)
     scores = [score(m.tensors.materialize(m.model)) for m in members]
     report["ingredient_scores"] = scores
     if mode == "uniform":
         kept = list(range(len(members)))
-        graph, tensors = average(members)
+        graph, tensors = average(members, load=load)
         best = score(tensors.materialize(graph))
     else:
         order = sorted(range(len(members)), key=lambda i: -scores[i])
         kept, best = [order[0]], scores[order[0]]
         for i in order[1:]:
-            graph, tensors = average(members, kept + [i])
+            graph, tensors = average(members, kept + [i], load=load)
             value = score(tensors.materialize(graph))
             if value >= best:
                 kept, best = kept + [i], value
-        graph, tensors = average(members, sorted(kept))
+        graph, tensors = average(members, sorted(kept), load=load)
     report.update(kept=sorted(kept), soup_score=best)
     return Soup(graph, tensors, report)
