@@ -18,6 +18,7 @@ from onnx import helper, shape_inference
 
 from .errors import UnsupportedGraphError
 from .model_io import FLOAT_TYPES, TensorTable, light_model
+from .sessions import session
 
 
 @dataclass(frozen=True)
@@ -489,10 +490,7 @@ def _run_shapes(sub: onnx.ModelProto) -> dict[str, list] | None:
     if not sub.graph.node or not sub.graph.output:
         return None
     try:
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.log_severity_level = 4          # a subgraph it cannot run is a fallback, not an error to show
-        sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sess = session(sub, log_level=4)          # a subgraph it cannot run is a fallback, not an error to show
         symbols = sorted({d.dim_param or "?" for i in sub.graph.input for d in i.type.tensor_type.shape.dim
                           if not d.HasField("dim_value")})
         runs = []

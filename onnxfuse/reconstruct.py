@@ -38,13 +38,13 @@ from math import ceil, prod
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from .data import batches, load_data, pick_samples
 from .errors import InputError, OnnxFuseError
 from .groups import Analysis
 from .model_io import TensorTable
+from .sessions import session
 
 DEFAULT_SAMPLES = 2048
 DEFAULT_RIDGE = 1e-3
@@ -317,19 +317,9 @@ class NormalEquations:
 
 # ----------------------------------------------------------------------------- onnxruntime
 
-def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, outputs: list[str]):
     """A session of `model` that also returns the intermediate values `outputs`."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
-    for name in outputs:
-        if name not in have:
-            copy.graph.output.add(name=name)
-            have.add(name)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session(model, threads=1, extra_outputs=outputs)
 
 
 # ----------------------------------------------------------------------------- the driver

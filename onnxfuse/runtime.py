@@ -10,6 +10,7 @@ import onnxruntime as ort
 from .data import Dataset
 from .errors import OnnxFuseError
 from .model_io import read_model
+from .sessions import session
 
 SOFTMAXES = {"Softmax", "LogSoftmax"}
 PASS_THROUGH = {"Identity", "Cast"}
@@ -79,12 +80,9 @@ class Runner:
             copy.CopyFrom(model)
             copy.graph.output.add(name=self.logits)
             model = copy
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session_providers = providers(provider)
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=session_providers)
+            self.session = session(model, threads=threads, providers=session_providers)
         except Exception as exc:       # onnxruntime refuses what the checks before it let through
             raise OnnxFuseError(f"{self.name}: onnxruntime cannot load the model ({_first_line(exc)})") from None
 
@@ -175,8 +173,7 @@ def random_feeds(model: onnx.ModelProto, batch: int = 16, seed: int = 0) -> dict
 def output_deviation(wide: onnx.ModelProto, members: list, feeds: dict[str, np.ndarray]) -> dict:
     """How far the wide model's float outputs are from the mean of the members' outputs on `feeds`."""
     def outputs(source):
-        data = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
-        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        sess = session(source, log_level=2)
         names = [o.name for o in sess.get_outputs() if o.type in ("tensor(float)", "tensor(double)",
                                                                    "tensor(float16)")]
         return dict(zip(names, sess.run(names, feeds)))
@@ -209,10 +206,7 @@ def guard_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _session_outputs(source, feeds, run: bool = True):
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    data = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
-    sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    sess = session(source, log_level=4)
     return {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feeds))} if run else {}
 
 
