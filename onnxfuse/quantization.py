@@ -79,10 +79,23 @@ def quantize(model: onnx.ModelProto, mode: str = "int8", calibration=None, exclu
             raise UnsupportedGraphError(f"{name}: onnxruntime quantized no layer of this graph (its weight layers: "
                                         f"{', '.join(sorted(layers))})")
         report["excluded"] = list(exclude)
+    report["debug_metadata_removed_bytes"] = _strip_debug_metadata(result)
     from .runtime import check_runs
     check_runs(result, model, name)          # the result runs, with the float model's output shapes
     result.metadata_props.add(key="onnxfuse.quantization", value=json.dumps(report, sort_keys=True))
     return result, report
+
+
+def _strip_debug_metadata(model: onnx.ModelProto) -> int:
+    """Drop the exporter's per-node debug records (torch.onnx's namespace, class hierarchy and FX node of every
+    node) from an edge export: onnxruntime never reads them, and on a small model they are most of the file
+    (the digits CNN: 9 of its 13 KB of graph). Returns the bytes removed."""
+    removed = 0
+    for node in model.graph.node:
+        removed += sum(p.ByteSize() for p in node.metadata_props) + len(node.doc_string)
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return removed
 
 
 def _refuse_quantized(model: onnx.ModelProto, name: str) -> None:

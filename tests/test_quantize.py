@@ -108,3 +108,12 @@ def test_clear_refusals(tmp_path):
                                  str(SAMPLES / "digits_train.npz")])
     assert wrong.exit_code == 2 and "graph input 'x' expects" in wrong.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx", "relu.onnx"]
+
+
+def test_edge_export_drops_the_exporters_per_node_debug_records():
+    """The digits CNN comes from the new exporter, which records a namespace, class hierarchy and FX node per
+    node: onnxruntime never reads them, and they were most of the int8 file."""
+    assert any(n.metadata_props for n in onnx.load(CNN, load_external_data=False).graph.node)
+    fusion = onnxfuse.api.quantize_with_report(CNN, calibrate=str(SAMPLES / "digits_images_train.npz"))
+    assert not any(n.metadata_props or n.doc_string for n in fusion.model.graph.node)
+    assert fusion.summary["quantization"]["debug_metadata_removed_bytes"] > 5000
