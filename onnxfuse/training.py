@@ -50,6 +50,7 @@ class TrainOptions:
     weight_decay: float = 0.0
     distill: bool = False
     temperature: float = 2.0
+    distill_weight: float = 0.5         # with labels: loss = w * distillation + (1 - w) * labels (Hinton et al.)
     train_only: str = "all"
     seed: int = 0
     device: str = "cpu"
@@ -147,6 +148,8 @@ def _finetune(model, train, options, val, teacher_logits, progress) -> TrainResu
         raise TrainingError(f"{train.source} has no labels 'y': fine-tune with --distill (needs no labels)")
     if options.epochs < 0 or options.batch_size < 1:
         raise TrainingError("--epochs must be >= 0 and --batch-size >= 1")
+    if not 0 <= options.distill_weight <= 1:
+        raise TrainingError(f"the distillation weight must be between 0 and 1, got {options.distill_weight}")
     if options.threads < 1:
         raise TrainingError(f"--threads must be >= 1, got {options.threads}")
     if options.optimizer not in CANDIDATES:
@@ -289,7 +292,7 @@ class _Loop:
         if self.ys is not None and self.regression != train.regression:
             raise TrainingError(f"{train.source}: --task {options.task} needs "
                                 f"{'float targets' if self.regression else 'integer labels'} 'y', got {train.y.dtype}")
-        if self.ys is not None and not options.distill:
+        if self.ys is not None and (not options.distill or options.distill_weight < 1):
             _check_labels(module, self.xs, self.ys, train.source)
 
     def optimizer(self, lr: float, total: int, schedule: str):
@@ -332,6 +335,10 @@ class _Loop:
         sched.step()
         return value
 
+
+    def label_loss(self, out, y):
+        import torch.nn.functional as F
+        return F.mse_loss(out, y) if self.regression else F.cross_entropy(out, y)
 
     def distill_loss(self, out, teacher):
         """KL(softmax(t/T) || softmax(s/T)) * T^2 for classes; MSE to the teacher's mean output for regression."""
@@ -443,7 +450,7 @@ class Checkpoints:
     It holds the chosen learning rate (the probes are not rerun) and the best epoch's weights."""
 
     SAME_RUN = ("epochs", "lr", "batch_size", "optimizer", "schedule", "momentum", "weight_decay", "distill",
-                "temperature", "train_only", "seed", "target_output", "holdout", "threads")
+                "temperature", "distill_weight", "train_only", "seed", "target_output", "holdout", "threads")
 
     def __init__(self, options: TrainOptions, model: onnx.ModelProto, samples: int, writer: bool = True):
         import json
