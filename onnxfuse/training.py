@@ -317,14 +317,14 @@ class _Loop:
     def step(self, opt, sched, idx, where: str, lr: float, check: bool = True) -> float:
         """One optimizer step; the loss. `check`: a loss that diverged is an error (probes judge afterwards, on
         the held-out slice, which every data-parallel rank sees alike)."""
-        import torch.nn.functional as F
         out = self.step_module(*[x[idx] for x in self.xs])
-        if self.options.distill:
-            loss = self.distill_loss(out, self.teacher[idx])
-        elif self.regression:
-            loss = F.mse_loss(out, self.ys[idx])
+        if not self.options.distill:
+            loss = self.label_loss(out, self.ys[idx])
         else:
-            loss = F.cross_entropy(out, self.ys[idx])
+            loss = self.distill_loss(out, self.teacher[idx])
+            if self.ys is not None and self.options.distill_weight < 1:
+                w = self.options.distill_weight
+                loss = w * loss + (1 - w) * self.label_loss(out, self.ys[idx])
         value = loss.item()
         if check and (not math.isfinite(value) or value > 1e6):
             raise TrainingError(f"the loss diverged ({value:.3g}) {where}; nothing was written: try a lower "
