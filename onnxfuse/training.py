@@ -336,6 +336,11 @@ class _Loop:
         return value
 
 
+    @property
+    def by_teacher(self) -> bool:
+        """Judged by the distillation loss (no labels, or distill_weight 1), else by the labels' loss."""
+        return self.options.distill and (self.ys is None or self.options.distill_weight == 1)
+
     def label_loss(self, out, y):
         import torch.nn.functional as F
         return F.mse_loss(out, y) if self.regression else F.cross_entropy(out, y)
@@ -392,7 +397,7 @@ def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
             for idx in loop.epoch(generator, math.ceil(loop.shard / loop.options.batch_size))[:length - taken]:
                 loop.step(opt, sched, idx, "", lr, check=False)
                 taken += 1
-        loss = _probe_loss(_evaluate(loop.module, holdout, loop.device, loop), loop.options.distill)
+        loss = _probe_loss(_evaluate(loop.module, holdout, loop.device, loop), loop.by_teacher)
         if loss is not None and not (math.isfinite(loss) and loss < 1e6):
             loss = None                                  # diverged: out
         probes.append({"lr": lr, "steps": taken, "holdout_loss": loss})

@@ -1,0 +1,40 @@
+"""--distill with labels mixes the two losses (Hinton et al.): distill_weight 0 is exactly label training,
+1 is the teacher alone; without labels it is the teacher alone whatever the weight."""
+import numpy as np
+import pytest
+
+import onnxfuse
+from onnxfuse.training import TrainingError
+from graphs import SAMPLES
+
+MLP = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(2)]
+TRAIN = str(SAMPLES / "digits_train.npz")
+
+
+def tuned(data=TRAIN, **training):
+    fusion = onnxfuse.fuse(MLP, "nt", data=data, training={"epochs": 1, "lr": 0.05, **training})
+    return fusion.model
+
+
+def weights(model):
+    from onnx import numpy_helper
+    return [numpy_helper.to_array(t) for t in model.graph.initializer]
+
+
+def test_weight_zero_is_label_training_and_one_is_the_teacher_alone():
+    labels, mixed = tuned(), tuned(distill=True)
+    zero, one = tuned(distill=True, distill_weight=0.0), tuned(distill=True, distill_weight=1.0)
+    assert all(np.array_equal(a, b) for a, b in zip(weights(labels), weights(zero)))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights(one), weights(mixed)))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights(labels), weights(mixed)))
+
+
+def test_without_labels_the_weight_does_not_matter():
+    x = dict(np.load(TRAIN))["x"]
+    a, b = tuned({"x": x}, distill=True), tuned({"x": x}, distill=True, distill_weight=1.0)
+    assert all(np.array_equal(p, q) for p, q in zip(weights(a), weights(b)))
+
+
+def test_a_weight_outside_0_1_is_refused():
+    with pytest.raises(TrainingError, match="between 0 and 1"):
+        tuned(distill=True, distill_weight=1.5)
