@@ -45,10 +45,10 @@ class Fusion:
 
 
 class Phases:
-    """Wall seconds per phase of one call, for the summary: import (a method's `imports`: POT for `ot`), load (read and check the
-    members), fuse (analysis, selection or alignment, assembly, output check), reconstruct, deviation, tune
-    (fine-tuning and scoring on `val`; `score` when nothing is fine-tuned), save. The fusion work alone can
-    then be compared across methods without the file I/O and imports they share."""
+    """Wall seconds per phase of one call, for the report: import (a method's `imports`: POT for `ot`), load
+    (read and check the members), fuse (analysis, selection or alignment, assembly, output check), reconstruct,
+    deviation, tune (fine-tuning and scoring on `val`; `score` when nothing is fine-tuned), save. The fusion
+    work alone can then be compared across methods without the file I/O and imports they share."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -516,7 +516,8 @@ def inspect(models, data=None) -> dict:
     """The channel groups of the first model, and whether all the given models can be fused together; for
     several models also how alike they are (`similarity`: shared tensors, weight distance and, on `data`, the
     loss barrier between them) and which regime that puts them in (see onnxfuse.similarity)."""
-    members = load_members(models)
+    sources = _sources(models)
+    members = load_members(sources)
     report = {"models": [m.name for m in members]}
     a = analyze(members[0].model, members[0].tensors, members[0].name)
     report["groups"] = [{"id": g.id, "width": g.width, "layers": g.layers, "prunable": g.prunable,
@@ -531,7 +532,8 @@ def inspect(models, data=None) -> dict:
             report["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
                                  for k, v in exactness.items()}
             if not report["exact"] and not a.problems:
-                report["deviation"] = fuse(models, "concat", data=data).summary.get("deviation")
+                wide = _build(members, METHODS["concat"], release=False).assembly     # similarity reads them next
+                report["deviation"] = _measure_deviation(wide.tensors.materialize(wide.graph), sources, data)
             from .similarity import similarity
             from .data import load_data
             report["similarity"] = similarity(members, load_data(data, members[0].model) if data else None)
@@ -543,17 +545,19 @@ def inspect(models, data=None) -> dict:
     return report
 
 
-def _train_options(training: dict | None):
+def _train_options(training):
+    """TrainOptions from a dict of its fields (or TrainOptions); None for no training options."""
     if not training:
         return None
     from .training import TrainOptions, require_torch
-    unknown = set(training) - set(TrainOptions.__dataclass_fields__)
-    if unknown:
-        raise OnnxFuseError(f"unknown training options: {sorted(unknown)}")
-    options = TrainOptions(**training)
-    if options.epochs > 0:
+    if not isinstance(training, TrainOptions):
+        unknown = set(training) - set(TrainOptions.__dataclass_fields__)
+        if unknown:
+            raise OnnxFuseError(f"unknown training options: {sorted(unknown)}")
+        training = TrainOptions(**training)
+    if training.epochs > 0:
         require_torch()
-    return options
+    return training
 
 
 def _teacher_logits(teachers, data, files: set | None = None, threads: int = 1):

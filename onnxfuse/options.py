@@ -24,9 +24,9 @@ def cli_fields(cls) -> list:
     return [f for f in fields(cls) if "help" in f.metadata]
 
 
-def _importances():
+def _importance_names() -> tuple[str, ...]:
     from .select import IMPORTANCE
-    return IMPORTANCE
+    return tuple(IMPORTANCE)
 
 
 @dataclass
@@ -69,7 +69,7 @@ class FuseOptions:
     soup_epochs: int | None = option(None, "Epochs of each soup copy (default: --epochs).", metavar="E", min=1,
                                      type=int)
     importance: str | Callable = option("magnitude", "How neurons are ranked for transplantation and pruning "
-                                                     "(onnxfuse.select.IMPORTANCE).", choices=lambda: tuple(_importances()))
+                                                     "(onnxfuse.select.IMPORTANCE).", choices=_importance_names)
     kept: Callable | None = None
 
 
