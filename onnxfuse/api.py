@@ -117,6 +117,9 @@ def fuse(sources, options: FuseOptions | str = "nt", *args, **kwargs) -> Fusion:
     With `calibrate` (an .npz of inputs; labels unused), 'nt' and 'prune' results are first reconstructed:
     every layer that consumes a pruned group is refitted by least squares to reproduce the wide model's
     pre-activations on `calib_samples` of its samples (see onnxfuse.reconstruct); no training.
+
+    For experiments with the selection of 'nt' and 'prune': `importance` (a name in onnxfuse.select.IMPORTANCE,
+    or a scoring function) and `kept` (the kept channels, instead of the top-k; see FuseOptions).
     """
     if not isinstance(options, FuseOptions):
         options = FuseOptions(options, *args, **kwargs)
