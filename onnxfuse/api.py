@@ -1,10 +1,11 @@
 """The public Python API. Every function takes paths or onnx.ModelProto objects; inputs are never modified."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from .errors import IncompatibleMembersError, InputError, OnnxFuseError, Unsuppo
 from .groups import Analysis, analyze, output_exactness
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
                        read_model, save_model)
-from .select import channel_scores, select_kept
-from .transplant import MemberTensors, transplant
-from . import methods as alignment
+from .methods import METHODS, Assembly, FusionMethod, Job
+from .options import FuseOptions, FusionReport
+from .select import importance as importance_of
+from .transplant import MemberTensors
 
 
 @dataclass
@@ -26,22 +28,27 @@ class Fusion:
     """A fused (or wide, or pruned) model and what was done to make it.
 
     `graph` has no weight data; the weights are in `tensors`. `model` puts them together on first use
-    (the CLI never does: it streams graph and weights into the file).
+    (the CLI never does: it streams graph and weights into the file). `report` says what was done;
+    `summary` is its dict (the `--json` output).
     """
     graph: onnx.ModelProto
     tensors: TensorTable
-    summary: dict = field(default_factory=dict)
+    report: FusionReport | None = None
 
     @cached_property
     def model(self) -> onnx.ModelProto:
         return self.tensors.materialize(self.graph)
 
+    @property
+    def summary(self) -> dict:
+        return self.report.to_dict() if self.report is not None else {}
+
 
 class Phases:
-    """Wall seconds per phase of one call, for the summary: import (`ot` only: POT), load (read and check the
-    members), fuse (analysis, selection or alignment, assembly, output check), reconstruct, deviation, tune
-    (fine-tuning and scoring on `val`; `score` when nothing is fine-tuned), save. The fusion work alone can
-    then be compared across methods without the file I/O and imports they share."""
+    """Wall seconds per phase of one call, for the report: import (a method's `imports`: POT for `ot`), load
+    (read and check the members), fuse (analysis, selection or alignment, assembly, output check), reconstruct,
+    deviation, tune (fine-tuning and scoring on `val`; `score` when nothing is fine-tuned), save. The fusion
+    work alone can then be compared across methods without the file I/O and imports they share."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -91,105 +98,132 @@ def _require_fusable(a: Analysis, source: str) -> None:
                                     f"touches a graph input or output)")
 
 
-def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = False, data=None, val=None,
-         training: dict | None = None, progress: bool = False, calibrate=None, calib_samples: int = 2048,
-         quantize: str | None = None, quantize_exclude=(), soup: int | None = None,
-         soup_mode: str = "uniform", soup_epochs: int | None = None) -> Fusion:
-    """Fuse N models of one architecture. method: 'nt' (transplant the top-k neurons), 'concat' (the wide
-    ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), a baseline that averages
-    the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion), or
-    'auto' (needs `data`): the method for where the members come from (see _auto_method; `summary["auto"]`
-    says what was chosen and why).
+def fuse(sources, options: FuseOptions | str = "nt", *args, **kwargs) -> Fusion:
+    """Fuse N models of one architecture as `options` (a FuseOptions) say. For short, the method name and
+    FuseOptions' other fields in their order: `fuse(models, "prune", 0.5, output="p.onnx")`.
+
+    method: a registered FusionMethod (onnxfuse.methods.METHODS): 'nt' (transplant the top-k neurons), 'concat'
+    (the wide ensemble model), 'prune' (N = 1 structured magnitude pruning; keep is required), a baseline that
+    averages the members at the original width: 'average', 'weight-matching' (Git Re-Basin), 'ot' (OT fusion);
+    or 'auto' (needs `data`): the method for where the members come from (see _auto_method; `report.auto` says
+    what was chosen and why).
 
     With `data` (an .npz, arrays, a dict of arrays or a torch Dataset/DataLoader) and `training` options
-    (TrainOptions fields, e.g. epochs=3), the result is fine-tuned before it is written (see
+    (TrainOptions fields, e.g. {"epochs": 3}), the result is fine-tuned before it is written (see
     onnxfuse.training: lr auto, best epoch kept); with `val`, members, ensemble and result are scored on it.
-    The result is compared with the best member (`summary["beats_best_member"]`); with
+    The result is compared with the best member (`report.beats_best_member`); with
     `training={"require_gain": True}` a result below it raises NoGainError and nothing is written.
 
     With `calibrate` (an .npz of inputs; labels unused), 'nt' and 'prune' results are first reconstructed:
     every layer that consumes a pruned group is refitted by least squares to reproduce the wide model's
     pre-activations on `calib_samples` of its samples (see onnxfuse.reconstruct); no training.
+
+    For experiments with the selection of 'nt' and 'prune': `importance` (a name in onnxfuse.select.IMPORTANCE,
+    or a scoring function) and `kept` (the kept channels, instead of the top-k; see FuseOptions).
     """
+    if not isinstance(options, FuseOptions):
+        options = FuseOptions(options, *args, **kwargs)
+    elif args or kwargs:
+        raise TypeError("fuse takes FuseOptions or its fields, not both")
+    o = options
     start = time.perf_counter()
     phases = Phases()
     sources = _sources(sources)
-    if output is not None:
-        check_output_path(output, [*sources, data, val, calibrate], force)
-    options = _train_options(training)
-    _check_method(method, sources, keep, calibrate, data)
-    if method == "ot":                 # POT (which imports torch when installed): its own phase, not "fuse"
-        import ot  # noqa: F401
+    if o.output is not None:
+        check_output_path(o.output, [*sources, o.data, o.val, o.calibrate], o.force)
+    training = _train_options(o.training)
+    method = _method(o, len(sources))
+    if method is not None and method.imports:    # POT (which imports torch when installed): not "fuse" work
+        for module in method.imports:
+            importlib.import_module(module)
         phases.mark("import")
     members = load_members(sources)
-    if output is not None:       # and now with every file the members read (their external data)
-        check_output_path(output, members, force)
+    if o.output is not None:       # and now with every file the members read (their external data)
+        check_output_path(o.output, members, o.force)
     phases.mark("load")
-    auto = {}
+    # checks of the loaded members that must refuse before any work is done belong here
     try:
-        if method == "auto":
-            method = _auto_method(members, data, options, keep, calibrate, auto)
-        built = _build(members, method, keep)
+        auto = None
+        if method is None:
+            method, auto = _auto_method(members, o, training)
+        built = _build(members, method, o.keep, o.importance, o.kept, release=o.calibrate is None)
     except UnsupportedGraphError as exc:           # an analysis error that does not say which model
         message = str(exc)
         raise UnsupportedGraphError(message if members[0].name in message else f"{members[0].name}: {message}") \
             from None
-    built.summary.update(auto)
-    fusion, summary = Fusion(built.graph, built.tensors), built.summary
+    report = built.report
+    report.auto = auto
     phases.mark("fuse")
-    if calibrate is not None:
-        _reconstruct(built, sources, calibrate, calib_samples)
-        fusion = Fusion(built.graph, built.tensors)
+    if o.calibrate is not None:
+        _reconstruct(built, o.calibrate, o.calib_samples)
         phases.mark("reconstruct")
+    fusion = Fusion(built.assembly.graph, built.assembly.tensors)
     if built.exactness is not None:
-        summary["exact"] = all(v is None for v in built.exactness.values())
-        summary["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
-                              for k, v in built.exactness.items()}
-        if not summary["exact"]:
-            summary["deviation"] = _measure_deviation(fusion.model, sources, data)
+        report.exact = all(v is None for v in built.exactness.values())
+        report.outputs = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
+                          for k, v in built.exactness.items()}
+        if not report.exact:
+            report.deviation = _measure_deviation(fusion.model, sources, o.data)
             phases.mark("deviation")
-    if soup is not None:
-        fusion = _souped(fusion.model, sources, data, val, options, soup, soup_mode, summary, progress, soup_epochs)
+    if o.soup is not None:
+        fusion = _souped(fusion.model, sources, o, training, report)
         phases.mark("tune")
-    elif data is not None or val is not None:
-        _tune_and_score(fusion.model, sources, data, val, options, summary, progress)
-        tuned = summary.pop("_model", None)
+    elif o.data is not None or o.val is not None:
+        tuned = _tune_and_score(fusion.model, sources, o.data, o.val, training, report, o.progress)
         if tuned is not None:
             fusion = Fusion(*TensorTable.detach(tuned))
         phases.mark("tune" if tuned is not None else "score")     # nothing was tuned: only scored
-    if quantize is not None:
-        fusion = _quantized(fusion, quantize, quantize_exclude, calibrate or data, val, summary)
+    if o.quantize is not None:
+        fusion = _quantized(fusion, o.quantize, o.quantize_exclude, o.calibrate or o.data, o.val, report)
         phases.mark("quantize")
-    return _written(fusion, summary, output, force, start, phases, sources[0])
+    return _written(fusion, report, o.output, o.force, start, phases, sources[0])
 
 
-def _quantized(fusion: Fusion, mode: str, exclude, calibration, val, summary: dict) -> Fusion:
+def _method(o: FuseOptions, n: int) -> FusionMethod | None:
+    """The registered method `o.method`, checked against the member count and options before anything is
+    loaded; None for 'auto', which chooses one once the members are loaded."""
+    if o.method == "auto":
+        if n < 2:
+            raise OnnxFuseError(f"merge needs at least 2 models, got {n}")
+        if o.data is None:
+            raise OnnxFuseError("--method auto measures the members on --data: give --data, or name a --method")
+        return None
+    method = METHODS.get(o.method)
+    if method is None:
+        names = ["auto", *METHODS]
+        raise OnnxFuseError(f"unknown method '{o.method}' ({', '.join(names[:-1])} or {names[-1]})")
+    method.validate(n, o.keep, o.calibrate)
+    return method
+
+
+def _quantized(fusion: Fusion, mode: str, exclude, calibration, val, report: FusionReport) -> Fusion:
     """The int8/fp16 version of the result, calibrated on `calibration` (the --calibrate file, else --data);
     scored on `val` beside the float result."""
     from .data import load_data
     from .quantization import quantize as run_quantize
     model = fusion.model
     calib = load_data(calibration, model) if calibration is not None and mode == "int8" else None
-    result, summary["quantization"] = run_quantize(model, mode, calib, exclude, name=summary["members"][0])
-    if val is not None and "accuracy" in summary:
+    result, report.quantization = run_quantize(model, mode, calib, exclude, name=report.members[0])
+    if val is not None and report.accuracy is not None:
         from .runtime import Runner, scores
         val_set = load_data(val, model)
-        summary["accuracy"][f"result in {mode}"] = scores(Runner(result)(val_set), val_set.y)
+        report.accuracy[f"result in {mode}"] = scores(Runner(result)(val_set), val_set.y)
     return Fusion(*TensorTable.detach(result))
 
 
-def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: str, summary: dict,
-            progress: bool, soup_epochs: int | None = None) -> Fusion:
-    """Fine-tune `model` as usual, then `k` copies of the result for `soup_epochs` more epochs each (seeds
-    seed+1 .. seed+k: other batch orders and dropout; the start's learning rate), and return their soup
-    (onnxfuse.soups): uniform, or greedy on `val` (else on the held-out slice of `data`). The copies branch from one fine-tuned model, as the sparse-model-soups recipe retrains
-    copies of one good pruned model: branched straight from the transplanted model they drift into different
-    basins and their average lost to each of them (benchmarks/soup.py)."""
+def _souped(model: onnx.ModelProto, sources, o: FuseOptions, options, report: FusionReport) -> Fusion:
+    """Fine-tune `model` as usual, then `o.soup` copies of the result for `o.soup_epochs` more epochs each
+    (seeds seed+1 .. seed+k: other batch orders and dropout; the start's learning rate), and return their soup
+    (onnxfuse.soups): uniform, or greedy on `val` (else on the held-out slice of `data`). The copies branch from
+    one fine-tuned model, as the sparse-model-soups recipe retrains copies of one good pruned model: branched
+    straight from the transplanted model they drift into different basins and their average lost to each of
+    them (benchmarks/soup.py)."""
     from dataclasses import replace
     from .data import load_data
     from .runtime import Runner, scores
     from .soups import make_soup
     from .training import finetune
+    k, data, val = o.soup, o.data, o.val
     if data is None or options is None or options.epochs < 1:
         raise OnnxFuseError("--soup needs --data and at least one epoch of fine-tuning")
     if k < 2:
@@ -200,20 +234,19 @@ def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: s
                             f"not {world}")
     if world > 1:    # every process fine-tunes the start alike, then its own copy: no gradient all-reduce
         options = replace(options, independent=True, checkpoint_dir=None, resume=False)
-    _tune_and_score(model, sources, data, val, options, summary, progress)
-    start = summary.pop("_model")
+    start = _tune_and_score(model, sources, data, val, options, report, o.progress)
     train_set = load_data(data, start)
     val_set = load_data(val, start) if val is not None else None
     teacher = (lambda d: _teacher_logits(sources, d, threads=options.threads)) if options.distill else None
-    epochs = soup_epochs or options.epochs
-    lr = summary["training"]["options"]["lr"]          # the start's rate (chosen once, if auto)
+    epochs = o.soup_epochs or options.epochs
+    lr = report.training["options"]["lr"]          # the start's rate (chosen once, if auto)
     tuned = []
     for i in range(k):
         if world > 1 and i != rank:
             continue
         copy = replace(options, seed=options.seed + 1 + i, epochs=epochs, lr=lr, checkpoint_dir=None,
                        resume=False, require_gain=False)
-        tuned.append(finetune(start, train_set, copy, None, teacher, progress).model)
+        tuned.append(finetune(start, train_set, copy, None, teacher, o.progress).model)
     if world > 1:                     # every process gets every copy (and computes the same soup)
         import torch.distributed as dist
         gathered = [None] * world
@@ -222,42 +255,42 @@ def _souped(model: onnx.ModelProto, sources, data, val, options, k: int, mode: s
     copies = [load_member(t, i) for i, t in enumerate(tuned)]
     for i, t in enumerate(tuned):
         if val_set is not None:
-            summary["accuracy"][f"copy {i} (+{epochs} epochs, seed {options.seed + 1 + i})"] = scores(
+            report.accuracy[f"copy {i} (+{epochs} epochs, seed {options.seed + 1 + i})"] = scores(
                 Runner(t)(val_set), val_set.y)
     from .training import split_holdout
     ranked_on = val if val is not None else split_holdout(train_set, options.holdout)[1]   # greedy: never trained on
-    result = make_soup(copies, mode, _held_out_score(ranked_on, copies[0]) if ranked_on is not None else None)
+    result = make_soup(copies, o.soup_mode, _held_out_score(ranked_on, copies[0]) if ranked_on is not None else None)
     result.report["ingredients"] = [f"copy {i} (seed {options.seed + 1 + i})" for i in range(k)]
     result.report.update(epochs_per_copy=epochs, processes=world)
-    summary["soup"] = result.report
+    report.soup = result.report
     if val_set is not None:
-        summary["accuracy"][f"{mode} soup of {len(result.report['kept'])}"] = scores(
+        report.accuracy[f"{o.soup_mode} soup of {len(result.report['kept'])}"] = scores(
             Runner(result.tensors.materialize(result.graph))(val_set), val_set.y)
     return Fusion(result.graph, result.tensors)
 
 
-def _auto_method(members: list[Member], data, options, keep, calibrate, summary: dict) -> str:
+def _auto_method(members: list[Member], o: FuseOptions, options) -> tuple[FusionMethod, dict]:
     """--method auto: the method for where the members come from (onnxfuse.similarity measures it on the
-    held-out slice of `data`, never on `val`).
+    held-out slice of `data`, never on `val`), and why (`report.auto`).
 
     - identical members or one basin (fine-tunes of one checkpoint): `average`, a soup of the members;
     - independently trained, with fine-tuning to follow: `nt` (it needs the fine-tuning, and after it is ahead
       of the averaging methods; benchmarks/auto_method.py);
     - independently trained, no fine-tuning: the best of `weight-matching`, `ot` and `average` on the held-out
       slice (NT before fine-tuning is far below them);
-    - `--keep` or `--calibrate`: `nt` (they apply to it only)."""
+    - `keep`, `calibrate`, `kept` or another `importance`: `nt` (they apply to it only)."""
     from .data import load_data
     from .similarity import similarity
     from .training import split_holdout
     fraction = options.holdout if options is not None and options.holdout > 0 else 0.1
-    train_set = load_data(data, members[0].model)
+    train_set = load_data(o.data, members[0].model)
     holdout = split_holdout(train_set, fraction)[1] or train_set
     if holdout.y is None:
         raise OnnxFuseError("--method auto needs labels 'y' in --data to measure the members; name a --method")
     sim = similarity(members, holdout)
     tuned = options is not None and options.epochs > 0
     candidates = None
-    if keep is not None or calibrate is not None:
+    if o.keep is not None or o.calibrate is not None or o.kept is not None or o.importance != "magnitude":
         method, why = "nt", "--keep and --calibrate apply to neuron transplantation"
     elif sim["regime"] in ("identical", "one basin"):
         method, why = "average", f"members are {sim['regime']}: {sim['why']}"
@@ -268,90 +301,64 @@ def _auto_method(members: list[Member], data, options, keep, calibrate, summary:
         from .runtime import Runner, scores
         candidates = {}
         for name in ("weight-matching", "ot", "average"):
-            built = _build(members, name, None)
-            candidates[name] = scores(Runner(built.tensors.materialize(built.graph))(holdout), holdout.y)["accuracy"]
+            assembly = _build(members, METHODS[name], release=False).assembly
+            candidates[name] = scores(Runner(assembly.tensors.materialize(assembly.graph))(holdout),
+                                      holdout.y)["accuracy"]
         method = max(candidates, key=candidates.get)
         why = (f"members are independent and nothing is fine-tuned: the best of the averaging methods on "
                f"{holdout.source} ({candidates[method]:.4f})")
-    summary["auto"] = {"method": method, "why": why, "regime": sim["regime"], "similarity": sim,
-                       **({"candidates": candidates} if candidates else {})}
-    return method
-
-
-def _check_method(method: str, sources: list, keep, calibrate, data=None) -> None:
-    if method not in ("nt", "auto", "concat", "prune", *alignment.METHODS):
-        raise OnnxFuseError(f"unknown method '{method}' (nt, auto, {', '.join(alignment.METHODS)}, concat or prune)")
-    if method in ("nt", "auto", *alignment.METHODS) and len(sources) < 2:
-        raise OnnxFuseError(f"merge needs at least 2 models, got {len(sources)}")
-    if method == "auto" and data is None:
-        raise OnnxFuseError("--method auto measures the members on --data: give --data, or name a --method")
-    if method in alignment.METHODS and keep is not None:
-        raise OnnxFuseError(f"--keep applies to neuron transplantation only, not to --method {method}")
-    if method == "prune" and (len(sources) != 1 or keep is None):
-        raise OnnxFuseError("prune takes one model and a --keep fraction")
-    if calibrate is not None and method not in ("nt", "auto", "prune"):      # auto: --calibrate means nt
-        raise OnnxFuseError(f"--calibrate applies to neuron transplantation (and prune), not to method {method}")
+    return METHODS[method], {"method": method, "why": why, "regime": sim["regime"], "similarity": sim,
+                             **({"candidates": candidates} if candidates else {})}
 
 
 @dataclass
 class _Built:
-    """The assembled model (graph without weights + tensors) and what later steps need to know about it."""
-    graph: onnx.ModelProto
-    tensors: TensorTable
-    analysis: Analysis
-    kept: dict | None                  # group -> kept wide channels (None: an averaging method)
-    n: int
-    exactness: dict | None             # concat only: per output, why it is not the members' mean
-    summary: dict
+    """The assembled model and what later steps need to know about it: the job it was built from (the loaded
+    members, their analysis: reconstruction builds the wide model from them), and for a method whose result is
+    the wide model, per output, why it is not the members' mean (None: it is)."""
+    job: Job
+    assembly: Assembly
+    exactness: dict | None
+    report: FusionReport
 
 
-def _build(members: list[Member], method: str, keep) -> _Built:
-    """Analyse the members, choose the kept channels (or align them), assemble and check the result."""
+def _build(members: list[Member], method: FusionMethod, keep=None, importance="magnitude", kept=None,
+           release: bool = True) -> _Built:
+    """Analyse the members, let `method` build the result (choose the kept channels, or align them), check it.
+    With `release`, the members' tensors are dropped as they are used."""
+    if not method.selects and (kept is not None or importance != "magnitude"):
+        raise OnnxFuseError(f"importance and kept apply to the methods that select neurons, not to {method.name}")
     a, maps = _analyze_members(members)
     label = members[0].name
     _require_fusable(a, label)
-    n = len(members)
     load = MemberTensors(members, maps)
-    groups = [g for g in a.groups() if g.prunable]
-    if method == "concat":
-        kept = {g.id: np.arange(n * g.width) for g in groups}
-    elif method in alignment.METHODS:
-        kept = None
-    else:
-        scores = channel_scores(a, load, n, a.widened_touches())
-        kept = select_kept(a, scores, groups, n, keep)
-    exactness = output_exactness(a, load.differing()) if method == "concat" else None
+    job = Job(members, load, a, [g for g in a.groups() if g.prunable], keep, importance_of(importance), kept,
+              release)
+    exactness = output_exactness(a, load.differing()) if method.wide else None
     member_params = _count_params(members[0].model)
-    if kept is None:
-        graph, tensors, moved = alignment.fuse_aligned(method, members, load, a)
-        described = [{"id": g.id, "width": g.width, "moved_per_member": moved[g.id], "layers": g.layers}
-                     for g in groups]
-    else:
-        graph, tensors = transplant(members, load, a, kept, release=True)
-        described = [{"id": g.id, "width": g.width, "kept": int(len(kept[g.id])),
-                      "kept_per_member": np.bincount(kept[g.id] // g.width, minlength=n).tolist(),
-                      "layers": g.layers} for g in groups]
-    _verify_shapes(graph, label)
-    _stamp(graph, method, keep, members)
-    summary = {
-        "method": method, "members": [m.name for m in members],
-        "keep": keep if keep is not None else (1.0 if method == "concat" else 1 / n),   # the effective fraction
-        "groups": described,
-        "fixed_groups": [{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
-                         for g in a.groups() if not g.prunable],
-        "parameters": {"member": member_params, "output": _count_params(graph)},
-    }
-    return _Built(graph, tensors, a, kept, n, exactness, summary)
+    assembly = method.build(job)
+    _verify_shapes(assembly.graph, label)
+    _stamp(assembly.graph, method, keep, members)
+    report = FusionReport(
+        method=method.name, members=[m.name for m in members],
+        keep=keep if keep is not None else (1.0 if method.wide else 1 / job.n),   # the effective fraction
+        groups=assembly.groups,
+        fixed_groups=[{"id": g.id, "width": g.width, "layers": g.layers, "why": g.frozen + g.blocked}
+                      for g in a.groups() if not g.prunable],
+        parameters={"member": member_params, "output": _count_params(assembly.graph)})
+    return _Built(job, assembly, exactness, report)
 
 
-def _reconstruct(built: _Built, sources, calibrate, calib_samples) -> None:
-    """Refit the layers after pruned groups on the calibration data (in place), and record the provenance."""
+def _reconstruct(built: _Built, calibrate, calib_samples) -> None:
+    """Refit the layers after pruned groups on the calibration data (in place), and record the provenance. The
+    wide model they are refitted to is built from the members already loaded (and now used up)."""
     from .reconstruct import reconstruct
-    wide = fuse(sources, "concat").model
-    report = reconstruct(built.graph, built.tensors, wide, built.analysis, built.kept, built.n, calibrate,
-                         calib_samples)
-    built.summary["reconstruction"] = report
-    for prop in built.graph.metadata_props:       # provenance: the weights were refitted on this data
+    wide = METHODS["concat"].build(replace(built.job, release=True))
+    graph, tensors = built.assembly.graph, built.assembly.tensors
+    report = reconstruct(graph, tensors, wide.tensors.materialize(wide.graph), built.job.analysis,
+                         built.assembly.kept, built.job.n, calibrate, calib_samples)
+    built.report.reconstruction = report
+    for prop in graph.metadata_props:       # provenance: the weights were refitted on this data
         if prop.key == "onnxfuse.options":
             prop.value = json.dumps({**json.loads(prop.value), "calibrate": Path(report["calibration"]).name,
                                      "calib_samples": report["samples"]}, sort_keys=True)
@@ -362,22 +369,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _written(fusion: Fusion, summary: dict, output, force: bool, start: float, phases: Phases | None = None,
+def _written(fusion: Fusion, report: FusionReport, output, force: bool, start: float, phases: Phases | None = None,
              reference=None) -> Fusion:
-    """Save the result if asked (only rank 0 under torchrun), and complete its summary. What is written must run:
+    """Save the result if asked (only rank 0 under torchrun), and complete its report. What is written must run:
     it is loaded in onnxruntime and run on one batch like `reference` (member 0) first, or refused unwritten."""
     if output is not None and is_main_process():
         from .runtime import check_runs
         label = reference.graph.name if isinstance(reference, onnx.ModelProto) else str(reference)
         save_model(fusion.graph, output, force, fusion.tensors,
                    check=None if reference is None else lambda path: check_runs(path, reference, label))
-        summary["output"] = str(output)
-    summary["seconds"] = round(time.perf_counter() - start, 3)
+        report.output = str(output)
+    report.seconds = round(time.perf_counter() - start, 3)
     if phases is not None:
         if output is not None:
             phases.mark("save")
-        summary["phases"] = phases.seconds
-    fusion.summary = summary
+        report.phases = phases.seconds
+    fusion.report = report
     return fusion
 
 
@@ -397,12 +404,11 @@ def _count_params(model: onnx.ModelProto) -> int:
     return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer if t.data_type in FLOAT_TYPES))
 
 
-def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> None:
+def _stamp(model: onnx.ModelProto, method: FusionMethod, keep, members: list[Member]) -> None:
     """Record provenance in metadata_props (no time stamps: same inputs give the same bytes)."""
     ours = {
         "onnxfuse.version": __version__,
-        "onnxfuse.method": {"nt": "neuron-transplantation", "concat": "concatenation (wide ensemble)",
-                            "prune": "structured magnitude pruning", **alignment.LABELS}[method],
+        "onnxfuse.method": method.label,
         "onnxfuse.options": json.dumps({"keep": keep}, sort_keys=True),
         "onnxfuse.members": json.dumps([{"file": Path(m.name).name, "sha256": m.sha256} for m in members]),
     }
@@ -413,13 +419,15 @@ def _stamp(model: onnx.ModelProto, method: str, keep, members: list[Member]) -> 
         model.metadata_props.add(key=key, value=value)
 
 
+_FUSE_FIELDS = {f.name for f in fields(FuseOptions)}
+
+
 def merge(models, output=None, keep=None, force: bool = False, data=None, val=None, method: str = "nt",
-          calibrate=None, calib_samples: int = 2048, quantize: str | None = None, quantize_exclude=(),
-          soup: int | None = None, soup_mode: str = "uniform", soup_epochs: int | None = None,
-          **training) -> onnx.ModelProto:
+          **options) -> onnx.ModelProto:
     """Neuron Transplantation: fuse N >= 2 models into one of the original width (or `keep` * N * width).
     method 'average', 'weight-matching' or 'ot' averages the (aligned) members instead.
 
+    `options`: any other FuseOptions field, and the TrainOptions fields.
     Fine-tune with `data="train.npz", epochs=3` (and any TrainOptions field: lr, distill, schedule, ...).
     Reconstruct without training (before any fine-tuning) with `calibrate="calib.npz"`.
     `quantize="int8"` (calibrated on `calibrate`, else `data`) or `"fp16"` writes the edge version.
@@ -427,9 +435,8 @@ def merge(models, output=None, keep=None, force: bool = False, data=None, val=No
     other seeds, and writes their weight average (`soup_mode="greedy"` keeps a copy only if the soup's score on
     `val` does not drop).
     """
-    return fuse(models, method, keep, output, force, data, val, training, calibrate=calibrate,
-                calib_samples=calib_samples, quantize=quantize, quantize_exclude=quantize_exclude, soup=soup,
-                soup_mode=soup_mode, soup_epochs=soup_epochs).model
+    fused = {k: options.pop(k) for k in list(options) if k in _FUSE_FIELDS}
+    return fuse(models, FuseOptions(method, keep, output, force, data, val, options, **fused)).model
 
 
 def quantize(model, output=None, mode: str = "int8", calibrate=None, exclude=(), calib_samples: int = 512,
@@ -450,8 +457,9 @@ def quantize_with_report(model, output=None, mode: str = "int8", calibrate=None,
     full = member.tensors.materialize(member.model)
     calib = load_data(calibrate, full) if calibrate is not None and mode == "int8" else None
     result, report = run_quantize(full, mode, calib, exclude, calib_samples, member.name, activations=activations)
-    summary = {"method": "quantize", "members": [member.name], "quantization": report}
-    return _written(Fusion(*TensorTable.detach(result)), summary, output, force, start, reference=full)
+    return _written(Fusion(*TensorTable.detach(result)),
+                    FusionReport("quantize", [member.name], quantization=report), output, force, start,
+                    reference=full)
 
 
 def soup(models, output=None, mode: str = "uniform", val=None, force: bool = False) -> onnx.ModelProto:
@@ -469,8 +477,9 @@ def soup_with_report(models, output=None, mode: str = "uniform", val=None, force
     members = load_members(sources)
     result = make_soup(members, mode, _held_out_score(val, members[0]) if val is not None else None)
     _stamp_soup(result.graph, members, result.report)
-    summary = {"method": "soup", "members": [m.name for m in members], "soup": result.report}
-    return _written(Fusion(result.graph, result.tensors), summary, output, force, start, reference=sources[0])
+    return _written(Fusion(result.graph, result.tensors),
+                    FusionReport("soup", [m.name for m in members], soup=result.report), output, force, start,
+                    reference=sources[0])
 
 
 def _held_out_score(val, member: Member):
@@ -510,7 +519,8 @@ def inspect(models, data=None) -> dict:
     """The channel groups of the first model, and whether all the given models can be fused together; for
     several models also how alike they are (`similarity`: shared tensors, weight distance and, on `data`, the
     loss barrier between them) and which regime that puts them in (see onnxfuse.similarity)."""
-    members = load_members(models)
+    sources = _sources(models)
+    members = load_members(sources)
     report = {"models": [m.name for m in members]}
     a = analyze(members[0].model, members[0].tensors, members[0].name)
     report["groups"] = [{"id": g.id, "width": g.width, "layers": g.layers, "prunable": g.prunable,
@@ -525,7 +535,8 @@ def inspect(models, data=None) -> dict:
             report["outputs"] = {k: ("mean of the members' outputs" if v is None else f"not exact: {v}")
                                  for k, v in exactness.items()}
             if not report["exact"] and not a.problems:
-                report["deviation"] = fuse(models, "concat", data=data).summary.get("deviation")
+                wide = _build(members, METHODS["concat"], release=False).assembly     # similarity reads them next
+                report["deviation"] = _measure_deviation(wide.tensors.materialize(wide.graph), sources, data)
             from .similarity import similarity
             from .data import load_data
             report["similarity"] = similarity(members, load_data(data, members[0].model) if data else None)
@@ -537,17 +548,19 @@ def inspect(models, data=None) -> dict:
     return report
 
 
-def _train_options(training: dict | None):
+def _train_options(training):
+    """TrainOptions from a dict of its fields (or TrainOptions); None for no training options."""
     if not training:
         return None
     from .training import TrainOptions, require_torch
-    unknown = set(training) - set(TrainOptions.__dataclass_fields__)
-    if unknown:
-        raise OnnxFuseError(f"unknown training options: {sorted(unknown)}")
-    options = TrainOptions(**training)
-    if options.epochs > 0:
+    if not isinstance(training, TrainOptions):
+        unknown = set(training) - set(TrainOptions.__dataclass_fields__)
+        if unknown:
+            raise OnnxFuseError(f"unknown training options: {sorted(unknown)}")
+        training = TrainOptions(**training)
+    if training.epochs > 0:
         require_torch()
-    return options
+    return training
 
 
 def _teacher_logits(teachers, data, files: set | None = None, threads: int = 1):
@@ -569,9 +582,10 @@ def _name(source, i: int) -> str:
     return Path(str(source)).name if not isinstance(source, onnx.ModelProto) else f"member {i}"
 
 
-def _tune_and_score(model, sources, data, val, options, summary, progress) -> None:
+def _tune_and_score(model, sources, data, val, options, report: FusionReport, progress) -> onnx.ModelProto | None:
     """Fine-tune `model` on `data` (if epochs > 0), score members, ensemble and result on `val`, and compare the
-    result with the best member on `val` (or, without it, on the held-out slice of `data`)."""
+    result with the best member on `val` (or, without it, on the held-out slice of `data`). Returns the
+    fine-tuned model (None: nothing was fine-tuned)."""
     from .data import load_data
     from .runtime import Runner, scores
     threads = options.threads if options is not None else 1
@@ -579,43 +593,43 @@ def _tune_and_score(model, sources, data, val, options, summary, progress) -> No
     val_set = load_data(val, model) if val is not None else None
     if val_set is not None:
         member_logits = [Runner(s, threads=threads)(val_set) for s in sources]
-        summary["accuracy"] = {_name(s, i): scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
+        report.accuracy = {_name(s, i): scores(l, val_set.y) for i, (s, l) in enumerate(zip(sources, member_logits))}
         if len(sources) > 1:
-            summary["accuracy"]["ensemble (mean of logits)"] = scores(np.mean(member_logits, 0), val_set.y)
-        summary["accuracy"]["result before fine-tuning"] = scores(Runner(model, threads=threads)(val_set), val_set.y)
-    if train_set is not None and options is not None and options.epochs > 0:
-        from .training import finetune, split_holdout
-        teacher = (lambda d: _teacher_logits(sources, d, threads=threads)) if options.distill else None
-        result = finetune(model, train_set, options, val_set, teacher, progress)
-        summary["training"] = {"options": result.options, "history": result.history}
-        summary["_model"] = result.model
-        if val_set is not None:
-            summary["accuracy"]["result after fine-tuning"] = scores(Runner(result.model, threads=threads)(val_set),
-                                                                     val_set.y)
-        on = val_set if val_set is not None else split_holdout(train_set, options.holdout)[1]
-        if len(sources) > 1 and on is not None:
-            summary.update(_versus_best_member(result.model, sources, on, val_set is not None, threads))
-            if options.require_gain and summary["beats_best_member"] is False:
-                v = summary["versus_best_member"]
-                raise NoGainError(f"--require-gain: the fused model ({v['result']:.4g}) is below the best member "
-                                  f"{v['best_member']} ({v['best_member_score']:.4g}) by {v['metric']} on "
-                                  f"{v['on']}; nothing was written", {key: value for key, value in summary.items() if key != "_model"})
+            report.accuracy["ensemble (mean of logits)"] = scores(np.mean(member_logits, 0), val_set.y)
+        report.accuracy["result before fine-tuning"] = scores(Runner(model, threads=threads)(val_set), val_set.y)
+    if train_set is None or options is None or options.epochs <= 0:
+        return None
+    from .training import finetune, split_holdout
+    teacher = (lambda d: _teacher_logits(sources, d, threads=threads)) if options.distill else None
+    result = finetune(model, train_set, options, val_set, teacher, progress)
+    report.training = {"options": result.options, "history": result.history}
+    if val_set is not None:
+        report.accuracy["result after fine-tuning"] = scores(Runner(result.model, threads=threads)(val_set), val_set.y)
+    on = val_set if val_set is not None else split_holdout(train_set, options.holdout)[1]
+    if len(sources) > 1 and on is not None:
+        report.beats_best_member, report.versus_best_member = _versus_best_member(
+            result.model, sources, on, val_set is not None, threads)
+        if options.require_gain and report.beats_best_member is False:
+            v = report.versus_best_member
+            raise NoGainError(f"--require-gain: the fused model ({v['result']:.4g}) is below the best member "
+                              f"{v['best_member']} ({v['best_member_score']:.4g}) by {v['metric']} on "
+                              f"{v['on']}; nothing was written", report.to_dict())
+    return result.model
 
 
-def _versus_best_member(model, sources, on, is_val: bool, threads: int) -> dict:
+def _versus_best_member(model, sources, on, is_val: bool, threads: int) -> tuple[bool | None, dict]:
     """Whether the result is at least as good as the best member on `on` (onnxruntime): accuracy, or MSE for
-    regression. `beats_best_member` is None when `on` has no labels."""
+    regression (None when `on` has no labels), and the scores compared."""
     from .runtime import Runner, merit, scores
     where = "--val" if is_val else on.source
     if on.y is None:
-        return {"beats_best_member": None, "versus_best_member": {"on": where, "note": "no labels: not compared"}}
+        return None, {"on": where, "note": "no labels: not compared"}
     metric = "mse" if on.regression else "accuracy"
     members = [(scores(Runner(s, threads=threads)(on), on.y), _name(s, i)) for i, s in enumerate(sources)]
     best, name = max(members, key=lambda m: merit(m[0]))
     mine = scores(Runner(model, threads=threads)(on), on.y)
-    return {"beats_best_member": merit(mine)[:1] >= merit(best)[:1],
-            "versus_best_member": {"on": where, "metric": metric, "result": mine[metric], "best_member": name,
-                                   "best_member_score": best[metric]}}
+    return merit(mine)[:1] >= merit(best)[:1], {"on": where, "metric": metric, "result": mine[metric],
+                                                "best_member": name, "best_member_score": best[metric]}
 
 
 def finetune(model, data, output=None, teachers=None, val=None, force: bool = False, progress: bool = False,
@@ -647,13 +661,11 @@ def finetune_with_report(model, data, output=None, teachers=None, val=None, forc
     teacher = (lambda d: _teacher_logits(teachers, d, threads=options.threads)) if options.distill and teachers \
         else None
     result = run_finetune(full, train_set, options, val_set, teacher, progress)
-    summary = {"method": "finetune", "members": [member.name], "training": {"options": result.options,
-                                                                         "history": result.history}}
+    report = FusionReport("finetune", [member.name], training={"options": result.options, "history": result.history})
     if val_set is not None:
-        summary["accuracy"] = {"before": scores(Runner(full, threads=options.threads)(val_set), val_set.y),
-                               "after": scores(Runner(result.model, threads=options.threads)(val_set), val_set.y)}
-    fusion = Fusion(*TensorTable.detach(result.model))
-    return _written(fusion, summary, output, force, start, reference=model)
+        report.accuracy = {"before": scores(Runner(full, threads=options.threads)(val_set), val_set.y),
+                           "after": scores(Runner(result.model, threads=options.threads)(val_set), val_set.y)}
+    return _written(Fusion(*TensorTable.detach(result.model)), report, output, force, start, reference=model)
 
 
 def evaluate(models, data, ensemble: bool = False, provider: str = "cpu", threads: int = 1) -> list[dict]:
@@ -663,15 +675,6 @@ def evaluate(models, data, ensemble: bool = False, provider: str = "cpu", thread
     from .runtime import evaluate as run_evaluate
     models = _sources(models)
     return run_evaluate(models, load_data(data, read_model(models[0])), ensemble, provider, threads)
-
-
-def benchmark(models=(), ensemble=None, batch_sizes=(1, 32), provider: str = "cpu", threads: int = 1,
-              **options) -> list[dict]:
-    """Latency (p50/p90/p99 ms), throughput, file size and peak memory of each model with onnxruntime, and
-    of `ensemble` served as N sessions per request and as its wide graph; one row per model and batch size.
-    Options: warmup=10, seconds=2.0, memory=True, wide=True, seed=0 (see onnxfuse.bench.benchmark)."""
-    from .bench import benchmark as run_benchmark
-    return run_benchmark(models, ensemble, batch_sizes, provider, threads, **options)
 
 
 def _measure_deviation(wide: onnx.ModelProto, sources, data) -> dict | None:

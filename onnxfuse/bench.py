@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import api
+from .api import fuse
 from ._bench_probe import make_session, random_feeds
 from .errors import InputError, OnnxFuseError
 from .runtime import providers as provider_list
@@ -188,13 +188,12 @@ def _wide_entry(ensemble, n: int, tmp: Path, log):
     log(f"building the wide graph of the {n} ensemble members (onnxfuse concat)")
     path = tmp / "wide.onnx"
     try:
-        summary = api.fuse(ensemble, "concat", output=path).summary
+        report = fuse(ensemble, "concat", output=path).report
     except OnnxFuseError as exc:
         return f"skipped, the members cannot be concatenated: {exc}"
     note = None
-    if not summary.get("exact", True):
-        note = "not exactly the ensemble: " + "; ".join(v for v in summary.get("outputs", {}).values()
-                                                        if v.startswith("not exact"))
+    if not report.exact:
+        note = "not exactly the ensemble: " + "; ".join(v for v in report.outputs.values() if v.startswith("not exact"))
     return _Entry(f"wide graph of {n} (concat)", "wide", [str(path)], _file_bytes(path), note)
 
 

@@ -12,6 +12,9 @@ import click
 
 from . import __version__, api
 from .errors import OnnxFuseError
+from .methods import METHODS, merge_methods
+from .options import FuseOptions, cli_fields
+from .training import TrainOptions
 
 
 def _reports_errors(fn):
@@ -84,14 +87,16 @@ class _OneLineErrors(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _number(low, high=None, low_open=True):
-    """A callback for a float option: finite (no nan, inf, 1e400), above `low` (or at it) and at most `high`."""
+def _number(low, high=None, low_open=True, high_open=False):
+    """A callback for a float option: finite (no nan, inf, 1e400), above `low` (or at it) and below `high` (or
+    at it)."""
     def check(ctx, param, value):
         if value is None:
             return value
         if not math.isfinite(value) or value < low or (low_open and value == low) or \
-                (high is not None and value > high):
-            bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+                (high is not None and (value > high or (high_open and value == high))):
+            bounds = f"{'>' if low_open else '>='} {low:g}" + \
+                (f" and {'<' if high_open else '<='} {high:g}" if high is not None else "")
             raise click.BadParameter(f"expected a finite number {bounds}, got {value}")
         return value
     return check
@@ -133,49 +138,48 @@ def main():
     """
 
 
-def _training_options(fn):
-    """Options shared by `merge` and `finetune`; they become onnxfuse.training.TrainOptions fields."""
-    options = [
-        click.option("--data", type=str, default=None, metavar="TRAIN.npz",
-                     help="Training data: .npz with 'x' (or one array per graph input) and labels 'y'."),
-        click.option("--val", type=str, default=None, metavar="VAL.npz",
-                     help="Validation data: accuracy of members, ensemble and result is reported."),
-        click.option("--epochs", type=click.IntRange(min=0), default=None,
-                     help="Fine-tuning epochs (default 3 when --data is given)."),
-        click.option("--distill", is_flag=True,
-                     help="Train on the members' mean logits (KL, T=2) instead of labels; needs no labels."),
-        click.option("--lr", type=str, default="auto", show_default=True, callback=_learning_rate,
-                     help="Initial learning rate, or 'auto': chosen by short probes on the held-out slice of "
-                          "--data (never --val), a fifth of the fine-tuning's steps."),
-        click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
-                     help="Fraction of --data never trained on: --lr auto probes on it, and without --val the "
-                          "best epoch is chosen on it (0: no split; needs a numeric --lr)."),
-        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="torch and onnxruntime intra-op threads. Results are byte-identical for a given "
-                          "thread count; more threads than idle cores slow training down many times."),
-        click.option("--task", type=click.Choice(["auto", "classification", "regression"]), default="auto",
-                     show_default=True,
-                     help="auto: float targets 'y' are regression (MSE), integer labels classification."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
-                     help="SGD has momentum 0.9."),
-        click.option("--schedule", type=click.Choice(["linear", "constant"]), default="linear", show_default=True,
-                     help="linear: decay to 0 over the run; constant: the NT paper's setting."),
-        click.option("--train-only", type=click.Choice(["all", "bias-norm"]), default="all", show_default=True,
-                     help="bias-norm: train only biases and normalization parameters (PERP)."),
-        click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=0, show_default=True,
-                     help="Shuffling and dropout seed."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-        click.option("--target-output", type=str, default=None, metavar="NAME",
-                     help="Graph value to train on when the model has several float outputs."),
-        click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-                     help="Save the training state after every epoch (for --resume)."),
-        click.option("--resume", is_flag=True,
-                     help="Continue an interrupted fine-tuning from the checkpoint in --checkpoint-dir."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _generated(cls, exclude=()):
+    """The click options of the fields of an options dataclass that carry help (onnxfuse.options.option), in
+    field order: a new field is a new flag, with its help."""
+    def decorate(fn):
+        for f in reversed(cli_fields(cls)):
+            if f.name not in exclude:
+                fn = _option(f)(fn)
+        return fn
+    return decorate
+
+
+def _option(f):
+    """`--field-name` for one field: its type, range, choices and help from the field and its metadata."""
+    meta, name = f.metadata, "--" + f.name.replace("_", "-")
+    if isinstance(f.default, bool):
+        return click.option(name, is_flag=True, help=meta["help"])
+    default = meta.get("cli_default", f.default)
+    kind, callback, low, high = meta.get("type", type(f.default)), None, meta.get("min"), meta.get("max")
+    if "choices" in meta:
+        choices = meta["choices"]
+        kind = click.Choice(list(choices() if callable(choices) else choices))
+    elif meta.get("auto"):
+        kind, callback = str, _learning_rate
+    elif meta.get("directory"):
+        kind = click.Path(file_okay=False)
+    elif meta.get("multiple"):
+        kind = str
+    elif kind is int and (low is not None or high is not None):
+        kind = click.IntRange(low, high, min_open=meta.get("min_open", False), max_open=meta.get("max_open", False))
+    elif kind is float and low is not None:
+        callback = _number(low, high, meta.get("min_open", False), meta.get("max_open", False))
+    return click.option(name, type=kind, default=default, callback=callback, metavar=meta.get("metavar"),
+                        multiple=meta.get("multiple", False), help=meta["help"],
+                        show_default=default is not None and not meta.get("multiple"))
+
+
+def _data_options(fn):
+    """--data and --val of `merge` and `finetune`."""
+    fn = click.option("--val", type=str, default=None, metavar="VAL.npz",
+                      help="Validation data: accuracy of members, ensemble and result is reported.")(fn)
+    return click.option("--data", type=str, default=None, metavar="TRAIN.npz",
+                        help="Training data: .npz with 'x' (or one array per graph input) and labels 'y'.")(fn)
 
 
 def _learning_rate(ctx, param, value: str):
@@ -190,68 +194,64 @@ def _learning_rate(ctx, param, value: str):
     return rate
 
 
-def _training(kw: dict) -> dict:
-    epochs = kw.pop("epochs")
-    training = {k: kw.pop(k) for k in ("distill", "lr", "batch_size", "optimizer", "schedule", "train_only",
-                                       "seed", "device", "target_output", "checkpoint_dir", "resume", "holdout",
-                                       "threads", "task")}
+def _training(kw: dict, data) -> dict:
+    """The TrainOptions fields among the parsed options (taken out of `kw`), checked: a fine-tuning option set
+    to something that would act needs --data."""
+    training = {f.name: kw.pop(f.name) for f in cli_fields(TrainOptions) if f.name in kw}
     if training["resume"] and not training["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir")
-    if not kw.get("data"):
-        given = [f"--{k.replace('_', '-')}" for k in ("checkpoint_dir", "target_output") if training[k]]
-        given = ["--lr"] * (training["lr"] != "auto") + given
-        given += ["--epochs"] * (epochs is not None and epochs > 0) + ["--distill"] * training["distill"]
-        if given:
-            raise click.UsageError(f"{given[0]} applies to fine-tuning, which needs --data TRAIN.npz")
-    training["epochs"] = (3 if kw.get("data") else 0) if epochs is None else epochs
+    if not data:
+        for f in cli_fields(TrainOptions):
+            value = training.get(f.name)
+            if f.metadata.get("needs_data") and value not in (None, False, 0, "auto", f.metadata.get(
+                    "cli_default", f.default)):
+                raise click.UsageError(f"--{f.name.replace('_', '-')} applies to fine-tuning, which needs --data "
+                                       f"TRAIN.npz")
+    if training["epochs"] is None:
+        training["epochs"] = 3 if data else 0
     return training
+
+
+class _MethodChoice(click.Choice):
+    """merge --method: auto and the registered methods that fuse several members, read from the registry when
+    used, so that a method registered after this module was imported is offered too."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        return ("auto", *merge_methods())
+
+    @choices.setter
+    def choices(self, value):           # click.Choice.__init__ sets them; the registry is their source
+        pass
+
+
+class _MethodOption(click.Option):
+    """merge --method: its help lists the registered methods when it is shown."""
+
+    def get_help_record(self, ctx):
+        self.help = " ".join([
+            "auto (the default with --data): measure how alike the members are on the held-out slice of --data and "
+            "choose: average for fine-tunes of one checkpoint, nt for independently trained members when "
+            "fine-tuning follows, else the best averaging method on that slice.",
+            *(f"{name}{' (the default without --data)' if name == 'nt' else ''}: {METHODS[name].help}."
+              for name in merge_methods())])
+        return super().get_help_record(ctx)
 
 
 @main.command(short_help="Fuse 2+ models into one of the original size (Neuron Transplantation).")
 @click.argument("models", nargs=-1, required=True)
 @_output_options
-@click.option("--keep", type=float, default=None, metavar="FRACTION", callback=_number(0, 1),
-              help="Fraction of the wide model's neurons to keep in every layer (default 1/N: the "
-                   "original width).")
-@click.option("--method", type=click.Choice(["auto", "nt", "average", "weight-matching", "ot"]), default=None,
-              help="auto (the default with --data): measure how alike the members are on the held-out slice of "
-                   "--data and choose: average for fine-tunes of one checkpoint, nt for independently trained "
-                   "members when fine-tuning follows, else the best averaging method on that slice. nt (the "
-                   "default without --data): Neuron Transplantation. The baselines average the members' weights "
-                   "at the original width: average (no alignment), weight-matching (channels permuted to match "
-                   "member 0 first, Git Re-Basin), ot (channels aligned layer by layer by optimal transport, "
-                   "Singh & Jaggi).")
-@click.option("--calibrate", type=str, default=None, metavar="CALIB.npz",
-              help="Reconstruct without training: refit every layer that consumes pruned neurons by least "
-                   "squares so the fused model reproduces the wide model (the ensemble) on these inputs "
-                   "(labels unused). Fine-tuning with --data, if given, starts from the result; for a single "
-                   "epoch, --lr 0.005 keeps more of the reconstruction than the default rate.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="How many samples of --calibrate to use (a fixed random subset if it has more).")
-@click.option("--quantize", type=click.Choice(["int8", "fp16"]), default=None,
-              help="Write the edge version of the result: int8 (static QDQ, per-channel weights, activations "
-                   "calibrated on --calibrate, else on --data; dynamic for MatMul/Gemm-only graphs without "
-                   "either) or fp16 (float32 inputs and outputs kept). See `onnxfuse quantize --help`.")
-@click.option("--soup", type=click.IntRange(min=2), default=None, metavar="K",
-              help="After fine-tuning, fine-tune K copies of the result for --soup-epochs more epochs with seeds "
-                   "--seed+1 .. --seed+K (other batch orders) and write their weight average, a model soup "
-                   "(needs --data).")
-@click.option("--soup-epochs", type=click.IntRange(min=1), default=None, metavar="E",
-              help="Epochs of each soup copy (default: --epochs).")
-@click.option("--soup-mode", type=click.Choice(["uniform", "greedy"]), default="uniform", show_default=True,
-              help="greedy: copies in order of held-out accuracy (--val, else the held-out slice of --data), each "
-                   "kept only if the soup's does not drop.")
+@click.option("--method", cls=_MethodOption, type=_MethodChoice(), default=None)
+@_generated(FuseOptions)
 @click.option("--fp16", is_flag=True, help="Same as --quantize fp16.")
-@click.option("--quantize-exclude", "quantize_exclude", multiple=True, metavar="NODE",
-              help="A node to keep in float when quantizing to int8 (repeat for several).")
-@click.option("--require-gain", is_flag=True,
-              help="Exit with code 3 and write nothing when the fine-tuned result is below the best member on "
-                   "--val (or on the held-out slice of --data).")
-@_training_options
+@_data_options
+@_generated(TrainOptions)
 @_common
 @_reports_errors
-def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_epochs, soup_mode, quantize, fp16,
-          quantize_exclude, require_gain, force, quiet, as_json, **kw):
+def merge(models, output, method, fp16, force, quiet, as_json, data, val, **kw):
     """Fuse MODELS (2 or more, same architecture) by Neuron Transplantation (or, with --method, by
     averaging their aligned weights).
 
@@ -263,16 +263,15 @@ def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_epo
     Example:
       onnxfuse merge a.onnx b.onnx -o fused.onnx --data train.npz --val val.npz
     """
-    training = {**_training(kw), "require_gain": require_gain}
-    method = method or ("auto" if kw["data"] else "nt")
-    if fp16 and quantize not in (None, "fp16"):
+    options = {f.name: kw.pop(f.name) for f in cli_fields(FuseOptions)}
+    training = _training(kw, data)
+    if fp16 and options["quantize"] not in (None, "fp16"):
         raise click.UsageError("--fp16 and --quantize int8 exclude each other")
-    quantize = "fp16" if fp16 else quantize
+    options["quantize"] = "fp16" if fp16 else options["quantize"]
+    options = FuseOptions(method or ("auto" if data else "nt"), output=output, force=force, data=data, val=val,
+                          training=training, progress=_show_progress(quiet, as_json), **options)
     try:
-        result = api.fuse(models, method, keep, output, force, kw["data"], kw["val"], training,
-                          progress=_show_progress(quiet, as_json), calibrate=calibrate, calib_samples=calib_samples,
-                          quantize=quantize, quantize_exclude=quantize_exclude, soup=soup, soup_mode=soup_mode,
-                          soup_epochs=soup_epochs)
+        result = api.fuse(models, options)
     except api.NoGainError as exc:
         if as_json and api.is_main_process():
             click.echo(json.dumps(exc.summary, indent=2))
@@ -286,19 +285,20 @@ def merge(models, output, keep, method, calibrate, calib_samples, soup, soup_epo
 @_output_options
 @click.option("--teacher", "teachers", multiple=True, metavar="MODEL.onnx",
               help="A teacher model; repeat for an ensemble (mean of logits). Used with --distill.")
-@_training_options
+@_data_options
+@_generated(TrainOptions, exclude=("require_gain",))
 @_common
 @_reports_errors
-def finetune(model, output, teachers, force, quiet, as_json, **kw):
+def finetune(model, output, teachers, force, quiet, as_json, data, val, **kw):
     """Fine-tune any ONNX MODEL on --data and write it with the same graph, tuned weights."""
-    if not kw["data"]:
+    if not data:
         raise click.UsageError("--data is required")
     if kw["epochs"] == 0:
         raise click.UsageError("finetune --epochs must be at least 1")
     if teachers and not kw["distill"]:
         raise click.UsageError("--teacher is used only with --distill (training on the teachers' logits)")
-    training = _training(kw)
-    _finish(api.finetune_with_report(model, kw["data"], output, list(teachers) or None, kw["val"], force,
+    training = _training(kw, data)
+    _finish(api.finetune_with_report(model, data, output, list(teachers) or None, val, force,
                                      _show_progress(quiet, as_json), **training), quiet, as_json)
 
 
@@ -598,9 +598,8 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
         return
     if quiet:
         return
-    what = {"nt": "fused by neuron transplantation", "concat": "concatenated (wide ensemble)",
-            "prune": "pruned", "finetune": "fine-tuned", "average": "averaged", "quantize": "quantized", "soup": "averaged (soup)",
-            "weight-matching": "averaged after weight matching", "ot": "averaged after OT alignment"}[s["method"]]
+    what = METHODS[s["method"]].verb if s["method"] in METHODS else \
+        {"finetune": "fine-tuned", "quantize": "quantized", "soup": "averaged (soup)"}[s["method"]]
     click.echo(f"{what}: {', '.join(s['members'])} -> {s.get('output', '(not written)')}")
     for g in s.get("groups", []):
         if "moved_per_member" in g:

@@ -1,4 +1,5 @@
-"""Neuron importance (Torch-Pruning's MagnitudeImportance, p=2, mean over a group's terms) and top-k."""
+"""Neuron importance and top-k. Criteria are pluggable (`IMPORTANCE`, FuseOptions.importance): `magnitude`
+is Torch-Pruning's MagnitudeImportance (p=2, mean over a group's terms)."""
 from __future__ import annotations
 
 import math
@@ -45,6 +46,18 @@ def channel_scores(a: Analysis, load, n: int, widened: dict) -> dict[int, np.nda
             scores.setdefault(root, np.zeros(n * width))[m * width:(m + 1) * width] += per
         terms[root] = terms.get(root, 0) + 1
     return {root: s / terms[root] for root, s in scores.items()}
+
+
+IMPORTANCE = {"magnitude": channel_scores}    # name -> (analysis, load, n, widened touches) -> channel scores
+
+
+def importance(criterion):
+    """The scoring function of `criterion`: a name in IMPORTANCE, or such a function itself."""
+    if callable(criterion):
+        return criterion
+    if criterion not in IMPORTANCE:
+        raise OnnxFuseError(f"unknown importance '{criterion}' ({', '.join(IMPORTANCE)})")
+    return IMPORTANCE[criterion]
 
 
 def select_kept(a: Analysis, scores: dict, groups, n: int, keep) -> dict[int, np.ndarray]:

@@ -25,6 +25,7 @@ import onnx
 
 from .data import Dataset
 from .errors import OnnxFuseError
+from .options import option
 
 
 NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
@@ -41,28 +42,43 @@ class TrainingError(OnnxFuseError):
 
 @dataclass
 class TrainOptions:
-    epochs: int = 3
-    lr: float | str | None = "auto"    # "auto" (or None): chosen on the held-out slice; a number overrides
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    schedule: str = "linear"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    distill: bool = False
-    temperature: float = 2.0
-    distill_weight: float = 0.5         # with labels: loss = w * distillation + (1 - w) * labels (Hinton et al.)
-    train_only: str = "all"
-    seed: int = 0
-    device: str = "cpu"
-    target_output: str | None = None
-    checkpoint_dir: str | None = None   # save the training state after every epoch
-    resume: bool = False                # continue from the last checkpoint in checkpoint_dir
-    holdout: float = 0.1                # fraction of the training data held out (lr probes, epoch selection)
-    threads: int = 1                    # torch intra-op threads (results are byte-identical per thread count)
-    require_gain: bool = False          # merge: refuse to write a result below the best member (api)
+    """Fine-tuning options; every field with help is also a command-line option (onnxfuse.options.option)."""
+    epochs: int = option(3, "Fine-tuning epochs (default 3 when --data is given).", min=0, cli_default=None,
+                         needs_data=True)
+    lr: float | str | None = option("auto", "Initial learning rate, or 'auto': chosen by short probes on the "
+                                            "held-out slice of --data (never --val), a fifth of the fine-tuning's "
+                                            "steps.", auto=True, needs_data=True)
+    batch_size: int = option(64, "Samples per training step.", min=1)
+    optimizer: str = option("sgd", "SGD (with --momentum) or Adam.", choices=("sgd", "adam"))
+    schedule: str = option("linear", "linear: decay to 0 over the run; constant: the NT paper's setting.",
+                           choices=("linear", "constant"))
+    momentum: float = option(0.9, "SGD momentum.", min=0, max=1, max_open=True, needs_data=True)
+    weight_decay: float = option(0.0, "L2 weight decay (SGD and Adam).", min=0, needs_data=True)
+    distill: bool = option(False, "Train on the members' mean logits (KL at --temperature); with labels, mixed "
+                                  "with the labels' loss (--distill-weight); needs no labels.", needs_data=True)
+    temperature: float = option(2.0, "Distillation temperature.", min=0, min_open=True, needs_data=True)
+    distill_weight: float = option(0.5, "With --distill and labels: loss = w * distillation + (1 - w) * labels "
+                                        "(Hinton et al.; 1: the members alone).", min=0, max=1, needs_data=True)
+    train_only: str = option("all", "bias-norm: train only biases and normalization parameters (PERP).",
+                             choices=("all", "bias-norm"))
+    seed: int = option(0, "Shuffling and dropout seed.", min=0, max=2 ** 63 - 1)
+    device: str = option("cpu", "Where torch trains.", choices=("cpu", "cuda"))
+    target_output: str | None = option(None, "Graph value to train on when the model has several float outputs.",
+                                       metavar="NAME", type=str, needs_data=True)
+    checkpoint_dir: str | None = option(None, "Save the training state after every epoch (for --resume).",
+                                        metavar="DIR", directory=True, needs_data=True)
+    resume: bool = option(False, "Continue an interrupted fine-tuning from the checkpoint in --checkpoint-dir.")
+    holdout: float = option(0.1, "Fraction of --data never trained on: --lr auto probes on it, and without --val "
+                                 "the best epoch is chosen on it (0: no split; needs a numeric --lr).",
+                            min=0, max=1, max_open=True)
+    threads: int = option(1, "torch and onnxruntime intra-op threads. Results are byte-identical for a given "
+                             "thread count; more threads than idle cores slow training down many times.", min=1)
+    require_gain: bool = option(False, "Exit with code 3 and write nothing when the fine-tuned result is below the "
+                                       "best member on --val (or on the held-out slice of --data).")
     independent: bool = False           # under torchrun: train alone in this process (soup copies), no all-reduce
-    task: str = "auto"                  # classification | regression | auto (float targets y: regression;
-                                        # no labels: a 2-D output is class logits)
+    task: str = option("auto", "auto: float targets 'y' are regression (MSE), integer labels classification "
+                               "(no labels: a 2-D output is class logits).",
+                       choices=("auto", "classification", "regression"))
 
     @property
     def auto_lr(self) -> bool:

@@ -17,7 +17,7 @@ import onnxfuse
 from graphs import (SAMPLES, cnn, conv_concat, conv_split, dense_slices, gemm_mlp, matmul_mlp, random_input,
                     residual_mlp, run)
 from onnxfuse.groups import analyze
-from onnxfuse.methods import LABELS
+from onnxfuse.methods import METHODS as REGISTRY
 from onnxfuse.methods.permute import permute
 
 ALIGNING = ["weight-matching", "ot"]
@@ -143,7 +143,7 @@ def test_samples_keep_member_shapes_and_pass_the_checker(method, family, tmp_pat
     assert [(t.name, list(t.dims), t.data_type) for t in fused.graph.initializer] == \
         [(t.name, list(t.dims), t.data_type) for t in ref.graph.initializer]
     meta = {p.key: p.value for p in fused.metadata_props}
-    assert meta["onnxfuse.method"] == LABELS[method]
+    assert meta["onnxfuse.method"] == REGISTRY[method].label
     x = np.load(SAMPLES / ("digits_val.npz" if family == "mlp" else "digits_images_val.npz"))["x"][:16]
     assert np.isfinite(run(fused, x)).all()
 

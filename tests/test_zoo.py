@@ -10,6 +10,7 @@ import pytest
 
 import onnxfuse
 from onnxfuse import api
+from onnxfuse.methods import nt
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -187,14 +188,14 @@ def test_grouped_conv_keeps_channels_evenly_per_group(tmp_path):
 
 def test_a_result_that_does_not_run_is_refused_and_not_written(zoo, tmp_path, monkeypatch):
     files = zoo("torchvision", "resnet18", "legacy")
-    real = api.transplant
+    real = nt.transplant
 
     def broken(*args, **kwargs):         # a rewrite that passes the checker but fails in onnxruntime
         graph, tensors = real(*args, **kwargs)
         gemm = next(n for n in graph.graph.node if n.op_type == "Gemm")
         tensors.set(gemm.input[2], np.zeros(3, np.float32))
         return graph, tensors
-    monkeypatch.setattr(api, "transplant", broken)
+    monkeypatch.setattr(nt, "transplant", broken)
     with pytest.raises(onnxfuse.UnsupportedGraphError, match=r"does not run in onnxruntime at node '.*fc.*' \(Gemm\)"):
         api.fuse(files, "nt", output=tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []

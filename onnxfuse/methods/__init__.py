@@ -1,25 +1,13 @@
-"""Fusion baselines that keep the original width: average the members' weights, after aligning their
-channels (weight matching, OT fusion) or not (vanilla averaging). Each method only decides a permutation of
-every prunable channel group per member, over the same analysis as Neuron Transplantation; `permute.averaged`
-applies them and takes the mean.
+"""Fusion methods, one registry (`METHODS`) that onnxfuse.fuse and the CLI read: validation, build, the
+provenance label, the CLI's choices, help and verb.
+
+Built in: Neuron Transplantation and the methods that share its assembly (`nt`, `concat`, `prune`: nt.py), and
+baselines that keep the original width by averaging the members' weights, after aligning their channels
+(`weight-matching`, `ot`) or not (`average`). An alignment method only decides a permutation of every prunable
+channel group per member; `permute.aligned` turns that into a method's build. Adding a method is one module
+here that calls `register`, imported below.
 """
-from __future__ import annotations
+from .base import METHODS, Assembly, FusionMethod, Job, merge_methods, register
+from . import nt, average, weight_matching, ot  # noqa: F401,E402  (they register themselves, in this order)
 
-import numpy as np
-
-from . import average, ot, weight_matching
-from .permute import averaged
-
-METHODS = {"average": average.permutations, "weight-matching": weight_matching.permutations,
-           "ot": ot.permutations}
-LABELS = {"average": "weight averaging (no alignment)",
-          "weight-matching": "weight matching (Git Re-Basin) and averaging",
-          "ot": "optimal-transport fusion (Singh & Jaggi) and averaging"}
-
-
-def fuse_aligned(method: str, members, load, a):
-    """(graph, tensors, moved): the averaged model, and per group how many channels of each member were moved."""
-    perms = METHODS[method](a, load, len(members))
-    graph, tensors = averaged(members, load, a, perms)
-    moved = {root: [int(np.sum(p[root] != np.arange(len(p[root])))) for p in perms] for root in perms[0]}
-    return graph, tensors, moved
+__all__ = ["METHODS", "Assembly", "FusionMethod", "Job", "merge_methods", "register"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .permute import Perms, channel_rows, identity, permute, pinned, touches_by_group
+from .base import FusionMethod, register
+from .permute import Perms, aligned, channel_rows, identity, permute, pinned, touches_by_group
 
 
 def permutations(a, load, n: int) -> list[Perms]:
@@ -54,3 +55,10 @@ def _transport(a, load, k: int, widened, by_group) -> Perms:
             cols = linear_sum_assignment(plan, maximize=True)[1]
         perm[root] = cols
     return perm
+
+
+register(FusionMethod(
+    "ot", label="optimal-transport fusion (Singh & Jaggi) and averaging", verb="averaged after OT alignment",
+    help="channels aligned layer by layer by optimal transport (Singh & Jaggi), then averaged",
+    reference="Model Fusion via Optimal Transport (Singh & Jaggi, NeurIPS 2020)",
+    build=aligned(permutations), keep=False, imports=("ot",)))

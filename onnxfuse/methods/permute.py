@@ -13,6 +13,7 @@ import onnx
 from ..groups import Analysis, Touch
 from ..model_io import FLOAT_TYPES, Member, TensorTable
 from ..transplant import MemberTensors, _shared_value, axis_map
+from .base import Assembly, Job
 
 Perms = dict[int, np.ndarray]      # group root -> member channel of every result channel
 
@@ -76,3 +77,16 @@ def averaged(members: list[Member], load: MemberTensors, a: Analysis,
         if value is not None:
             tensors.set(name, value)
     return model, tensors
+
+
+def aligned(permutations):
+    """The build of an alignment method: `permutations(analysis, load, n)` gives every member's permutations
+    (member 0's the identity); the result is the members' mean after them."""
+    def build(job: Job) -> Assembly:
+        perms = permutations(job.analysis, job.load, job.n)
+        graph, tensors = averaged(job.members, job.load, job.analysis, perms)
+        groups = [{"id": g.id, "width": g.width,
+                   "moved_per_member": [int(np.sum(p[g.id] != np.arange(len(p[g.id])))) for p in perms],
+                   "layers": g.layers} for g in job.groups]
+        return Assembly(graph, tensors, None, groups)
+    return build

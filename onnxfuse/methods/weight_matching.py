@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .permute import Perms, channel_rows, identity, permute, pinned, touches_by_group
+from .base import FusionMethod, register
+from .permute import Perms, aligned, channel_rows, identity, permute, pinned, touches_by_group
 
 
 def permutations(a, load, n: int, seed: int = 0, max_passes: int = 30) -> list[Perms]:
@@ -63,3 +64,10 @@ def _match(a, load, k: int, widened, by_group, rng, max_passes: int) -> Perms:
         if not changed:
             break
     return perm
+
+
+register(FusionMethod(
+    "weight-matching", label="weight matching (Git Re-Basin) and averaging", verb="averaged after weight matching",
+    help="channels permuted to match member 0 first (Git Re-Basin), then averaged",
+    reference="Git Re-Basin (Ainsworth et al., ICLR 2023), weight matching",
+    build=aligned(permutations), keep=False))
