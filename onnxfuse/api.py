@@ -221,7 +221,7 @@ def _souped(model: onnx.ModelProto, sources, o: FuseOptions, options, report: Fu
     from dataclasses import replace
     from .data import load_data
     from .runtime import Runner, scores
-    from .soups import make_soup
+    from .soups import average, make_soup
     from .training import finetune
     k, data, val = o.soup, o.data, o.val
     if data is None or options is None or options.epochs < 1:
@@ -239,19 +239,30 @@ def _souped(model: onnx.ModelProto, sources, o: FuseOptions, options, report: Fu
     val_set = load_data(val, start) if val is not None else None
     teacher = (lambda d: _teacher_logits(sources, d, threads=options.threads)) if options.distill else None
     epochs = o.soup_epochs or options.epochs
+    every = min(o.soup_average_every or epochs, epochs)
     lr = report.training["options"]["lr"]          # the start's rate (chosen once, if auto)
-    tuned = []
-    for i in range(k):
-        if world > 1 and i != rank:
-            continue
-        copy = replace(options, seed=options.seed + 1 + i, epochs=epochs, lr=lr, checkpoint_dir=None,
-                       resume=False, require_gain=False)
-        tuned.append(finetune(start, train_set, copy, None, teacher, o.progress).model)
-    if world > 1:                     # every process gets every copy (and computes the same soup)
-        import torch.distributed as dist
-        gathered = [None] * world
-        dist.all_gather_object(gathered, tuned[0].SerializeToString(deterministic=True))
-        tuned = [onnx.load_from_string(b) for b in gathered]
+
+    def round_of_copies(begin: onnx.ModelProto, r: int) -> list[onnx.ModelProto]:
+        """Every copy fine-tuned for round r's epochs from `begin` (round 0: seeds seed+1 .. seed+k)."""
+        tuned = []
+        for i in range(k):
+            if world > 1 and i != rank:
+                continue
+            copy = replace(options, seed=options.seed + 1 + i + k * r, epochs=min(every, epochs - r * every),
+                           lr=lr, checkpoint_dir=None, resume=False, require_gain=False)
+            tuned.append(finetune(begin, train_set, copy, None, teacher, o.progress).model)
+        if world > 1:                     # every process gets every copy (and computes the same soup)
+            import torch.distributed as dist
+            gathered = [None] * world
+            dist.all_gather_object(gathered, tuned[0].SerializeToString(deterministic=True))
+            tuned = [onnx.load_from_string(b) for b in gathered]
+        return tuned
+
+    rounds = -(-epochs // every)
+    tuned = round_of_copies(start, 0)
+    for r in range(1, rounds):           # periodic averaging: the copies continue from their average
+        graph, tensors = average([load_member(t, i) for i, t in enumerate(tuned)])
+        tuned = round_of_copies(tensors.materialize(graph), r)
     copies = [load_member(t, i) for i, t in enumerate(tuned)]
     for i, t in enumerate(tuned):
         if val_set is not None:
@@ -261,7 +272,10 @@ def _souped(model: onnx.ModelProto, sources, o: FuseOptions, options, report: Fu
     ranked_on = val if val is not None else split_holdout(train_set, options.holdout)[1]   # greedy: never trained on
     result = make_soup(copies, o.soup_mode, _held_out_score(ranked_on, copies[0]) if ranked_on is not None else None)
     result.report["ingredients"] = [f"copy {i} (seed {options.seed + 1 + i})" for i in range(k)]
-    result.report.update(epochs_per_copy=epochs, processes=world)
+    result.report.update(epochs_per_copy=epochs, processes=world, averaged_every=every, rounds=rounds)
+    if o.soup_batchnorm == "reestimate":
+        from .batchnorm import reestimate
+        result.report["batchnorm"] = reestimate(result.graph, result.tensors, train_set.inputs)
     report.soup = result.report
     if val_set is not None:
         report.accuracy[f"{o.soup_mode} soup of {len(result.report['kept'])}"] = scores(

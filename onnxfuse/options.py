@@ -68,6 +68,13 @@ class FuseOptions:
                             choices=("uniform", "greedy"))
     soup_epochs: int | None = option(None, "Epochs of each soup copy (default: --epochs).", metavar="E", min=1,
                                      type=int)
+    soup_average_every: int | None = option(None, "Periodic model averaging: every E' epochs the copies are "
+                                                  "averaged and continue from the average (each round a short "
+                                                  "fine-tuning at the start's rate); default: only at the end.",
+                                            metavar="E'", min=1, type=int)
+    soup_batchnorm: str = option("keep", "BatchNorm statistics of the soup: keep the copies' average, or "
+                                         "reestimate them on --data (benchmarks/soup_batchnorm.py: no clear gain).",
+                                 choices=("keep", "reestimate"))
     importance: str | Callable = option("magnitude", "How neurons are ranked for transplantation and pruning "
                                                      "(onnxfuse.select.IMPORTANCE).", choices=_importance_names)
     kept: Callable | None = None

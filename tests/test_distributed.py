@@ -63,11 +63,12 @@ def test_cuda_requests_say_clearly_when_there_is_no_cuda(tmp_path):
 
 
 def test_torchrun_soup_one_copy_per_process_equals_the_one_process_soup(tmp_path):
-    """--soup 2 under torchrun with 2 processes: each trains one copy alone (no gradient all-reduce); the soup
-    written by rank 0 is byte for byte the soup one process makes of the same copies in turn."""
+    """--soup 2 under torchrun with 2 processes: each trains one copy alone (no gradient all-reduce), averaged
+    after every epoch (periodic averaging: the processes exchange their copies each round); the soup written by
+    rank 0 is byte for byte the soup one process makes of the same copies in turn."""
     args = ["merge", str(SAMPLES / "digits_mlp_0.onnx"), str(SAMPLES / "digits_mlp_1.onnx"), "--data",
-            str(SAMPLES / "digits_train.npz"), "--epochs", "1", "--soup", "2", "--soup-epochs", "1", "--lr", "0.05",
-            "--json"]
+            str(SAMPLES / "digits_train.npz"), "--epochs", "1", "--soup", "2", "--soup-epochs", "2",
+            "--soup-average-every", "1", "--lr", "0.05", "--json"]
     two, one = tmp_path / "two.onnx", tmp_path / "one.onnx"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                 "127.0.0.1", "--master-port", str(free_port()), "-m", "onnxfuse"]
@@ -75,6 +76,7 @@ def test_torchrun_soup_one_copy_per_process_equals_the_one_process_soup(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["soup"]["processes"] == 2 and summary["soup"]["kept"] == [0, 1]
+    assert summary["soup"]["rounds"] == 2 and summary["soup"]["averaged_every"] == 1
     single = subprocess.run([sys.executable, "-m", "onnxfuse", *args, "-o", str(one)], capture_output=True,
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]

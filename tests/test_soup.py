@@ -105,3 +105,26 @@ def test_merge_soup_branches_copies_from_the_fine_tuned_model_and_writes_their_a
                                    atol=1e-6)
     refused = CliRunner().invoke(main, ["merge", *MLP, "-o", str(tmp_path / "x.onnx"), "--soup", "2"])
     assert refused.exit_code == 2 and "--soup needs --data" in refused.output
+
+
+def test_periodic_averaging_restarts_the_copies_from_their_average(tmp_path):
+    """--soup-average-every 1 with 2 epochs per copy: round 1 fine-tunes both copies from the average of round 0's
+    (seeds 3 and 4); averaging only at the end is the same as not asking."""
+    def soup(**kw):
+        return onnxfuse.fuse(MLP, data=TRAIN, training={"epochs": 1, "lr": 0.05}, soup=2, soup_epochs=2, **kw)
+    plain, at_end, periodic = soup(), soup(soup_average_every=2), soup(soup_average_every=1)
+    assert plain.model.SerializeToString() == at_end.model.SerializeToString()
+    assert periodic.summary["soup"]["rounds"] == 2 and plain.summary["soup"]["rounds"] == 1
+    # by hand: round 0 copies from the fine-tuned start, their mean, round 1 copies from it, their mean
+    start = onnxfuse.merge(MLP, data=TRAIN, epochs=1, lr=0.05)
+    mean = lambda models: onnxfuse.soup(models)                     # noqa: E731
+    first = mean([onnxfuse.finetune(start, TRAIN, epochs=1, lr=0.05, seed=1 + i) for i in range(2)])
+    second = mean([onnxfuse.finetune(first, TRAIN, epochs=1, lr=0.05, seed=3 + i) for i in range(2)])
+    got = {t.name: numpy_helper.to_array(t) for t in periodic.model.graph.initializer}
+    for t in second.graph.initializer:
+        np.testing.assert_allclose(got[t.name], numpy_helper.to_array(t), atol=1e-6)
+
+
+def test_soup_batchnorm_reestimation_is_reported():
+    fusion = onnxfuse.fuse(MLP, data=TRAIN, training={"epochs": 1, "lr": 0.05}, soup=2, soup_batchnorm="reestimate")
+    assert fusion.summary["soup"]["batchnorm"]["batchnorm_nodes"] == 0        # the digits MLP has none
