@@ -205,8 +205,8 @@ def guard_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _session_outputs(source, feeds, run: bool = True):
-    sess = session(source, log_level=4)
+def _session_outputs(source, feeds, run: bool = True, optimize: bool = True):
+    sess = session(source, log_level=4, optimize=optimize)
     return {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feeds))} if run else {}
 
 
@@ -224,16 +224,30 @@ def check_runs(path, reference, label: str) -> None:
         want = _session_outputs(reference, feeds)
     except Exception:      # the member itself does not run on these inputs (e.g. every input dim symbolic,
         want, feeds = None, None    # channels included): the result must still load in onnxruntime
-    try:
-        got = _session_outputs(path, feeds) if feeds is not None else _session_outputs(path, None, run=False)
-    except Exception as exc:
+    def failure(exc: Exception) -> tuple[str | None, str]:
+        """The node (name, op) onnxruntime names in its error, and the error's message."""
         text = " ".join(str(exc).split())
         node = re.search(r"running (\w+) node\. Name:'([^']*)'", text) or \
             re.search(r"Node \(([^)]*)\) Op \((\w+)\)", text)
-        where = (f"node '{node.group(2)}' ({node.group(1)})" if node and text[node.start():].startswith("running")
-                 else f"node '{node.group(1)}' ({node.group(2)})" if node else "the graph")
-        detail = text.split("Status Message: ")[-1] if "Status Message: " in text else text
-        raise UnsupportedGraphError(f"{label}: the result does not run in onnxruntime at {where}: "
+        where = ((node.group(2), node.group(1)) if node and text[node.start():].startswith("running")
+                 else (node.group(1), node.group(2)) if node else None)
+        return where, text.split("Status Message: ")[-1] if "Status Message: " in text else text
+
+    def outputs(optimize: bool = True):
+        return _session_outputs(path, feeds, optimize=optimize) if feeds is not None else \
+            _session_outputs(path, None, run=False, optimize=optimize)
+    try:
+        got = outputs()
+    except Exception as exc:
+        where, detail = failure(exc)
+        written = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
+        if where is not None and where[0] not in {n.name for n in written.graph.node}:
+            try:                # a node of onnxruntime's own fusions: name the graph's node instead
+                outputs(optimize=False)
+            except Exception as plain:
+                where, detail = failure(plain) if failure(plain)[0] is not None else (where, detail)
+        place = f"node '{where[0]}' ({where[1]})" if where else "the graph"
+        raise UnsupportedGraphError(f"{label}: the result does not run in onnxruntime at {place}: "
                                     f"{detail[:200]}; nothing written") from None
     if want is None:
         return

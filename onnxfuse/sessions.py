@@ -7,10 +7,11 @@ import onnx
 
 
 def session(source, threads: int | None = None, providers=("CPUExecutionProvider",), log_level: int = 3,
-            extra_outputs=()):
+            extra_outputs=(), optimize: bool = True):
     """An InferenceSession of `source` (a ModelProto, a path or serialized bytes). `threads`: intra-op threads
     (inter-op 1), None for onnxruntime's default; `log_level` 3 shows errors only, 4 nothing;
-    `extra_outputs`: intermediate values to return as well (added to a copy of the graph)."""
+    `extra_outputs`: intermediate values to return as well (added to a copy of the graph); `optimize=False`:
+    the graph as written, without onnxruntime's fusions (whose nodes an error message would name)."""
     import onnxruntime as ort
     if extra_outputs:
         copy = onnx.ModelProto()
@@ -23,6 +24,8 @@ def session(source, threads: int | None = None, providers=("CPUExecutionProvider
         source = copy
     options = ort.SessionOptions()
     options.log_severity_level = log_level
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     data = source.SerializeToString() if isinstance(source, onnx.ModelProto) else \
