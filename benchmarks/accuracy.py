@@ -25,27 +25,19 @@ Verdicts, per family and N:
   - whether ours beats paper (same loss, strictly higher mean over seeds) at every E = 1..5.
 
     python benchmarks/accuracy.py            # full run (a minute or two on 2 CPU cores)
-    python benchmarks/accuracy.py --quick    # smoke run: E = 1..2, seed 0 only, no extension to E = 8
+    python benchmarks/accuracy.py --quick --out /tmp/q   # smoke run: N = 2, E = 1, seed 0, no extension
 
 Writes benchmarks/results/accuracy.md and benchmarks/results/accuracy.json (or --out DIR) and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SAMPLES = ROOT / "sample_models"
+from _common import SAMPLES, cli, stamp, write_results
 
 FAMILIES = {
     "mlp": {"models": "digits_mlp_{}.onnx", "train": "digits_train.npz", "val": "digits_val.npz"},
@@ -66,18 +58,6 @@ LABELS = {"ours-ce": "ours, cross-entropy", "ours-kd": "ours, distillation",
 PAIRS = [("ours-ce", "paper-ce"), ("ours-kd", "paper-kd")]
 SEARCH_SETTING, SEARCH_MAX = "ours-ce", 8
 BEFORE, AFTER, ENSEMBLE = "result before fine-tuning", "result after fine-tuning", "ensemble (mean of logits)"
-
-
-def versions() -> dict:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-
-    import onnxfuse
-    return {"onnxfuse": onnxfuse.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnx": onnx.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads()}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -201,11 +181,8 @@ def render(result: dict) -> str:
         "- Settings: **ours** = onnxfuse defaults (SGD, momentum 0.9, lr 0.05, linear decay to 0 over the run, "
         "batch 64); **paper** = SGD, momentum 0.9, lr 0.01, constant, batch 64. **ce** = cross-entropy on labels, "
         "**kd** = distillation (`distill=True`, KL to the members' mean logits, T = 2).",
-        f"- Machine: nproc {env['nproc']} ({env['cpu_count']} CPUs), {env['platform']}; torch threads "
-        f"{env['versions']['torch_threads']} (`--torch-threads`); shared with other work, so timings are indicative only.",
-        f"- Versions: torch {env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}, onnx "
-        f"{env['versions']['onnx']}, numpy {env['versions']['numpy']}, onnxfuse {env['versions']['onnxfuse']} "
-        f"(git {env['git']}), Python {env['versions']['python']}.",
+        f"- Torch threads {env['torch_threads']} (`--torch-threads`); the machine is shared with other work, so "
+        "timings are indicative only.",
         f"- Date: {env['date']}; the benchmark took {result['wall_seconds']:.0f} s "
         f"({result['fine_tuning_runs']} fine-tuning runs).",
         f"- Reproduce: `python benchmarks/accuracy.py` (smoke run: `python benchmarks/accuracy.py --quick`). "
@@ -271,44 +248,38 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: E = 1..2, seed 0, no search extension")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="folder for accuracy.md / accuracy.json")
+    p = cli(__doc__, "N = 2, E = 1, seed 0, no search extension")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (default 1: these models are tiny, and with more threads a "
                         "shared CPU makes each run several times slower)")
     args = p.parse_args()
     import torch
     torch.set_num_threads(args.torch_threads)
-    epochs, seeds = ([1, 2], [0]) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2])
-    started = datetime.datetime.now().astimezone()
+    epochs, seeds = ([1], [0]) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2])
+    member_sets = {2: MEMBER_SETS[2]} if args.quick else MEMBER_SETS
+    st, started = stamp(), datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     bench = Bench(epochs, seeds, extend=not args.quick, log=log)
     blocks = []
     for name in FAMILIES:
-        for n in MEMBER_SETS:
+        for n in member_sets:
             log(f"{name}, N={n}")
             blocks.append(bench.family_n(name, n))
     result = {
         "config": {"epochs": epochs, "seeds": seeds, "quick": args.quick, "settings": SETTINGS,
-                   "families": FAMILIES, "member_sets": MEMBER_SETS, "search": {"setting": SEARCH_SETTING,
+                   "families": FAMILIES, "member_sets": member_sets, "search": {"setting": SEARCH_SETTING,
                                                                               "max_epochs": SEARCH_MAX}},
-        "environment": {"nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
-                        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
-                        "versions": versions(), "git": git_state(), "date": started.strftime("%Y-%m-%d %H:%M %Z")},
+        "environment": {"torch_threads": torch.get_num_threads(), "date": started.strftime("%Y-%m-%d %H:%M %Z")},
         "results": blocks,
         "fine_tuning_runs": len(bench.cross_check),
         "max_torch_ort_gap": max(bench.cross_check, default=0.0),
     }
     result["verdicts"] = verdicts(blocks, epochs, not args.quick)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = render(result)
-    (args.out / "accuracy.md").write_text(md)
-    (args.out / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     print(md)
-    log(f"wrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.json'} in {result['wall_seconds']} s")
+    write_results(args.out, "accuracy", md, result, st)
 
 
 if __name__ == "__main__":
