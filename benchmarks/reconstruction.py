@@ -85,11 +85,12 @@ def export_member(net, shape, path: Path) -> str:
     return export(net, torch.zeros(2, *shape), path, opset=17)
 
 
-def mlp_members(folder: Path, seeds, epochs: int, recipe: str, log) -> tuple[list[str], str, str, dict]:
+def mlp_members(folder: Path, seeds, epochs: int, recipe: str, log, heldout: int = HELDOUT
+                ) -> tuple[list[str], str, str, dict]:
     """MNIST-1D MLP members for methods_accuracy.py and transplant_sweep.py: the training set as
-    `mnist1d_train.npz`, the large generated held-out set (heldout()) as `mnist1d_heldout.npz`."""
+    `mnist1d_train.npz`, `heldout` generated held-out sequences as `mnist1d_heldout.npz`."""
     x, y, _, _ = mnist1d()
-    xh, yh = mnist1d_heldout(HELDOUT, HELDOUT_SEED)
+    xh, yh = mnist1d_heldout(heldout, HELDOUT_SEED)
     factory, shape = nets()["mlp"]
     train, val = folder / "mnist1d_train.npz", folder / "mnist1d_heldout.npz"
     np.savez(train, x=x, y=y)
