@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import warnings
@@ -31,6 +32,8 @@ SAMPLES = ROOT / "sample_models"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 MB = 1e6
+# The keys of Fusion.summary["accuracy"] beside the members' file names.
+ENSEMBLE, BEFORE, AFTER = "ensemble (mean of logits)", "result before fine-tuning", "result after fine-tuning"
 
 
 # ============================================================================ command line, stamp, results
@@ -105,10 +108,25 @@ def write_results(out: Path, name: str, text: str, data: dict, st: dict) -> None
     print(f"wrote {out / name}.md and .json", file=sys.stderr)
 
 
+def log(message: str) -> None:
+    """Progress, on stderr (stdout carries the results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def pct(x: float | None, none: str = "-") -> str:
+    """A fraction as a percentage with two decimals; `none` for a missing value."""
+    return none if x is None else f"{100 * x:.2f}"
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def md_table(header: list[str], rows: list[list], align: str = "") -> list[str]:
-    """A markdown table as lines; `align` has one letter per column, l or r (default: first l, others r)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    return ["| " + " | ".join(header) + " |", "|" + "".join("---|" if a == "l" else "---:|" for a in align),
+    """A markdown table as lines; `align` has one letter per column, l, r or c (default: first l, others r)."""
+    rule = {"l": "---|", "r": "---:|", "c": ":-:|"}
+    return ["| " + " | ".join(header) + " |", "|" + "".join(rule[a] for a in align or "l" + "r" * (len(header) - 1)),
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 

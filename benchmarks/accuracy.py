@@ -32,12 +32,10 @@ Writes benchmarks/results/accuracy.md and benchmarks/results/accuracy.json (or -
 from __future__ import annotations
 
 import datetime
-import statistics
-import sys
 import time
 from pathlib import Path
 
-from _common import SAMPLES, cli, stamp, write_results
+from _common import AFTER, BEFORE, ENSEMBLE, SAMPLES, cli, log, mean_std, pct, stamp, write_results
 
 FAMILIES = {
     "mlp": {"models": "digits_mlp_{}.onnx", "train": "digits_train.npz", "val": "digits_val.npz"},
@@ -57,11 +55,6 @@ LABELS = {"ours-ce": "ours, cross-entropy", "ours-kd": "ours, distillation",
           "paper-ce": "paper, cross-entropy", "paper-kd": "paper, distillation"}
 PAIRS = [("ours-ce", "paper-ce"), ("ours-kd", "paper-kd")]
 SEARCH_SETTING, SEARCH_MAX = "ours-ce", 8
-BEFORE, AFTER, ENSEMBLE = "result before fine-tuning", "result after fine-tuning", "ensemble (mean of logits)"
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 class Bench:
@@ -137,10 +130,6 @@ class Bench:
         return out
 
 
-def pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.2f}"
-
-
 def pm(c: dict, seeds: int) -> str:
     return f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}" if seeds > 1 else f"{100 * c['mean']:.2f}"
 
@@ -195,7 +184,7 @@ def render(result: dict) -> str:
     ]
     for b in blocks:
         m = list(b["members"].values()) + [None] * (3 - len(b["members"]))
-        lines.append(f"| {b['family']} | {b['n']} | " + " | ".join(pct(x) for x in m)
+        lines.append(f"| {b['family']} | {b['n']} | " + " | ".join(pct(x, "") for x in m)
                      + f" | {pct(b['best_member'])} | {pct(b['ensemble'])} | {pct(b['nt_before'])} |")
     lines += ["", "## NT after E epochs of fine-tuning", "",
               "Bold: mean above the best member. Extra columns (ours-ce only) are the search for the first E "
@@ -259,7 +248,6 @@ def main() -> None:
     member_sets = {2: MEMBER_SETS[2]} if args.quick else MEMBER_SETS
     st, started = stamp(), datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     bench = Bench(epochs, seeds, extend=not args.quick, log=log)
     blocks = []
     for name in FAMILIES:

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import reconstruction as r     # benchmarks/reconstruction.py
-from _common import cli, digits, export, fit, mnist1d, mnist1d_heldout, stamp, transformer, write_results
+from _common import (AFTER, BEFORE, ENSEMBLE, cli, digits, export, fit, mnist1d, mnist1d_heldout, pct, stamp,
+                    transformer, write_results)
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 METHODS = ("nt", "average", "weight-matching", "ot")
@@ -100,8 +101,8 @@ def run_set(paths: list[str], train: str, val: str, log) -> dict:
                 log(traceback.format_exc())
                 continue
             row["members"] = [acc(s, Path(p).name) for p in paths]
-            row["ensemble"] = acc(s, "ensemble (mean of logits)")
-            row[where][method] = acc(s, "result after fine-tuning" if epochs else "result before fine-tuning")
+            row["ensemble"] = acc(s, ENSEMBLE)
+            row[where][method] = acc(s, AFTER if epochs else BEFORE)
             if method == "auto":
                 row.setdefault("auto", {})[where] = {"chose": s["auto"]["method"], "why": s["auto"]["why"],
                                                      "regime": s["auto"]["regime"]}
@@ -123,11 +124,11 @@ def markdown(rows: list[dict]) -> str:
               f"(E=0 / E={EPOCHS}) | regret E=0 | regret E={EPOCHS} |",
               "|---|---|---:|---:|" + "---:|" * (2 * len(METHODS) + 2) + "---|---:|---:|"]
     for r in rows:
-        cells = " | ".join(f"{_pct(r['untuned'].get(m))} | {_pct(r['tuned'].get(m))}" for m in METHODS)
+        cells = " | ".join(f"{pct(r['untuned'].get(m))} | {pct(r['tuned'].get(m))}" for m in METHODS)
         chose = " / ".join(r.get("auto", {}).get(w, {}).get("chose", "-") for w in ("untuned", "tuned"))
         regret = r.get("regret_pp", {})
-        lines.append(f"| {r['family']} | {r['kind']} | {_pct(max(r['members'] or [0]))} | {_pct(r['ensemble'])} | "
-                     f"{cells} | {_pct(r['untuned'].get('auto'))} | {_pct(r['tuned'].get('auto'))} | {chose} | "
+        lines.append(f"| {r['family']} | {r['kind']} | {pct(max(r['members'] or [0]))} | {pct(r['ensemble'])} | "
+                     f"{cells} | {pct(r['untuned'].get('auto'))} | {pct(r['tuned'].get('auto'))} | {chose} | "
                      f"{regret.get('untuned', '-')} | {regret.get('tuned', '-')} |")
     errors = [(r["family"], r["kind"], k, v) for r in rows for k, v in r["errors"].items()]
     regrets = [v for r in rows for v in r.get("regret_pp", {}).values()]
@@ -138,10 +139,6 @@ def markdown(rows: list[dict]) -> str:
         for where, a in r.get("auto", {}).items():
             lines.append(f"- {r['family']}, {r['kind']}, {where}: {a['chose']} ({a['why']})")
     return "\n".join(lines) + "\n"
-
-
-def _pct(v):
-    return "-" if v is None else f"{100 * v:.2f}"
 
 
 def main():

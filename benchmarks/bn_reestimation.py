@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, cli, export, fit, md_table, stamp, write_results
+from _common import ROOT, cli, export, fit, md_table, pct, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -91,7 +91,6 @@ def main() -> None:
                 "NT + reconstruction, BN re-estimated": acc(reestimated(rec.model, xt, after_refit)),
             }
             print(name, rows[name], file=sys.stderr, flush=True)
-    pct = lambda v: f"{100 * v:.2f}"     # noqa: E731
     lines = ["# BatchNorm statistics after reconstruction: keep the members' or re-estimate them?", "",
              "- Members: `tests/test_architectures.py`'s ResNet- and MobileNetV3-like nets, seeds 0 and 1, trained "
              "here on scikit-learn's digits (1200 / 597, Adam lr 3e-3, batch 64, 15 epochs), exported with the "

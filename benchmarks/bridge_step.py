@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from _common import SAMPLES, cli, onnx_mlp, stamp, write_results
+from _common import SAMPLES, cli, md_table, onnx_mlp, stamp, write_results
 from onnxfuse.torch_bridge import OnnxModule  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 TARGET_RATIO = 1.25
@@ -271,15 +271,12 @@ def main(argv=None):
         "mean it was busy; the CPU ratio is then the better estimate.",
         "- Reproduce: `python benchmarks/bridge_step.py`",
         "",
-        "| model | batch | bridge ms | hand ms | ratio | ratio IQR | of medians | CPU ms bridge / hand "
-        "| CPU ratio | pairs x k | max abs diff logits / grads |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *md_table(["model", "batch", "bridge ms", "hand ms", "ratio", "ratio IQR", "of medians",
+                   "CPU ms bridge / hand", "CPU ratio", "pairs x k", "max abs diff logits / grads"],
+                  [[desc, batch, _ms(r["bridge"]), _ms(r["hand"]), f"**{r['ratio']:.3f}**",
+                    f"{r['q1']:.3f} - {r['q3']:.3f}", f"{r['of_medians']:.3f}", f"{_ms(r['cpu_bridge'])} / {_ms(r['cpu_hand'])}", f"{r['cpu_ratio']:.3f}",
+                    f"{r['pairs']} x {r['k']}", f"{od:.1e} / {gd:.1e}"] for desc, batch, r, od, gd in rows]),
     ]
-    for desc, batch, r, od, gd in rows:
-        lines.append(f"| {desc} | {batch} | {_ms(r['bridge'])} | {_ms(r['hand'])} | **{r['ratio']:.3f}** | "
-                     f"{r['q1']:.3f} - {r['q3']:.3f} | {r['of_medians']:.3f} | "
-                     f"{_ms(r['cpu_bridge'])} / {_ms(r['cpu_hand'])} | {r['cpu_ratio']:.3f} | {r['pairs']} x {r['k']} | "
-                     f"{od:.1e} / {gd:.1e} |")
     lines += ["", f"Target (issue): bridge/hand <= {TARGET_RATIO} everywhere: worst wall ratio {worst:.3f} -> "
                   + ("**met**" if worst <= TARGET_RATIO else "**NOT met**")
               + f"; worst CPU ratio {worst_cpu:.3f} -> " + ("**met**" if worst_cpu <= TARGET_RATIO else "**NOT met**")]

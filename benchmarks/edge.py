@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import SAMPLES, cli, digits, export, fit, stamp, transformer, write_results
+from _common import SAMPLES, cli, digits, export, fit, md_table, pct, stamp, transformer, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 SMALL_MS = 1.0          # a member faster than this at batch 32 is too small for int8 kernels to matter
@@ -115,22 +115,19 @@ def measure(s: dict, work: Path, seconds: float, memory: bool) -> dict:
 
 def markdown(results: list[dict]) -> str:
     lines = ["# Edge deployment: fused int8 and fp16 beside the fp32 member and the ensemble", "",
-             f"`python benchmarks/edge.py`, {datetime.date.today()}, 1 intra-op thread. Accuracy on the held-out split; p50/p99 in "
-             f"ms; peak memory is resident memory above an idle interpreter (fresh process).", "",
+             f"`python benchmarks/edge.py`, {datetime.date.today()}, 1 intra-op thread. Accuracy on the held-out "
+             f"split; p50/p99 in ms; peak memory is resident memory above an idle interpreter (fresh process).", "",
              "Targets: int8 accuracy within 0.5 pp of fused fp32; int8 file <= 0.3 x a member's; int8 p50 at "
              "batch 32 <= 0.7 x the member's fp32 where int8 kernels matter.", ""]
     for r in results:
         lines += [f"## {r['name']}", "",
                   f"{r['parameters']:,} parameters per member; fused by NT and fine-tuned {r['epochs']} epochs "
-                  f"(default recipe).", "",
-                  "| model | accuracy | file | p50 b1 | p99 b1 | p50 b32 | p99 b32 | peak mem b32 |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for role in ROLES:
-            t = r["table"][role]
-            mem = "-" if t["peak_memory_b32"] is None else f"{t['peak_memory_b32'] / 1e6:.1f} MB"
-            lines.append(f"| {role} | {100 * t['accuracy']:.2f} | {t['file_bytes'] / 1e3:,.1f} KB | "
-                         f"{t['p50_ms_b1']:.3f} | {t['p99_ms_b1']:.3f} | {t['p50_ms_b32']:.3f} | "
-                         f"{t['p99_ms_b32']:.3f} | {mem} |")
+                  f"(default recipe).", ""]
+        lines += md_table(["model", "accuracy", "file", "p50 b1", "p99 b1", "p50 b32", "p99 b32", "peak mem b32"],
+                          [[role, pct(t["accuracy"]), f"{t['file_bytes'] / 1e3:,.1f} KB",
+                            *(f"{t[k]:.3f}" for k in ("p50_ms_b1", "p99_ms_b1", "p50_ms_b32", "p99_ms_b32")),
+                            "-" if t["peak_memory_b32"] is None else f"{t['peak_memory_b32'] / 1e6:.1f} MB"]
+                           for role, t in ((role, r["table"][role]) for role in ROLES)])
         c = r["checks"]
         small = r["table"][ROLES[0]]["p50_ms_b32"] < SMALL_MS
         latency = (f"{c['int8_b32_latency_vs_member']:.3f} x the member's fp32 ("

@@ -32,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (MB, child_result, cli, files_bytes, onnx_mlp, peak_memory, proc_status, run_child, stamp,
-                     write_results)
+from _common import (MB, child_result, cli, files_bytes, md_table, onnx_mlp, peak_memory, proc_status, run_child,
+                     stamp, write_results)
 
 IN_FEATURES, CLASSES = 3072, 10
 SMALL = 2048                      # widths up to this are repeated
@@ -214,20 +214,19 @@ def render(rows: list[dict], started: datetime.datetime, elapsed: float,
         "in the page cache (just written), for merge and floor alike.",
         "- Paper: the paper's CPU numbers for NT, for reference only; its time excludes file I/O, ours includes it.",
         "",
-        "| w | merge s | floor s | merge/floor | merge CPU s | floor CPU s | CPU merge/floor "
-        "| merge RSS above idle MB | floor RSS above idle MB | in+out MB | merge RSS/(in+out) "
-        "| paper NT s | paper NT memory |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    table = []
     for r in rows:
         io_bytes = r["in_bytes"] + r["out_bytes"]
         paper_s, paper_mem = PAPER.get(r["width"], (None, None))
-        lines.append(
-            f"| {r['width']} | {_fmt_s(r['merge_s'])} | {_fmt_s(r['floor_s'])} | {r['merge_s'] / r['floor_s']:.2f} "
-            f"| {_fmt_s(r['merge_cpu'])} | {_fmt_s(r['floor_cpu'])} | {r['merge_cpu'] / r['floor_cpu']:.2f} "
-            f"| {r['merge_rss_above_idle'] / MB:.0f} | {r['floor_rss_above_idle'] / MB:.0f} | {io_bytes / MB:.1f} "
-            f"| {r['merge_rss_above_idle'] / io_bytes:.2f} | {paper_s if paper_s is not None else ''} "
-            f"| {paper_mem or ''} |")
+        table.append([r["width"], _fmt_s(r["merge_s"]), _fmt_s(r["floor_s"]), f"{r['merge_s'] / r['floor_s']:.2f}",
+                      _fmt_s(r["merge_cpu"]), _fmt_s(r["floor_cpu"]), f"{r['merge_cpu'] / r['floor_cpu']:.2f}",
+                      f"{r['merge_rss_above_idle'] / MB:.0f}", f"{r['floor_rss_above_idle'] / MB:.0f}",
+                      f"{io_bytes / MB:.1f}", f"{r['merge_rss_above_idle'] / io_bytes:.2f}",
+                      "" if paper_s is None else paper_s, paper_mem or ""])
+    lines += md_table(["w", "merge s", "floor s", "merge/floor", "merge CPU s", "floor CPU s", "CPU merge/floor",
+                       "merge RSS above idle MB", "floor RSS above idle MB", "in+out MB", "merge RSS/(in+out)",
+                       "paper NT s", "paper NT memory"], table, "r" * 13)
     if rows:
         lines.append("")
         lines.append(f"Idle interpreter RSS (numpy + onnx + onnxfuse imported): "

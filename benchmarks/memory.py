@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from _common import MB, cli, stamp, write_results
+from _common import MB, cli, md_table, stamp, write_results
 from fusion_cost import measure_width
 
 
@@ -37,10 +37,9 @@ def main() -> None:
         "(VmHWM) minus the RSS of the interpreter after importing numpy, onnx and onnxfuse.",
         "- Reproduce: `python benchmarks/memory.py`. Target (issue 5): peak <= 3 S.",
         "",
-        "| S MB | merge s | peak RSS above idle MB | peak / S | target met |",
-        "|---:|---:|---:|---:|---|",
-        f"| {member / MB:.0f} | {row['merge_s']:.2f} | {row['merge_rss_above_idle'] / MB:.0f} | {ratio:.2f} | "
-        f"{'yes' if ratio <= 3 else 'NO'} |",
+        *md_table(["S MB", "merge s", "peak RSS above idle MB", "peak / S", "target met"],
+                  [[f"{member / MB:.0f}", f"{row['merge_s']:.2f}", f"{row['merge_rss_above_idle'] / MB:.0f}",
+                    f"{ratio:.2f}", "yes" if ratio <= 3 else "NO"]], "rrrrl"),
         "",
     ])
     print(text)

@@ -49,14 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import SAMPLES, cli, export, stamp, write_results
+from _common import AFTER, BEFORE, ENSEMBLE, SAMPLES, cli, export, log, mean_std, pct, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 import onnxfuse.api  # noqa: E402
 
 METHODS = ["nt", "average", "weight-matching", "ot"]
 LABEL = {"nt": "NT", "average": "averaging", "weight-matching": "weight matching", "ot": "OT fusion"}
 SETTINGS = {"ce": {}, "kd": {"distill": True}}
-ENSEMBLE, BEFORE, AFTER = "ensemble (mean of logits)", "result before fine-tuning", "result after fine-tuning"
 TARGET_N, TARGET_E = 2, 3
 DIGITS_SEEDS, MNIST1D_SEEDS = (0, 1, 2, 3), (0, 1, 2, 3)
 
@@ -99,10 +98,6 @@ def mnist1d_members(folder: Path, epochs: int, log, recipe: str, heldout: int) -
 
 
 NAMES = {"digits": "digits (sklearn)", "mnist1d": "MNIST-1D", "mnist1d-converged": "MNIST-1D, converged members"}
-
-
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 class Bench:
@@ -182,10 +177,6 @@ def verdicts(results: dict) -> dict:
 
 
 # ============================================================================ output
-
-def pct(x):
-    return f"{100 * x:.2f}"
-
 
 def pm(c, n_seeds):
     return f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}" if n_seeds > 1 else pct(c["mean"])
@@ -299,7 +290,7 @@ def plot(result: dict, path: Path) -> None:
                     yerr=[0] + [100 * x["std"] for x in c], fmt="s-", color="gray", ms=3, capsize=2, alpha=0.8,
                     label="control: best member fine-tuned alone (ce)")
         ax.axhline(100 * b["best_member"], color="gray", lw=1.2, label="best member")
-        ax.axhline(100 * b["ensemble"], color="black", ls=":", lw=1.2, label="ensemble (mean of logits)")
+        ax.axhline(100 * b["ensemble"], color="black", ls=":", lw=1.2, label=ENSEMBLE)
         top = max([100 * b["ensemble"]] + [100 * c["mean"] for r in b["methods"].values()
                                            for cs in r["settings"].values() for c in cs])
         lows = [100 * c["mean"] for r in b["methods"].values() for cs in r["settings"].values() for c in cs]
@@ -329,7 +320,6 @@ def main() -> None:
     from importlib.metadata import version
 
     from reconstruction import HELDOUT, HELDOUT_SEED
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     st, started, t0 = stamp(), datetime.datetime.now().astimezone(), time.perf_counter()
     epochs, seeds, ns, member_epochs = ([1], [0], [2], 1) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2], [2, 3, 4], 50)
     datasets = args.datasets or (["digits", "mnist1d"] if args.quick else list(NAMES))

@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 import fusion_cost as fc  # standard library only at import time
-from _common import (MB, Killed, child_result, cli, files_bytes, peak_memory, proc_status, run_child, stamp,
+from _common import (MB, Killed, child_result, cli, files_bytes, log, peak_memory, proc_status, run_child, stamp,
                      write_results)
 
 METHODS = ["nt", "average", "weight-matching", "ot"]
@@ -370,7 +370,6 @@ def main() -> None:
         widths, repeats = [32], 1
     for var in BLAS_VARS:                       # inherited by every child
         os.environ[var] = str(args.blas_threads)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     st, started, t0, load0 = stamp(), datetime.datetime.now().astimezone(), time.perf_counter(), os.getloadavg()[0]
     folder = Path(tempfile.mkdtemp(prefix="onnxfuse-methods-cost-", dir=args.tmpdir))
     try:

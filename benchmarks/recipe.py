@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import SAMPLES, cli, cnn1d, digits, export, fit, mlp, mnist1d, mnist1d_heldout, stamp, write_results
+from _common import (SAMPLES, cli, cnn1d, digits, export, fit, md_table, mlp, mnist1d, mnist1d_heldout, stamp,
+                     write_results)
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 import onnxfuse.api  # noqa: E402
 
@@ -246,8 +247,9 @@ def report(results, args, seconds, st):
           "Produced by `benchmarks/recipe.py` (see its docstring for the member sets). Test-set accuracy "
           "(onnxruntime); fine-tuning sees only the training data (10% held out by default: the lr probes and "
           "the epoch selection use it). Default = `merge --data` with no other option. One run per cell "
-          "(fine-tuning seed 0).\n", "## Targets\n", "| target | met | measured |", "|---|---|---|"]
-    md += [f"| {name} | {'yes' if ok else '**no**'} | {what} |" for name, ok, what in targets]
+          "(fine-tuning seed 0).\n", "## Targets\n",
+          *md_table(["target", "met", "measured"], [[n, "yes" if ok else "**no**", what] for n, ok, what in targets],
+                    "lll")]
     md += ["", "## Also measured\n",
            f"- Below the best member at E = 8 on the test set: {sum(below)} sets; the warning "
            f"(`beats_best_member: false`, judged on the held-out slice of the training data, which the members "

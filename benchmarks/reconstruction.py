@@ -46,15 +46,14 @@ Writes benchmarks/results/reconstruction.md and .json (or --out DIR) and prints 
 from __future__ import annotations
 
 import datetime
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import cli, cnn1d, export, fit, mlp, mnist1d, mnist1d_heldout, stamp, write_results
+from _common import (AFTER, BEFORE, ENSEMBLE, cli, cnn1d, export, fit, log, mean_std, mlp, mnist1d, mnist1d_heldout,
+                    pct, stamp, write_results)
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 import onnxfuse.api  # noqa: E402
 
@@ -62,7 +61,6 @@ CONTROL = "best member + 5 epochs"
 REC1_LOW, REC1, REC5 = ("NT + reconstruction + 1 epoch, lr 0.005", "NT + reconstruction + 1 epoch",
                         "NT + reconstruction + 5 epochs")
 HELDOUT, HELDOUT_SEED = 20000, 7
-ENSEMBLE, BEFORE, AFTER = "ensemble (mean of logits)", "result before fine-tuning", "result after fine-tuning"
 
 
 def nets():
@@ -103,10 +101,6 @@ def mlp_members(folder: Path, seeds, epochs: int, recipe: str, log, heldout: int
         log(f"mnist1d ({recipe}): member {s} trained ({time.perf_counter() - t:.1f} s)")
     return paths, str(train), str(val), {"train": len(x), "heldout": len(xh), "heldout_seed": HELDOUT_SEED,
                                          "member_epochs": epochs}
-
-
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def run_block(paths, train, val, test, seeds, log) -> dict:
@@ -153,10 +147,6 @@ def verdicts(row: dict) -> dict:
             max(row[REC1_LOW]["mean"], row[REC1]["mean"]) > row["NT + 5 epochs"]["mean"],
         "reconstruction + 5 epochs beats NT + 5 epochs": row[REC5]["mean"] > row["NT + 5 epochs"]["mean"],
     }
-
-
-def pct(x):
-    return f"{100 * x:.2f}"
 
 
 def cell(c, seeds):
@@ -254,7 +244,6 @@ def main() -> None:
     torch.set_num_threads(1)
     from importlib.metadata import version
     st, start = stamp(), time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     seeds = [0] if args.quick else [0, 1, 2]
     recipes = dict(list(RECIPES.items())[:1]) if args.quick else RECIPES
     member_epochs = {name: 1 if args.quick else epochs for name, (_, epochs, _) in recipes.items()}

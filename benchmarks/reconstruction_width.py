@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import reconstruction as rec     # benchmarks/reconstruction.py
-from _common import cli, md_table, mlp, mnist1d, mnist1d_heldout, stamp, write_results
+from _common import BEFORE, ENSEMBLE, cli, md_table, mlp, mnist1d, mnist1d_heldout, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 WIDTHS = (32, 64, 100, 256, 512)
@@ -54,7 +54,7 @@ def main() -> None:
                 for samples in CALIB_SAMPLES:
                     s = onnxfuse.fuse(paths[:n], "nt", val=val, calibrate=train, calib_samples=samples).summary
                     members = [acc(s, Path(p).name) for p in paths[:n]]
-                    best, ens, fused = max(members), acc(s, rec.ENSEMBLE), acc(s, rec.BEFORE)
+                    best, ens, fused = max(members), acc(s, ENSEMBLE), acc(s, BEFORE)
                     rows.append({"width": width, "members": n, "calib_samples": samples, "member_accuracies": members,
                                  "best member": best, "ensemble": ens, "NT + reconstruction": fused,
                                  "fraction": (fused - best) / (ens - best) if ens > best else None})

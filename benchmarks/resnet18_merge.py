@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Wall time of merging two ResNet-18 members (11.7 M parameters each) from files, with both torch exporters.
 
-The members are torchvision's ResNet-18, randomly initialised with different seeds, with non-trivial BatchNorm statistics, and exported to
-ONNX. Each measurement runs `onnxfuse merge a.onnx b.onnx -o fused.onnx` in a fresh process and takes the
-time reported by the API (load + analysis + fusion + save, interpreter start-up and imports excluded), plus
-the whole command's wall time. Target (issue 3): <= 3 s.
+The members are torchvision's ResNet-18, randomly initialised with different seeds, with non-trivial BatchNorm
+statistics, and exported to ONNX. Each measurement runs `onnxfuse merge a.onnx b.onnx -o fused.onnx` in a fresh
+process and takes the time reported by the API (load + analysis + fusion + save, interpreter start-up and
+imports excluded), plus the whole command's wall time. Target (issue 3): <= 3 s.
 
     python benchmarks/resnet18_merge.py [--repeats 3]
     python benchmarks/resnet18_merge.py --quick --out /tmp/q   # one block per stage, one run

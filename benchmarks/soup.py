@@ -29,7 +29,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import SAMPLES, cli, mnist1d, mnist1d_heldout, stamp, write_results
+from _common import AFTER, ENSEMBLE, SAMPLES, cli, md_table, mnist1d, mnist1d_heldout, pct, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 
@@ -49,8 +49,8 @@ def member_sets(quick: bool, work: Path) -> list[dict]:
         train, val = work / f"mnist1d_{kind}_train.npz", work / f"mnist1d_{kind}_heldout.npz"
         np.savez(train, x=x.reshape(-1, *shape), y=y)
         np.savez(val, x=xh.reshape(-1, *shape), y=yh)
-        members = [r.export_member(r.train_member(factory, shape, x, y, seed, 15), shape, work / f"m1d_{kind}_{seed}.onnx")
-                   for seed in range(n)]
+        members = [r.export_member(r.train_member(factory, shape, x, y, seed, 15), shape,
+                                   work / f"m1d_{kind}_{seed}.onnx") for seed in range(n)]
         sets.append({"name": f"MNIST-1D {kind.upper()}, N = {n}", "members": members, "train": str(train),
                      "val": str(val)})
     return sets
@@ -65,10 +65,10 @@ def measure(s: dict, k: int, epochs: int, soup_epochs: int, log) -> dict:
     total = epochs + k * soup_epochs
     long = onnxfuse.fuse(s["members"], "nt", data=s["train"], val=s["val"], training={"epochs": total}).summary
     members = [acc(summary, Path(m).name) for m in s["members"]]
-    row = {"name": s["name"], "members": members, "ensemble": acc(summary, "ensemble (mean of logits)"),
-           "start": acc(summary, "result after fine-tuning"), "ingredients": ingredients,
+    row = {"name": s["name"], "members": members, "ensemble": acc(summary, ENSEMBLE),
+           "start": acc(summary, AFTER), "ingredients": ingredients,
            "best ingredient": max(ingredients), "mean ingredient": statistics.fmean(ingredients), "soup": soup,
-           "equal compute": acc(long, "result after fine-tuning"), "equal compute epochs": total}
+           "equal compute": acc(long, AFTER), "equal compute epochs": total}
     log(f"{s['name']}: soup {soup:.4f}, ingredients {ingredients}, {total} epochs {row['equal compute']:.4f}")
     return row
 
@@ -80,15 +80,13 @@ def markdown(rows: list[dict], k: int, epochs: int, soup_epochs: int) -> str:
              f"{epochs} epochs (the start), then K = {k} copies of the start fine-tuned {soup_epochs} more epochs "
              f"each (seeds 1..{k}) and averaged uniformly (`merge --epochs {epochs} --soup {k} --soup-epochs "
              f"{soup_epochs}`), default fine-tuning recipe; against the start fine-tuned on as one model for the "
-             f"same total ({long}). Held-out accuracy (%).", "",
-             f"| member set | best member | ensemble | start | mean ingredient | best ingredient | soup | {long} | "
-             "soup > mean | soup > best |", "|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {100 * max(r['members']):.2f} | {100 * r['ensemble']:.2f} | "
-                     f"{100 * r['start']:.2f} | {100 * r['mean ingredient']:.2f} | {100 * r['best ingredient']:.2f} | "
-                     f"{100 * r['soup']:.2f} | {100 * r['equal compute']:.2f} | "
-                     f"{'yes' if r['soup'] > r['mean ingredient'] else 'no'} | "
-                     f"{'yes' if r['soup'] > r['best ingredient'] else 'no'} |")
+             f"same total ({long}). Held-out accuracy (%).", ""]
+    lines += md_table(["member set", "best member", "ensemble", "start", "mean ingredient", "best ingredient", "soup",
+                       long, "soup > mean", "soup > best"],
+                      [[r["name"], pct(max(r["members"])), pct(r["ensemble"]), pct(r["start"]),
+                        pct(r["mean ingredient"]), pct(r["best ingredient"]), pct(r["soup"]), pct(r["equal compute"]),
+                        "yes" if r["soup"] > r["mean ingredient"] else "no",
+                        "yes" if r["soup"] > r["best ingredient"] else "no"] for r in rows], "lrrrrrrrcc")
     beat_mean = sum(r["soup"] > r["mean ingredient"] for r in rows)
     beat_best = sum(r["soup"] > r["best ingredient"] for r in rows)
     equal = [r["name"] for r in rows if r["equal compute"] >= r["soup"]]

@@ -27,11 +27,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 # this file is named like the transformers package: its folder goes last on the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE.parent))
+from _common import ROOT, cli, stamp, write_results  # noqa: E402  (puts the checkout first on sys.path)
 
+sys.path.insert(0, str(ROOT / "tests"))
 import hf_zoo  # noqa: E402
-from _common import cli, stamp, write_results  # noqa: E402
 
 OPS = ("inspect", "concat", "merge", "prune")
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import datetime
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from _common import SAMPLES, cli, stamp, write_results
+from _common import BEFORE, SAMPLES, cli, log, mean_std, pct, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 from onnxfuse.data import load_data  # noqa: E402
 from onnxfuse.groups import analyze  # noqa: E402
@@ -119,10 +118,6 @@ def accuracy(model, val) -> float:
     return scores(Runner(model)(val), val.y)["accuracy"]
 
 
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def sweep(paths, train_path, val_path, ratios, seeds, log) -> dict:
     pair = Pair(paths)
     first = onnx.load(paths[0])
@@ -136,7 +131,7 @@ def sweep(paths, train_path, val_path, ratios, seeds, log) -> dict:
     # the sanity anchor: r-sweep machinery with NT's own kept indices must equal onnxfuse.fuse(paths, "nt")
     nt_kept = pair.nt_kept()
     nt_model = pair.model(nt_kept)
-    api_acc = onnxfuse.fuse(paths, "nt", val=val_path).summary["accuracy"]["result before fine-tuning"]["accuracy"]
+    api_acc = onnxfuse.fuse(paths, "nt", val=val_path).summary["accuracy"][BEFORE]["accuracy"]
     if accuracy(nt_model, val) != api_acc:
         raise RuntimeError("transplanting NT's kept indices here does not reproduce onnxfuse.fuse(paths, 'nt')")
 
@@ -186,10 +181,6 @@ def verdicts(res: dict) -> dict:
 
 
 # ============================================================================ output
-
-def pct(x):
-    return f"{100 * x:.2f}"
-
 
 def render(result: dict) -> str:
     env, cfg, meta = result["environment"], result["config"], result["datasets"]
@@ -302,7 +293,6 @@ def main() -> None:
     from importlib.metadata import version
 
     from reconstruction import HELDOUT
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     st, started, t0 = stamp(), datetime.datetime.now().astimezone(), time.perf_counter()
     ratios, seeds, member_epochs = ([0.0, 0.5, 1.0], [0], 1) if args.quick else \
         ([round(0.1 * i, 1) for i in range(11)], [0, 1, 2], 50)
