@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import reconstruction as r     # benchmarks/reconstruction.py
-from _common import (AFTER, BEFORE, ENSEMBLE, cli, digits, export, fit, mnist1d, mnist1d_heldout, pct, stamp,
-                    transformer, write_results)
+from _common import (AFTER, BEFORE, ENSEMBLE, cli, digits, export, fit, md_table, mnist1d, mnist1d_heldout, pct,
+                     stamp, transformer, write_results)
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 METHODS = ("nt", "average", "weight-matching", "ot")
@@ -119,17 +119,17 @@ def markdown(rows: list[dict]) -> str:
              f"`python benchmarks/auto_method.py`, {datetime.date.today()}. N = 3 "
              f"members per set; held-out accuracy (%) before fine-tuning (E = 0) and after E = {EPOCHS} epochs with "
              "the default recipe. Regret: the best method's accuracy minus auto's (target <= 0.3 pp).", ""]
-    header = " | ".join(f"{m} E=0 | {m} E={EPOCHS}" for m in METHODS)
-    lines += [f"| family | members | best member | ensemble | {header} | auto E=0 | auto E={EPOCHS} | auto chose "
-              f"(E=0 / E={EPOCHS}) | regret E=0 | regret E={EPOCHS} |",
-              "|---|---|---:|---:|" + "---:|" * (2 * len(METHODS) + 2) + "---|---:|---:|"]
+    table = []
     for r in rows:
-        cells = " | ".join(f"{pct(r['untuned'].get(m))} | {pct(r['tuned'].get(m))}" for m in METHODS)
-        chose = " / ".join(r.get("auto", {}).get(w, {}).get("chose", "-") for w in ("untuned", "tuned"))
         regret = r.get("regret_pp", {})
-        lines.append(f"| {r['family']} | {r['kind']} | {pct(max(r['members'] or [0]))} | {pct(r['ensemble'])} | "
-                     f"{cells} | {pct(r['untuned'].get('auto'))} | {pct(r['tuned'].get('auto'))} | {chose} | "
-                     f"{regret.get('untuned', '-')} | {regret.get('tuned', '-')} |")
+        table.append([r["family"], r["kind"], pct(max(r["members"] or [0])), pct(r["ensemble"]),
+                      *(pct(r[where].get(m)) for m in (*METHODS, "auto") for where in ("untuned", "tuned")),
+                      " / ".join(r.get("auto", {}).get(w, {}).get("chose", "-") for w in ("untuned", "tuned")),
+                      regret.get("untuned", "-"), regret.get("tuned", "-")])
+    lines += md_table(["family", "members", "best member", "ensemble",
+                       *(f"{m} E={e}" for m in (*METHODS, "auto") for e in (0, EPOCHS)),
+                       f"auto chose (E=0 / E={EPOCHS})", "regret E=0", f"regret E={EPOCHS}"],
+                      table, "llrr" + "r" * (2 * len(METHODS) + 2) + "lrr")
     errors = [(r["family"], r["kind"], k, v) for r in rows for k, v in r["errors"].items()]
     regrets = [v for r in rows for v in r.get("regret_pp", {}).values()]
     lines += ["", f"Crashes: {len(errors)}." + "".join(f"\n- {f} {k}, {m}: {e}" for f, k, m, e in errors),

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from _common import MB, SAMPLES, cli, onnx_mlp, stamp, write_results
+from _common import MB, SAMPLES, cli, md_table, onnx_mlp, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 BATCH_SIZES = (1, 32)
@@ -112,16 +112,15 @@ def render(results: list[dict], st: dict, started: datetime.datetime, elapsed: f
         "",
         "## p50 latency relative to one member",
         "",
-        "| models | N | batch | member p50 ms | fused p50 ms | ensemble p50 ms | wide p50 ms | fused / member "
-        "| ensemble / member | ensemble / (N x member) | wide / member | fused <= 1.05 x member |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    table = []
     for res in results:
         f, e, w = ratio(res, "fused"), ratio(res, "ensemble"), ratio(res, "wide")
-        lines.append(f"| {res['models']} | {res['n']} | {res['batch_size']} | {fmt(res['member']['p50_ms'], 4)} | "
-                     f"{fmt(res['fused']['p50_ms'], 4)} | {fmt(res['ensemble']['p50_ms'], 4)} | "
-                     f"{fmt(res['wide']['p50_ms'], 4)} | {fmt(f)} | {fmt(e, 2)} | {fmt(e / res['n'], 2)} | "
-                     f"{fmt(w, 2)} | {'yes' if f <= 1.05 else '**no**'} |")
+        table.append([res["models"], res["n"], res["batch_size"], *(fmt(res[role]["p50_ms"], 4) for role in ROLES),
+                      fmt(f), fmt(e, 2), fmt(e / res["n"], 2), fmt(w, 2), "yes" if f <= 1.05 else "**no**"])
+    lines += md_table(["models", "N", "batch", "member p50 ms", "fused p50 ms", "ensemble p50 ms", "wide p50 ms",
+                       "fused / member", "ensemble / member", "ensemble / (N x member)", "wide / member",
+                       "fused <= 1.05 x member"], table, "lrrrrrrrrrrl")
     fused = [ratio(r, "fused") for r in results]
     per_n = {}
     for r in results:
@@ -153,21 +152,17 @@ def render(results: list[dict], st: dict, started: datetime.datetime, elapsed: f
         "",
         "## All rows",
         "",
-        "| models | N | batch | what | p50 ms | p90 ms | p99 ms | samples/s | runs | file MB | peak memory MB |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    table = []
     for res in results:
         for role in ROLES:
-            r = res[role]
-            if r.get("skipped"):
-                lines.append(f"| {res['models']} | {res['n']} | {res['batch_size']} | {LABELS[role]} | "
-                             f"{r['note']} |  |  |  |  |  |  |")
-                continue
-            mem = r["peak_memory_bytes"]
-            lines.append(f"| {res['models']} | {res['n']} | {res['batch_size']} | {LABELS[role]} | "
-                         f"{fmt(r['p50_ms'], 4)} | {fmt(r['p90_ms'], 4)} | {fmt(r['p99_ms'], 4)} | "
-                         f"{r['throughput']:,.0f} | {r['runs']} | {r['file_bytes'] / MB:.3f} | "
-                         f"{'-' if mem is None else f'{mem / MB:.1f}'} |")
+            r, mem = res[role], res[role].get("peak_memory_bytes")
+            table.append([res["models"], res["n"], res["batch_size"], LABELS[role],
+                          *([r["note"], *[""] * 6] if r.get("skipped") else
+                            [fmt(r["p50_ms"], 4), fmt(r["p90_ms"], 4), fmt(r["p99_ms"], 4), f"{r['throughput']:,.0f}",
+                             r["runs"], f"{r['file_bytes'] / MB:.3f}", "-" if mem is None else f"{mem / MB:.1f}"])])
+    lines += md_table(["models", "N", "batch", "what", "p50 ms", "p90 ms", "p99 ms", "samples/s", "runs", "file MB",
+                       "peak memory MB"], table, "lrrlrrrrrrr")
     notes = sorted({f"{res['models']} (N = {res['n']}), {LABELS[role]}: {res[role]['note']}"
                     for res in results for role in ROLES if res[role]["note"] and not res[role].get("skipped")})
     if notes:

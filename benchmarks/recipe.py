@@ -216,11 +216,12 @@ def report(results, args, seconds, st):
         below.append(d8["test"] < best_member)
         distill_gaps.append(100 * (d8["test"] - r["distill E=8"]["test"]))
         costs += [v["probe_seconds"] / v["run_seconds"] for v in (d3, d8, r["distill E=8"])]
-        rows.append(f"| {r['dataset']} | {r['family']} | {r['recipe']} | {r['n']} | {best_member:.4f} | "
-                    f"{r['ensemble']:.4f} | {d3['test']:.4f} ({d3['lr']:g}) | {d8['test']:.4f} ({d8['lr']:g}, "
-                    f"ep {d8['epoch']}) | {r['distill E=8']['test']:.4f} ({r['distill E=8']['lr']:g}) | "
-                    f"{grid['test']:.4f} ({grid_name}) | {r['grid E=8']['sgd 0.05']['test']:.4f} | {regret:+.2f} | "
-                    f"{r['control E=8']['test']:.4f} ({r['control E=8']['lr']:g}) |")
+        rows.append([r["dataset"], r["family"], r["recipe"], r["n"], f"{best_member:.4f}", f"{r['ensemble']:.4f}",
+                     f"{d3['test']:.4f} ({d3['lr']:g})", f"{d8['test']:.4f} ({d8['lr']:g}, ep {d8['epoch']})",
+                     f"{r['distill E=8']['test']:.4f} ({r['distill E=8']['lr']:g})",
+                     f"{grid['test']:.4f} ({grid_name})",
+                     f"{r['grid E=8']['sgd 0.05']['test']:.4f}", f"{regret:+.2f}",
+                     f"{r['control E=8']['test']:.4f} ({r['control E=8']['lr']:g})"])
     mean_regret, worst_regret = statistics.mean(regrets), max(regrets)
     warned = [r["default E=8"]["beats_on_holdout"] is False for r in results]
     e3_below = sum(r["default E=3"]["test"] < max(r["members"]) for r in results)
@@ -268,9 +269,10 @@ def report(results, args, seconds, st):
              f"{sum(v > 0 for v in d)}, worse in {sum(v < 0 for v in d)} of {len(d)} sets; range {min(d):+.2f} to "
              f"{max(d):+.2f} pp)." for e, d in calib.items() if d], ""]
     md += ["", "## Per member set\n",
-           "| data | net | members | N | best member | ensemble | default E=3 (lr) | default E=8 (lr, kept epoch) | "
-           "distill E=8 (lr) | best fixed rate E=8 | SGD 0.05 E=8 (old default) | regret pp | best member "
-           "fine-tuned alone E=8 (lr) |", "|" + "---|" * 13, *rows, ""]
+           *md_table(["data", "net", "members", "N", "best member", "ensemble", "default E=3 (lr)",
+                      "default E=8 (lr, kept epoch)", "distill E=8 (lr)", "best fixed rate E=8",
+                      "SGD 0.05 E=8 (old default)", "regret pp", "best member fine-tuned alone E=8 (lr)"], rows,
+                     "l" * 13), ""]
     print("\n".join(md))
     write_results(args.out, "recipe", "\n".join(md), {"targets": targets, "sets": results}, st)
 

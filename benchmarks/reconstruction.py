@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import (AFTER, BEFORE, ENSEMBLE, cli, cnn1d, export, fit, log, mean_std, mlp, mnist1d, mnist1d_heldout,
-                    pct, stamp, write_results)
+from _common import (AFTER, BEFORE, ENSEMBLE, cli, cnn1d, export, fit, log, md_table, mean_std, mlp, mnist1d,
+                     mnist1d_heldout, pct, stamp, write_results)
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 import onnxfuse.api  # noqa: E402
 
@@ -191,42 +191,35 @@ def render(result: dict) -> str:
         f"- Date: {meta['date']}; the benchmark took {meta['seconds']:.0f} s. Reproduce: "
         "`pip install mnist1d && python benchmarks/reconstruction.py`" + (" (this was a --quick smoke run)"
                                                                          if meta["quick"] else "") + ".", "",
-        "| members | family | N | best member | ensemble | NT | NT + reconstruction | NT + 1 epoch | NT + 5 epochs | "
-        "NT + rec. + 1 epoch, lr 0.005 | NT + rec. + 1 epoch | NT + rec. + 5 epochs | "
-        "*control:* best member + 5 epochs | reconstruction time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *md_table(["members", "family", "N", "best member", "ensemble", "NT", "NT + reconstruction", "NT + 1 epoch",
+                   "NT + 5 epochs", "NT + rec. + 1 epoch, lr 0.005", "NT + rec. + 1 epoch", "NT + rec. + 5 epochs",
+                   "*control:* best member + 5 epochs", "reconstruction time"],
+                  [[*key.split("/"), *(pct(row[k]) for k in ("best member", "ensemble", "NT", "NT + reconstruction")),
+                    *(cell(row[k], seeds) for k in ("NT + 1 epoch", "NT + 5 epochs", REC1_LOW, REC1, REC5, CONTROL)),
+                    f"{row['reconstruction seconds']:.2f} s"] for key, row in result["rows"].items()], "ll" + "r" * 12),
     ]
-    for key, row in result["rows"].items():
-        recipe, family, n = key.split("/")
-        lines.append(f"| {recipe} | {family} | {n} | {pct(row['best member'])} | {pct(row['ensemble'])} | "
-                     f"{pct(row['NT'])} | {pct(row['NT + reconstruction'])} | {cell(row['NT + 1 epoch'], seeds)} | "
-                     f"{cell(row['NT + 5 epochs'], seeds)} | {cell(row[REC1_LOW], seeds)} | "
-                     f"{cell(row[REC1], seeds)} | {cell(row[REC5], seeds)} | "
-                     f"{cell(row[CONTROL], seeds)} | {row['reconstruction seconds']:.2f} s |")
     lines += ["", "Reconstruction time: the `reconstruct` phase of `fuse(..., calibrate=...)` "
               "(`summary[\"phases\"]`: building the wide model, reading the calibration data, the fit; "
               "transplanting and scoring excluded).", "",
               "Members (N = 3): " + "; ".join(f"{k[:-2]}: " + ", ".join(pct(a) for a in r["members"])
                                               for k, r in result["rows"].items() if k.endswith("/3")), "",
               f"On the {meta['test']} standard test sequences (no training; noisier):", "",
-              "| members | family | N | best member | ensemble | NT + reconstruction |", "|---|---|---:|---:|---:|---:|"]
-    for key, row in result["rows"].items():
-        recipe, family, n = key.split("/")
-        st = row["standard test set"]
-        lines.append(f"| {recipe} | {family} | {n} | {pct(st['best member'])} | {pct(st['ensemble'])} | "
-                     f"{pct(st['NT + reconstruction'])} |")
-    lines += ["", "## Targets", "",
-              "| members | family | N | rec. beats best member | rec. gains ≥ ½ of the ensemble's gain (fraction) | "
-              "rec. + 1 epoch beats NT + 5 epochs | *also:* rec. + 5 epochs beats NT + 5 epochs |",
-              "|---|---|---:|---|---|---|---|"]
+              *md_table(["members", "family", "N", "best member", "ensemble", "NT + reconstruction"],
+                        [[*key.split("/"), *(pct(row["standard test set"][k]) for k in
+                                             ("best member", "ensemble", "NT + reconstruction"))]
+                         for key, row in result["rows"].items()], "llrrrr")]
+    table = []
     for key, v in result["verdicts"].items():
-        recipe, family, n = key.split("/")
         frac = v["reconstruction fraction of ensemble gain"]
-        lines.append(f"| {recipe} | {family} | {n} | {yes(v['reconstruction beats best member'])} | "
-                     f"{yes(v['reconstruction gains >= half the ensemble' + chr(39) + 's gain'])} "
-                     f"({'ensemble no better than best member' if frac is None else f'{frac:.2f}'}) | "
-                     f"{yes(v['reconstruction + 1 epoch beats NT + 5 epochs'])} | "
-                     f"{yes(v['reconstruction + 5 epochs beats NT + 5 epochs'])} |")
+        table.append([*key.split("/"), yes(v["reconstruction beats best member"]),
+                      f"{yes(v['reconstruction gains >= half the ensemble' + chr(39) + 's gain'])} "
+                      f"({'ensemble no better than best member' if frac is None else f'{frac:.2f}'})",
+                      yes(v["reconstruction + 1 epoch beats NT + 5 epochs"]),
+                      yes(v["reconstruction + 5 epochs beats NT + 5 epochs"])])
+    lines += ["", "## Targets", "",
+              *md_table(["members", "family", "N", "rec. beats best member",
+                         "rec. gains ≥ ½ of the ensemble's gain (fraction)", "rec. + 1 epoch beats NT + 5 epochs",
+                         "*also:* rec. + 5 epochs beats NT + 5 epochs"], table, "llrllll")]
     lines += ["", "Relative error of each refitted layer's output against the wide model on the calibration data "
               "(transplanted weights → refitted), N = 3:", ""]
     for key, row in result["rows"].items():

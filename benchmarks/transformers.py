@@ -27,7 +27,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 # this file is named like the transformers package: its folder goes last on the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
-from _common import ROOT, cli, stamp, write_results  # noqa: E402  (puts the checkout first on sys.path)
+from _common import ROOT, cli, md_table, stamp, write_results  # noqa: E402  (puts the checkout first on sys.path)
 
 sys.path.insert(0, str(ROOT / "tests"))
 import hf_zoo  # noqa: E402
@@ -165,11 +165,11 @@ def table(rows: list[dict]) -> str:
              f"{sum(r.get('bridge') == 'ok' for r in exported)} of {sum('bridge' in r for r in exported)}.",
              "", "Before issue 14 (commit 7997dab, `transformers_before.json`) the same sweep fused 2 of 47 exported "
              "pairs (ELECTRA and TimeSeriesTransformer with the new exporter).",
-             "", "| family | exporter | inspect | concat | merge | prune --keep 0.5 | concat deviation | "
-             "member beside itself | bridge |", "|---|---|---|---|---|---|---|---|---|"]
+             ""]
+    table = []
     for r in rows:
         if r["export"] != "ok":
-            lines.append(f"| {r['family']} | {r['exporter']} | exporter failed: {r['export'][:120]} | | | | | | |")
+            table.append([r["family"], r["exporter"], f"exporter failed: {r['export'][:120]}", *[""] * 6])
             continue
         cells = [("ok" if r.get(op) == "ok" else f"refused: {str(r.get(op))[:160]}").replace("|", "/")
                  for op in OPS]
@@ -177,8 +177,10 @@ def table(rows: list[dict]) -> str:
         devtext = "" if dev is None else f"{dev:.1e}" + (" (exact)" if r.get("concat_exact_claim") else
                                                          " (reported not exact)")
         twin = r.get("self_concat_deviation")
-        lines.append(f"| {r['family']} | {r['exporter']} | " + " | ".join(cells) + f" | {devtext} | " +
-                     ("" if twin is None else f"{twin:.1e}") + f" | {str(r.get('bridge', ''))[:120]} |")
+        table.append([r["family"], r["exporter"], *cells, devtext, "" if twin is None else f"{twin:.1e}",
+                      str(r.get("bridge", ""))[:120]])
+    lines += md_table(["family", "exporter", "inspect", "concat", "merge", "prune --keep 0.5", "concat deviation",
+                       "member beside itself", "bridge"], table, "l" * 9)
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import child_env, cli, export as torch_export, stamp, write_results
+from _common import child_env, cli, export as torch_export, md_table, stamp, write_results
 
 TORCHVISION = [   # <= 40 M parameters (torchvision's 1000-class counts)
     "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small",
@@ -208,9 +208,8 @@ def write(results: list[dict], skipped: list[str], args, st: dict, command: str 
              "where exact is claimed); ref = refused with one line; INVALID = written but does not run / not exact; "
              "CRASH = other exception. concat column: relative max error vs the members' mean. "
              "TP = Torch-Pruning DepGraph L2 ratio 0.5. Seconds are wall time of one worker on a 2-core machine "
-             "shared with other jobs.\n" + (f"\n{note}\n" if note else ""),
-             "| model | exporter | params | " + " | ".join(OPS) + " | TP |", "|" + "---|" * (len(OPS) + 4)]
-    notes = []
+             "shared with other jobs.\n" + (f"\n{note}\n" if note else "")]
+    table, notes = [], []
     for r in results:
         cells = []
         if "export_error" in r or "timeout" in r or "worker_error" in r:
@@ -235,15 +234,13 @@ def write(results: list[dict], skipped: list[str], args, st: dict, command: str 
             if tp != "ok":
                 notes.append(f"- {r['model']} Torch-Pruning: {r['tp'].get('detail', '')[:240]}")
         params = f"{r['parameters'] / 1e6:.1f}M" if "parameters" in r else "-"
-        lines.append(f"| {r['model']} | {r['exporter']} | {params} | " + " | ".join(cells) + f" | {tp} |")
-    lines += ["", "## Counts per operation", "", "| operation | " + " | ".join(["ok", "refused", "invalid", "crash"])
-              + " |", "|---|---|---|---|---|"]
-    for op, c in counts.items():
-        if op == "torch-pruning":
-            lines.append(f"| {op} | {c.get('ok', 0)} | fail {c.get('fail', 0)}, timeout {c.get('timeout', 0)} | - | - |")
-        else:
-            lines.append(f"| {op} | " + " | ".join(str(c.get(s, 0)) for s in ("ok", "refused", "invalid", "crash"))
-                         + " |")
+        table.append([r["model"], r["exporter"], params, *cells, tp])
+    lines += md_table(["model", "exporter", "params", *OPS, "TP"], table, "l" * (len(OPS) + 4))
+    lines += ["", "## Counts per operation", "", *md_table(
+        ["operation", "ok", "refused", "invalid", "crash"],
+        [[op, c.get("ok", 0), f"fail {c.get('fail', 0)}, timeout {c.get('timeout', 0)}", "-", "-"]
+         if op == "torch-pruning" else [op, *(c.get(s, 0) for s in ("ok", "refused", "invalid", "crash"))]
+         for op, c in counts.items()], "lllll")]
     lines += ["", "## Why not ok", ""] + (notes or ["(every operation ok)"])
     swept = {(r["model"], r["exporter"]) for r in results}
     listed = {s.rsplit("): ", 1)[0] + ")" for s in skipped}
