@@ -35,7 +35,8 @@ import datetime
 import time
 from pathlib import Path
 
-from _common import AFTER, BEFORE, ENSEMBLE, SAMPLES, cli, log, mean_std, pct, stamp, write_results
+from _common import (AFTER, BEFORE, ENSEMBLE, SAMPLES, cli, log, md_table, mean_std, pct, stamp,
+                     write_results)
 
 FAMILIES = {
     "mlp": {"models": "digits_mlp_{}.onnx", "train": "digits_train.npz", "val": "digits_val.npz"},
@@ -179,20 +180,17 @@ def render(result: dict) -> str:
         "",
         "## Members, ensemble and NT before fine-tuning",
         "",
-        "| family | N | member 0 | member 1 | member 2 | best member | ensemble (mean of logits) | NT before fine-tuning |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *md_table(["family", "N", "member 0", "member 1", "member 2", "best member", "ensemble (mean of logits)",
+                   "NT before fine-tuning"],
+                  [[b["family"], b["n"], *(pct(x, "") for x in [*b["members"].values(), None, None][:3]),
+                    pct(b["best_member"]), pct(b["ensemble"]), pct(b["nt_before"])] for b in blocks]),
     ]
-    for b in blocks:
-        m = list(b["members"].values()) + [None] * (3 - len(b["members"]))
-        lines.append(f"| {b['family']} | {b['n']} | " + " | ".join(pct(x, "") for x in m)
-                     + f" | {pct(b['best_member'])} | {pct(b['ensemble'])} | {pct(b['nt_before'])} |")
     lines += ["", "## NT after E epochs of fine-tuning", "",
               "Bold: mean above the best member. Extra columns (ours-ce only) are the search for the first E "
               "that beats the best member, run only where E = 1..5 did not reach it.", ""]
     extra = sorted({c["epochs"] for b in blocks for c in b["search_extension"]})
     head = [f"E={e}" for e in cfg["epochs"]] + [f"E={e}" for e in extra]
-    lines += ["| family | N | best member | setting | " + " | ".join(head) + " |",
-              "|---|---:|---:|---|" + "---:|" * len(head)]
+    table = []
     for b in blocks:
         for s, cells in b["settings"].items():
             row = cells + (b["search_extension"] if s == SEARCH_SETTING else [])
@@ -202,11 +200,9 @@ def render(result: dict) -> str:
                 c = by_e.get(e)
                 vals.append("" if c is None else (f"**{pm(c, seeds)}**" if c["mean"] > b["best_member"]
                                                   else pm(c, seeds)))
-            lines.append(f"| {b['family']} | {b['n']} | {pct(b['best_member'])} | {s} | " + " | ".join(vals) + " |")
-    lines += ["", "## Per family and N", "",
-              "| family | N | first E where ours-ce beats the best member | first E (1..5) per setting: ours-ce / "
-              "ours-kd / paper-ce / paper-kd | ours-ce > paper-ce at every E | ours-kd > paper-kd at every E |",
-              "|---|---:|---|---|---|---|"]
+            table.append([b["family"], b["n"], pct(b["best_member"]), s, *vals])
+    lines += md_table(["family", "N", "best member", "setting", *head], table, "lrrl" + "r" * len(head))
+    table = []
     for b in blocks:
         first = b["first_epoch_beating_best_member"]
         first_s = f"E = {first}" if first is not None else f"not reached (searched E <= {b['searched_up_to']})"
@@ -216,7 +212,11 @@ def render(result: dict) -> str:
             diffs = ", ".join(f"{100 * d:+.2f}" for d in v["difference_by_epoch"].values())
             cmp.append(("yes" if v["every_epoch"] else f"**no** (fails at E = {v['failing_epochs']})")
                        + f"; diff by E (pp): {diffs}")
-        lines.append(f"| {b['family']} | {b['n']} | {first_s} | {per} | " + " | ".join(cmp) + " |")
+        table.append([b["family"], b["n"], first_s, per, *cmp])
+    lines += ["", "## Per family and N", "",
+              *md_table(["family", "N", "first E where ours-ce beats the best member",
+                         "first E (1..5) per setting: ours-ce / ours-kd / paper-ce / paper-kd",
+                         "ours-ce > paper-ce at every E", "ours-kd > paper-kd at every E"], table, "lrllll")]
     v = result["verdicts"]
     t1, t2 = v["nt_beats_best_member_with_2_members_within_8_epochs"], v["ours_beats_paper_at_every_epoch"]
     per = ", ".join(f"{f}: {'E = ' + str(e) if e is not None else 'not reached'}" for f, e in t1["per_family"].items())

@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import AFTER, BEFORE, ENSEMBLE, SAMPLES, cli, export, log, mean_std, pct, stamp, write_results
+from _common import (AFTER, BEFORE, ENSEMBLE, SAMPLES, cli, export, log, md_table, mean_std, pct, stamp,
+                     write_results)
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 import onnxfuse.api  # noqa: E402
 
@@ -222,13 +223,10 @@ def render(result: dict) -> str:
         "",
         "## Members and ensemble",
         "",
-        "| dataset | N | members | best member | ensemble (mean of logits) |",
-        "|---|---:|---|---:|---:|",
+        *md_table(["dataset", "N", "members", "best member", "ensemble (mean of logits)"],
+                  [[names[ds], n, ", ".join(pct(a) for a in b["members"]), pct(b["best_member"]), pct(b["ensemble"])]
+                   for ds, blocks in result["results"].items() for n, b in blocks.items()], "lrlrr"),
     ]
-    for ds, blocks in result["results"].items():
-        for n, b in blocks.items():
-            lines.append(f"| {names[ds]} | {n} | {', '.join(pct(a) for a in b['members'])} | {pct(b['best_member'])} "
-                         f"| {pct(b['ensemble'])} |")
     for ds, blocks in result["results"].items():
         lines += ["", f"## {names[ds]}: fused models before and after E epochs", "",
                   "| N | best member | ensemble | method | loss | before | " + " | ".join(f"E={e}" for e in epochs) + " |",

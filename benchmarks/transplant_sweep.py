@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from _common import BEFORE, SAMPLES, cli, log, mean_std, pct, stamp, write_results
+from _common import BEFORE, SAMPLES, cli, log, md_table, mean_std, pct, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 from onnxfuse.data import load_data  # noqa: E402
 from onnxfuse.groups import analyze  # noqa: E402
@@ -214,16 +214,15 @@ def render(result: dict) -> str:
     for ds, res in result["results"].items():
         lines += ["", f"## {names[ds]}", "",
                   f"Members A / B: {pct(res['members'][0])} / {pct(res['members'][1])}; ensemble (mean of logits) "
-                  f"{pct(res['ensemble'])}.", "",
-                  f"| r | from B (mean over layers) | before fine-tuning | after {EPOCHS} epochs |",
-                  "|---|---:|---:|---:|"]
+                  f"{pct(res['ensemble'])}.", ""]
+        table = []
         for p in res["points"] + [res["nt"]]:
             after = f"{pct(p['after_mean'])} ± {100 * p['after_std']:.2f}"
             if p["after_mean"] > res["best_member"]:
                 after = f"**{after}**"
-            label = p["label"] if p["r"] is None else f"{p['r']:.1f}"
-            lines.append(f"| {label} | {p['fraction_from_b']:.2f} | "
-                         f"{pct(p['before'])} | {after} |")
+            table.append([p["label"] if p["r"] is None else f"{p['r']:.1f}", f"{p['fraction_from_b']:.2f}",
+                          pct(p["before"]), after])
+        lines += md_table(["r", "from B (mean over layers)", "before fine-tuning", f"after {EPOCHS} epochs"], table)
         lines += ["", "Bold: above both members."]
     lines += ["", "## Compared with the paper", "",
               f"Paper (SVHN, width-512 depth-4 MLPs): members {PAPER['members'][0]} / {PAPER['members'][1]}; without "
