@@ -55,8 +55,8 @@ import time
 from pathlib import Path
 
 import fusion_cost as fc  # standard library only at import time
-from _common import (MB, Killed, child_result, cli, files_bytes, log, peak_memory, proc_status, run_child, stamp,
-                     write_results)
+from _common import (MB, Killed, child_result, cli, files_bytes, log, md_table, peak_memory, proc_status, run_child,
+                     stamp, write_results)
 
 METHODS = ["nt", "average", "weight-matching", "ot"]
 LABEL = {"nt": "NT", "average": "averaging", "weight-matching": "weight matching", "ot": "OT fusion"}
@@ -206,18 +206,17 @@ def _s(x: float) -> str:
 def time_table(title: str, table: dict, widths: list[int], methods: list[str], key: str,
                with_paper: bool = False) -> list[str]:
     """A markdown table of `key` (seconds) per width and method, with the OT / NT ratio."""
-    paper = " | paper averaging | paper NT | paper OT" if with_paper else ""
-    lines = ["", f"## {title}", "", "| w | " + " | ".join(LABEL[m] for m in methods) + f" | OT / NT{paper} |",
-             "|---:|" + "---:|" * len(methods) + "---:|" + ("---:|---:|---:|" if with_paper else "")]
+    paper = ["paper averaging", "paper NT", "paper OT"] if with_paper else []
+    rows = []
     for w in widths:
         cells = [table[m].get(w) for m in methods]
         row = ["" if c is None else "skipped (budget)" if "skipped" in c
                else _s(c[key]) + (" *" if c.get("emd_not_optimal") else "") for c in cells]
         nt, ot = table.get("nt", {}).get(w), table.get("ot", {}).get(w)
         ratio = f"{ot[key] / nt[key]:.1f}x" if nt and ot and "skipped" not in nt and "skipped" not in ot else ""
-        extra = "".join(f" | {paper_cell(w, m)}" for m in ("average", "nt", "ot")) if with_paper else ""
-        lines.append(f"| {w} | " + " | ".join(row) + f" | {ratio}{extra} |")
-    return lines
+        rows.append([w, *row, ratio, *(paper_cell(w, m) for m in ("average", "nt", "ot") if with_paper)])
+    header = ["w", *(LABEL[m] for m in methods), "OT / NT", *paper]
+    return ["", f"## {title}", "", *md_table(header, rows, "r" * len(header))]
 
 
 def cell_mb(c: dict | None) -> str:
@@ -283,13 +282,13 @@ def render(result: dict) -> str:
     lines += time_table("Fusion work alone (s), as the paper measured it", table, widths, methods, "fuse_s",
                         with_paper=True)
     lines += time_table("Wall time file to file (s): load + fusion + save", table, widths, methods, "seconds")
-    lines += ["", "## Peak RSS above idle (MB)", "",
-              "| w | " + " | ".join(LABEL[m] for m in methods) + " | in + out files MB |",
-              "|---:|" + "---:|" * len(methods) + "---:|"]
+    rows = []
     for w in widths:
         some = next((table[m][w] for m in methods if w in table[m] and "skipped" not in table[m][w]), None)
-        io = f"{(some['in_bytes'] + some['out_bytes']) / MB:.1f}" if some else ""
-        lines.append(f"| {w} | " + " | ".join(cell_mb(table[m].get(w)) for m in methods) + f" | {io} |")
+        rows.append([w, *(cell_mb(table[m].get(w)) for m in methods),
+                     f"{(some['in_bytes'] + some['out_bytes']) / MB:.1f}" if some else ""])
+    lines += ["", "## Peak RSS above idle (MB)", "",
+              *md_table(["w", *(LABEL[m] for m in methods), "in + out files MB"], rows, "r" * (len(methods) + 2))]
     idle = []
     for label, ms in (("numpy, onnx, onnxfuse, onnxruntime and scipy imported", ["nt", "average", "weight-matching"]),
                       ("the same and POT", ["ot"])):

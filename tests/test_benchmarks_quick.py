@@ -2,7 +2,7 @@
 (so a new one cannot escape), in a fresh interpreter that imports this checkout, as many at a time as there are
 cores; each must exit 0 and write results that carry the stamp, and none may touch benchmarks/results/.
 
-    pytest -m slow tests/test_benchmarks_quick.py --durations=0     # --durations: each script's quick time
+    pytest -m slow tests/test_benchmarks_quick.py -rP     # -rP: each script's quick time (wall, while sharing)
 """
 from __future__ import annotations
 
