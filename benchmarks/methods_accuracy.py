@@ -227,23 +227,20 @@ def render(result: dict) -> str:
                   [[names[ds], n, ", ".join(pct(a) for a in b["members"]), pct(b["best_member"]), pct(b["ensemble"])]
                    for ds, blocks in result["results"].items() for n, b in blocks.items()], "lrlrr"),
     ]
+    def cells_of(cells, best):
+        return [f"**{pm(c, len(seeds))}**" if c["mean"] >= best else pm(c, len(seeds)) for c in cells]
+
     for ds, blocks in result["results"].items():
-        lines += ["", f"## {names[ds]}: fused models before and after E epochs", "",
-                  "| N | best member | ensemble | method | loss | before | " + " | ".join(f"E={e}" for e in epochs) + " |",
-                  "|---:|---:|---:|---|---|---:|" + "---:|" * len(epochs)]
+        table = []
         for n, b in blocks.items():
-            c = b["control"]
-            vals = [f"**{pm(x, len(seeds))}**" if x["mean"] >= b["best_member"] else pm(x, len(seeds))
-                    for x in c["cells"]]
-            lines.append(f"| {n} | {pct(b['best_member'])} | {pct(b['ensemble'])} | *control: best member "
-                         f"({c['member']}) fine-tuned alone* | ce | {pct(b['best_member'])} | " + " | ".join(vals) + " |")
-            for m in METHODS:
-                row = b["methods"][m]
-                for s, cells in row["settings"].items():
-                    vals = [f"**{pm(c, len(seeds))}**" if c["mean"] >= b["best_member"] else pm(c, len(seeds))
-                            for c in cells]
-                    lines.append(f"| {n} | {pct(b['best_member'])} | {pct(b['ensemble'])} | {LABEL[m]} | {s} | "
-                                 f"{pct(row['before'])} | " + " | ".join(vals) + " |")
+            head, best, c = [n, pct(b["best_member"]), pct(b["ensemble"])], b["best_member"], b["control"]
+            table.append([*head, f"*control: best member ({c['member']}) fine-tuned alone*", "ce", pct(best),
+                          *cells_of(c["cells"], best)])
+            table += [[*head, LABEL[m], s, pct(b["methods"][m]["before"]), *cells_of(cells, best)]
+                      for m in METHODS for s, cells in b["methods"][m]["settings"].items()]
+        lines += ["", f"## {names[ds]}: fused models before and after E epochs", "",
+                  *md_table(["N", "best member", "ensemble", "method", "loss", "before", *(f"E={e}" for e in epochs)],
+                            table, "rrrllr" + "r" * len(epochs))]
     lines += ["", "## Target (from the issue)", ""]
     for ds, v in result["verdicts"].items():
         if not v["measured"]:

@@ -227,22 +227,24 @@ def render(result: dict) -> str:
     lines += ["", "## Compared with the paper", "",
               f"Paper (SVHN, width-512 depth-4 MLPs): members {PAPER['members'][0]} / {PAPER['members'][1]}; without "
               f"fine-tuning ~{PAPER['ends']} at the ends, dipping to ~{PAPER['dip_at_half']} at r = 0.5; after 3 epochs "
-              f"peak ~{PAPER['peak_at_half']} at r = 0.5, above both members.", "",
-              "| dataset | dip at r = 0.5 without fine-tuning (depth below the lower end) | lowest point before | "
-              "peak after 3 epochs (r) | peak within 0.2 of r = 0.5 | r = 0.5 after 3 epochs above both members | "
-              "peak above both members | r = 0.5 after 3 epochs above both ends (r = 0, 1) after 3 epochs |",
-              "|---|---|---:|---:|---|---|---|---|"]
+              f"peak ~{PAPER['peak_at_half']} at r = 0.5, above both members.", ""]
+    table = []
     for ds, v in result["verdicts"].items():
         if not v:
-            lines.append(f"| {names[ds]} | not measured | | | | | | |")
+            table.append([names[ds], "not measured", *[""] * 6])
             continue
-        res = result["results"][ds]
-        lines.append(f"| {names[ds]} | {yes(v['dip_at_half_without_finetuning'])} ({v['dip_depth_pp']:+.2f} pp) | "
-                     f"r = {v['lowest_before_at_r']:.1f} | {pct(v['peak_after'])} (r = {v['peak_after_at_r']:.1f}) | "
-                     f"{yes(v['peak_near_half'])} | {yes(v['half_after_above_both_members'])} ({pct(v['half_after'])} "
-                     f"vs {pct(res['best_member'])}) | {yes(v['peak_above_both_members'])} | "
-                     f"{yes(v['half_after_above_both_ends_after'])} ({pct(v['half_after'])} vs "
-                     f"{pct(v['ends_after'][0])} / {pct(v['ends_after'][1])}) |")
+        best = result["results"][ds]["best_member"]
+        table.append([names[ds], f"{yes(v['dip_at_half_without_finetuning'])} ({v['dip_depth_pp']:+.2f} pp)",
+                      f"r = {v['lowest_before_at_r']:.1f}", f"{pct(v['peak_after'])} (r = {v['peak_after_at_r']:.1f})",
+                      yes(v["peak_near_half"]),
+                      f"{yes(v['half_after_above_both_members'])} ({pct(v['half_after'])} vs {pct(best)})",
+                      yes(v["peak_above_both_members"]),
+                      f"{yes(v['half_after_above_both_ends_after'])} ({pct(v['half_after'])} vs "
+                      f"{pct(v['ends_after'][0])} / {pct(v['ends_after'][1])})"])
+    lines += md_table(["dataset", "dip at r = 0.5 without fine-tuning (depth below the lower end)",
+                       "lowest point before", "peak after 3 epochs (r)", "peak within 0.2 of r = 0.5",
+                       "r = 0.5 after 3 epochs above both members", "peak above both members",
+                       "r = 0.5 after 3 epochs above both ends (r = 0, 1) after 3 epochs"], table, "llrrllll")
     lines += ["", "The last column asks what the paper's peak implies: does mixing both members' neurons beat keeping "
               "one member's neurons (r = 0 or 1: one member, its output layer halved, with the same 3 epochs of "
               "fine-tuning)? Where the fine-tuned ends are already above both members, beating the members is "
