@@ -25,27 +25,18 @@ Verdicts, per family and N:
   - whether ours beats paper (same loss, strictly higher mean over seeds) at every E = 1..5.
 
     python benchmarks/accuracy.py            # full run (a minute or two on 2 CPU cores)
-    python benchmarks/accuracy.py --quick    # smoke run: E = 1..2, seed 0 only, no extension to E = 8
+    python benchmarks/accuracy.py --quick --out /tmp/q   # smoke run: N = 2, E = 1, seed 0, no extension
 
 Writes benchmarks/results/accuracy.md and benchmarks/results/accuracy.json (or --out DIR) and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
-import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
-from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SAMPLES = ROOT / "sample_models"
+from _common import (AFTER, BEFORE, ENSEMBLE, SAMPLES, cli, log, md_table, mean_std, pct, stamp,
+                     write_results)
 
 FAMILIES = {
     "mlp": {"models": "digits_mlp_{}.onnx", "train": "digits_train.npz", "val": "digits_val.npz"},
@@ -65,23 +56,6 @@ LABELS = {"ours-ce": "ours, cross-entropy", "ours-kd": "ours, distillation",
           "paper-ce": "paper, cross-entropy", "paper-kd": "paper, distillation"}
 PAIRS = [("ours-ce", "paper-ce"), ("ours-kd", "paper-kd")]
 SEARCH_SETTING, SEARCH_MAX = "ours-ce", 8
-BEFORE, AFTER, ENSEMBLE = "result before fine-tuning", "result after fine-tuning", "ensemble (mean of logits)"
-
-
-def versions() -> dict:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-
-    import onnxfuse
-    return {"onnxfuse": onnxfuse.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnx": onnx.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads()}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 class Bench:
@@ -157,10 +131,6 @@ class Bench:
         return out
 
 
-def pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.2f}"
-
-
 def pm(c: dict, seeds: int) -> str:
     return f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}" if seeds > 1 else f"{100 * c['mean']:.2f}"
 
@@ -201,11 +171,8 @@ def render(result: dict) -> str:
         "- Settings: **ours** = onnxfuse defaults (SGD, momentum 0.9, lr 0.05, linear decay to 0 over the run, "
         "batch 64); **paper** = SGD, momentum 0.9, lr 0.01, constant, batch 64. **ce** = cross-entropy on labels, "
         "**kd** = distillation (`distill=True`, KL to the members' mean logits, T = 2).",
-        f"- Machine: nproc {env['nproc']} ({env['cpu_count']} CPUs), {env['platform']}; torch threads "
-        f"{env['versions']['torch_threads']} (`--torch-threads`); shared with other work, so timings are indicative only.",
-        f"- Versions: torch {env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}, onnx "
-        f"{env['versions']['onnx']}, numpy {env['versions']['numpy']}, onnxfuse {env['versions']['onnxfuse']} "
-        f"(git {env['git']}), Python {env['versions']['python']}.",
+        f"- Torch threads {env['torch_threads']} (`--torch-threads`); the machine is shared with other work, so "
+        "timings are indicative only.",
         f"- Date: {env['date']}; the benchmark took {result['wall_seconds']:.0f} s "
         f"({result['fine_tuning_runs']} fine-tuning runs).",
         f"- Reproduce: `python benchmarks/accuracy.py` (smoke run: `python benchmarks/accuracy.py --quick`). "
@@ -213,20 +180,17 @@ def render(result: dict) -> str:
         "",
         "## Members, ensemble and NT before fine-tuning",
         "",
-        "| family | N | member 0 | member 1 | member 2 | best member | ensemble (mean of logits) | NT before fine-tuning |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *md_table(["family", "N", "member 0", "member 1", "member 2", "best member", "ensemble (mean of logits)",
+                   "NT before fine-tuning"],
+                  [[b["family"], b["n"], *(pct(x, "") for x in [*b["members"].values(), None, None][:3]),
+                    pct(b["best_member"]), pct(b["ensemble"]), pct(b["nt_before"])] for b in blocks]),
     ]
-    for b in blocks:
-        m = list(b["members"].values()) + [None] * (3 - len(b["members"]))
-        lines.append(f"| {b['family']} | {b['n']} | " + " | ".join(pct(x) for x in m)
-                     + f" | {pct(b['best_member'])} | {pct(b['ensemble'])} | {pct(b['nt_before'])} |")
     lines += ["", "## NT after E epochs of fine-tuning", "",
               "Bold: mean above the best member. Extra columns (ours-ce only) are the search for the first E "
               "that beats the best member, run only where E = 1..5 did not reach it.", ""]
     extra = sorted({c["epochs"] for b in blocks for c in b["search_extension"]})
     head = [f"E={e}" for e in cfg["epochs"]] + [f"E={e}" for e in extra]
-    lines += ["| family | N | best member | setting | " + " | ".join(head) + " |",
-              "|---|---:|---:|---|" + "---:|" * len(head)]
+    table = []
     for b in blocks:
         for s, cells in b["settings"].items():
             row = cells + (b["search_extension"] if s == SEARCH_SETTING else [])
@@ -236,11 +200,9 @@ def render(result: dict) -> str:
                 c = by_e.get(e)
                 vals.append("" if c is None else (f"**{pm(c, seeds)}**" if c["mean"] > b["best_member"]
                                                   else pm(c, seeds)))
-            lines.append(f"| {b['family']} | {b['n']} | {pct(b['best_member'])} | {s} | " + " | ".join(vals) + " |")
-    lines += ["", "## Per family and N", "",
-              "| family | N | first E where ours-ce beats the best member | first E (1..5) per setting: ours-ce / "
-              "ours-kd / paper-ce / paper-kd | ours-ce > paper-ce at every E | ours-kd > paper-kd at every E |",
-              "|---|---:|---|---|---|---|"]
+            table.append([b["family"], b["n"], pct(b["best_member"]), s, *vals])
+    lines += md_table(["family", "N", "best member", "setting", *head], table, "lrrl" + "r" * len(head))
+    table = []
     for b in blocks:
         first = b["first_epoch_beating_best_member"]
         first_s = f"E = {first}" if first is not None else f"not reached (searched E <= {b['searched_up_to']})"
@@ -250,7 +212,11 @@ def render(result: dict) -> str:
             diffs = ", ".join(f"{100 * d:+.2f}" for d in v["difference_by_epoch"].values())
             cmp.append(("yes" if v["every_epoch"] else f"**no** (fails at E = {v['failing_epochs']})")
                        + f"; diff by E (pp): {diffs}")
-        lines.append(f"| {b['family']} | {b['n']} | {first_s} | {per} | " + " | ".join(cmp) + " |")
+        table.append([b["family"], b["n"], first_s, per, *cmp])
+    lines += ["", "## Per family and N", "",
+              *md_table(["family", "N", "first E where ours-ce beats the best member",
+                         "first E (1..5) per setting: ours-ce / ours-kd / paper-ce / paper-kd",
+                         "ours-ce > paper-ce at every E", "ours-kd > paper-kd at every E"], table, "lrllll")]
     v = result["verdicts"]
     t1, t2 = v["nt_beats_best_member_with_2_members_within_8_epochs"], v["ours_beats_paper_at_every_epoch"]
     per = ", ".join(f"{f}: {'E = ' + str(e) if e is not None else 'not reached'}" for f, e in t1["per_family"].items())
@@ -271,44 +237,37 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: E = 1..2, seed 0, no search extension")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="folder for accuracy.md / accuracy.json")
+    p = cli(__doc__, "N = 2, E = 1, seed 0, no search extension")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (default 1: these models are tiny, and with more threads a "
                         "shared CPU makes each run several times slower)")
     args = p.parse_args()
     import torch
     torch.set_num_threads(args.torch_threads)
-    epochs, seeds = ([1, 2], [0]) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2])
-    started = datetime.datetime.now().astimezone()
+    epochs, seeds = ([1], [0]) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2])
+    member_sets = {2: MEMBER_SETS[2]} if args.quick else MEMBER_SETS
+    st, started = stamp(), datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     bench = Bench(epochs, seeds, extend=not args.quick, log=log)
     blocks = []
     for name in FAMILIES:
-        for n in MEMBER_SETS:
+        for n in member_sets:
             log(f"{name}, N={n}")
             blocks.append(bench.family_n(name, n))
     result = {
         "config": {"epochs": epochs, "seeds": seeds, "quick": args.quick, "settings": SETTINGS,
-                   "families": FAMILIES, "member_sets": MEMBER_SETS, "search": {"setting": SEARCH_SETTING,
+                   "families": FAMILIES, "member_sets": member_sets, "search": {"setting": SEARCH_SETTING,
                                                                               "max_epochs": SEARCH_MAX}},
-        "environment": {"nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
-                        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
-                        "versions": versions(), "git": git_state(), "date": started.strftime("%Y-%m-%d %H:%M %Z")},
+        "environment": {"torch_threads": torch.get_num_threads(), "date": started.strftime("%Y-%m-%d %H:%M %Z")},
         "results": blocks,
         "fine_tuning_runs": len(bench.cross_check),
         "max_torch_ort_gap": max(bench.cross_check, default=0.0),
     }
     result["verdicts"] = verdicts(blocks, epochs, not args.quick)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = render(result)
-    (args.out / "accuracy.md").write_text(md)
-    (args.out / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     print(md)
-    log(f"wrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.json'} in {result['wall_seconds']} s")
+    write_results(args.out, "accuracy", md, result, st)
 
 
 if __name__ == "__main__":

@@ -15,27 +15,23 @@ val=heldout, training={"epochs": E})`). Target (issue 20): auto within 0.3 pp of
 with and without fine-tuning, and no method crashes.
 
     python benchmarks/auto_method.py           # about 30 minutes on 2 CPU cores
-    python benchmarks/auto_method.py --quick   # the MLP sets only, smaller; prints, writes nothing
+    python benchmarks/auto_method.py --quick --out /tmp/q   # the MLP sets only, 1000 sequences, 2 member epochs
 
 Writes benchmarks/results/auto_method.md and auto_method.json.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import sys
 import tempfile
 import traceback
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-import onnxfuse  # noqa: E402
-from _common import adam_epochs, git_state  # noqa: E402
+import reconstruction as r     # benchmarks/reconstruction.py
+from _common import (AFTER, BEFORE, ENSEMBLE, cli, digits, export, fit, md_table, mnist1d, mnist1d_heldout, pct,
+                     stamp, transformer, write_results)
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 METHODS = ("nt", "average", "weight-matching", "ot")
 KINDS = ("independent", "fine-tunes", "frozen")
@@ -49,7 +45,7 @@ def train(net, x, y, seed: int, epochs: int, lr: float, frozen: int = 0):
     params = list(net.parameters())
     for p in params[:frozen]:
         p.requires_grad_(False)
-    adam_epochs(net, x, y, epochs, lr, 100, [p for p in params if p.requires_grad])
+    fit(net, x, y, epochs, lr, 100, params=[p for p in params if p.requires_grad])
     for p in params:
         p.requires_grad_(True)
     return net
@@ -68,11 +64,11 @@ def members(kind: str, factory, x, y, epochs: int, folder: Path, tag: str, expor
 
 def families(quick: bool, folder: Path) -> list[dict]:
     import torch
-    import reconstruction as r
-    import edge
     torch.set_num_threads(1)
-    x, y, _, _ = r.dataset()
-    xh, yh = r.heldout(4000 if quick else 20000)
+    x, y, _, _ = mnist1d()
+    if quick:
+        x, y = x[:1000], y[:1000]
+    xh, yh = mnist1d_heldout(1000 if quick else r.HELDOUT, r.HELDOUT_SEED)
     out = []
     for kind_name in (("mlp",) if quick else ("mlp", "cnn")):
         factory, shape = r.nets()[kind_name]
@@ -80,27 +76,17 @@ def families(quick: bool, folder: Path) -> list[dict]:
         np.savez(train_npz, x=x.reshape(-1, *shape), y=y)
         np.savez(val_npz, x=xh.reshape(-1, *shape), y=yh)
         out.append({"family": f"MNIST-1D {kind_name.upper()}", "factory": factory, "x": x.reshape(-1, *shape),
-                    "y": y, "epochs": 10 if quick else 20, "train": str(train_npz), "val": str(val_npz),
-                    "export": lambda net, path, shape=shape: r.export(net, shape, path)})
+                    "y": y, "epochs": 2 if quick else 20, "train": str(train_npz), "val": str(val_npz),
+                    "export": lambda net, path, shape=shape: r.export_member(net, shape, path)})
     if not quick:
-        (ttr, ytr), (tva, yva) = edge.digits((8, 8))
+        (ttr, ytr), (tva, yva) = digits((8, 8))
         train_npz, val_npz = folder / "tok_train.npz", folder / "tok_val.npz"
         np.savez(train_npz, x=ttr, y=ytr)
         np.savez(val_npz, x=tva, y=yva)
-        out.append({"family": "transformer (digits rows)", "factory": edge.transformer, "x": ttr, "y": ytr,
+        out.append({"family": "transformer (digits rows)", "factory": transformer, "x": ttr, "y": ytr,
                     "epochs": 6, "train": str(train_npz), "val": str(val_npz),
-                    "export": lambda net, path: edge_export(net, path)})
+                    "export": lambda net, path: export(net, torch.zeros(2, 8, 8), path)})
     return out
-
-
-def edge_export(net, path: Path) -> str:
-    import warnings
-    import torch
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(2, 8, 8),), str(path), input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    return str(path)
 
 
 def run_set(paths: list[str], train: str, val: str, log) -> dict:
@@ -115,8 +101,8 @@ def run_set(paths: list[str], train: str, val: str, log) -> dict:
                 log(traceback.format_exc())
                 continue
             row["members"] = [acc(s, Path(p).name) for p in paths]
-            row["ensemble"] = acc(s, "ensemble (mean of logits)")
-            row[where][method] = acc(s, "result after fine-tuning" if epochs else "result before fine-tuning")
+            row["ensemble"] = acc(s, ENSEMBLE)
+            row[where][method] = acc(s, AFTER if epochs else BEFORE)
             if method == "auto":
                 row.setdefault("auto", {})[where] = {"chose": s["auto"]["method"], "why": s["auto"]["why"],
                                                      "regime": s["auto"]["regime"]}
@@ -128,22 +114,22 @@ def run_set(paths: list[str], train: str, val: str, log) -> dict:
     return row
 
 
-def markdown(rows: list[dict], commit: str) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = ["# `--method auto` against every fusion method", "",
-             f"`python benchmarks/auto_method.py`, commit {commit}, {datetime.date.today()}, 2 CPU cores. N = 3 "
+             f"`python benchmarks/auto_method.py`, {datetime.date.today()}. N = 3 "
              f"members per set; held-out accuracy (%) before fine-tuning (E = 0) and after E = {EPOCHS} epochs with "
              "the default recipe. Regret: the best method's accuracy minus auto's (target <= 0.3 pp).", ""]
-    header = " | ".join(f"{m} E=0 | {m} E={EPOCHS}" for m in METHODS)
-    lines += [f"| family | members | best member | ensemble | {header} | auto E=0 | auto E={EPOCHS} | auto chose "
-              f"(E=0 / E={EPOCHS}) | regret E=0 | regret E={EPOCHS} |",
-              "|---|---|---:|---:|" + "---:|" * (2 * len(METHODS) + 2) + "---|---:|---:|"]
+    table = []
     for r in rows:
-        cells = " | ".join(f"{_pct(r['untuned'].get(m))} | {_pct(r['tuned'].get(m))}" for m in METHODS)
-        chose = " / ".join(r.get("auto", {}).get(w, {}).get("chose", "-") for w in ("untuned", "tuned"))
         regret = r.get("regret_pp", {})
-        lines.append(f"| {r['family']} | {r['kind']} | {_pct(max(r['members'] or [0]))} | {_pct(r['ensemble'])} | "
-                     f"{cells} | {_pct(r['untuned'].get('auto'))} | {_pct(r['tuned'].get('auto'))} | {chose} | "
-                     f"{regret.get('untuned', '-')} | {regret.get('tuned', '-')} |")
+        table.append([r["family"], r["kind"], pct(max(r["members"] or [0])), pct(r["ensemble"]),
+                      *(pct(r[where].get(m)) for m in (*METHODS, "auto") for where in ("untuned", "tuned")),
+                      " / ".join(r.get("auto", {}).get(w, {}).get("chose", "-") for w in ("untuned", "tuned")),
+                      regret.get("untuned", "-"), regret.get("tuned", "-")])
+    lines += md_table(["family", "members", "best member", "ensemble",
+                       *(f"{m} E={e}" for m in (*METHODS, "auto") for e in (0, EPOCHS)),
+                       f"auto chose (E=0 / E={EPOCHS})", "regret E=0", f"regret E={EPOCHS}"],
+                      table, "llrr" + "r" * (2 * len(METHODS) + 2) + "lrr")
     errors = [(r["family"], r["kind"], k, v) for r in rows for k, v in r["errors"].items()]
     regrets = [v for r in rows for v in r.get("regret_pp", {}).values()]
     lines += ["", f"Crashes: {len(errors)}." + "".join(f"\n- {f} {k}, {m}: {e}" for f, k, m, e in errors),
@@ -155,16 +141,10 @@ def markdown(rows: list[dict], commit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pct(v):
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--quick", action="store_true", help="the MLP sets only, smaller; writes nothing")
-    args = parser.parse_args()
-    commit = git_state()
-    log = lambda m: print(m, flush=True)
+    args = cli(__doc__, "the MLP sets only, 1000 training and 1000 held-out sequences, 2 member epochs").parse_args()
+    st = stamp()
+    log = lambda m: print(m, flush=True)  # noqa: E731
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxfuse-auto-") as tmp:
         folder = Path(tmp)
@@ -174,11 +154,9 @@ def main():
                 paths = members(kind, fam["factory"], fam["x"], fam["y"], fam["epochs"], folder, tag, fam["export"])
                 log(f"{fam['family']}, {kind}:")
                 rows.append({"family": fam["family"], "kind": kind, **run_set(paths, fam["train"], fam["val"], log)})
-    text = markdown(rows, commit)
+    text = markdown(rows)
     print(text)
-    if not args.quick:
-        (HERE / "results" / "auto_method.md").write_text(text)
-        (HERE / "results" / "auto_method.json").write_text(json.dumps({"commit": commit, "rows": rows}, indent=2))
+    write_results(args.out, "auto_method", text, {"rows": rows}, st)
 
 
 if __name__ == "__main__":

@@ -14,29 +14,24 @@ nets of `tests/test_architectures.py`, seeds 0 and 1, trained here on scikit-lea
 onnxfuse keeps the members' statistics (onnxfuse/reconstruct.py explains why); this benchmark is the evidence.
 
     python benchmarks/bn_reestimation.py        # about a minute on 2 CPU cores
+    python benchmarks/bn_reestimation.py --quick --out /tmp/q   # the ResNet-like pair, 1 epoch
 
 Writes benchmarks/results/bn_reestimation.md and .json (or --out DIR) and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
+from _common import ROOT, cli, export, fit, md_table, pct, stamp, write_results
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-import onnxfuse  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def reestimated(model, x, nodes):
@@ -57,16 +52,14 @@ def reestimated(model, x, nodes):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
+    args = cli(__doc__, "the ResNet-like pair, 1 epoch").parse_args()
     import onnx
     import torch
     from sklearn.datasets import load_digits
     import test_architectures as arch
     from graphs import run
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    st, start = stamp(), time.perf_counter()
     x, y = load_digits(return_X_y=True)
     x = (x / 16).astype(np.float32).reshape(-1, 1, 8, 8)
     xt, yt, xv, yv = x[:1200], y[:1200], x[1200:], y[1200:]
@@ -75,25 +68,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "train.npz"
         np.savez(calib, x=xt, y=yt)
-        for name in ("resnet", "mobilenetv3"):
+        for name in ("resnet",) if args.quick else ("resnet", "mobilenetv3"):
             paths = []
             for seed in (0, 1):
                 torch.manual_seed(seed)
-                net = arch.NETS[name]()
-                opt = torch.optim.Adam(net.parameters(), 3e-3)
-                data, labels = torch.from_numpy(xt), torch.from_numpy(yt)
-                for _ in range(15):
-                    for idx in torch.randperm(len(data)).split(64):
-                        opt.zero_grad()
-                        torch.nn.functional.cross_entropy(net(data[idx]), labels[idx]).backward()
-                        opt.step()
-                path = str(Path(tmp) / f"{name}_{seed}.onnx")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(net.eval(), torch.zeros(2, 1, 8, 8), path, dynamo=False, input_names=["x"],
-                                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
-                                      opset_version=17, do_constant_folding=False)
-                paths.append(path)
+                net = fit(arch.NETS[name](), xt, yt, 1 if args.quick else 15, 3e-3, 64)
+                paths.append(export(net, torch.zeros(2, 1, 8, 8), Path(tmp) / f"{name}_{seed}.onnx", output="y",
+                                    opset=17, do_constant_folding=False))
             models = [onnx.load(p) for p in paths]
             rec = onnxfuse.fuse(paths, "nt", calibrate=calib)
             refitted = {layer["layer"] for layer in rec.summary["reconstruction"]["layers"]}
@@ -110,7 +91,6 @@ def main() -> None:
                 "NT + reconstruction, BN re-estimated": acc(reestimated(rec.model, xt, after_refit)),
             }
             print(name, rows[name], file=sys.stderr, flush=True)
-    pct = lambda v: f"{100 * v:.2f}"     # noqa: E731
     lines = ["# BatchNorm statistics after reconstruction: keep the members' or re-estimate them?", "",
              "- Members: `tests/test_architectures.py`'s ResNet- and MobileNetV3-like nets, seeds 0 and 1, trained "
              "here on scikit-learn's digits (1200 / 597, Adam lr 3e-3, batch 64, 15 epochs), exported with the "
@@ -118,19 +98,17 @@ def main() -> None:
              "- Reconstruction: `onnxfuse.fuse(paths, \"nt\", calibrate=train.npz)` (the 1200 training images). "
              "Re-estimated: the running mean / variance of every BN that directly follows a refitted layer, "
              "measured on the same images, in graph order. Accuracies in %, on the 597 validation images.",
-             f"- onnxfuse git {git_state()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"{time.perf_counter() - start:.0f} s. Reproduce: `python benchmarks/bn_reestimation.py`.", "",
-             "| net | BN nodes (after a refitted layer) | members | ensemble | NT | NT + reconstruction | "
-             "NT + reconstruction, BN re-estimated |", "|---|---|---|---:|---:|---:|---:|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['bn_nodes']} ({r['bn_after_refitted']}) | "
-                     f"{' / '.join(pct(a) for a in r['members'])} | {pct(r['ensemble'])} | {pct(r['NT'])} | "
-                     f"{pct(r['NT + reconstruction'])} | {pct(r['NT + reconstruction, BN re-estimated'])} |")
+             f"- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+             f"{time.perf_counter() - start:.0f} s" + (" (--quick: 1 epoch)" if args.quick else "")
+             + ". Reproduce: `python benchmarks/bn_reestimation.py`.", "",
+             *md_table(["net", "BN nodes (after a refitted layer)", "members", "ensemble", "NT", "NT + reconstruction",
+                        "NT + reconstruction, BN re-estimated"],
+                       [[name, f"{r['bn_nodes']} ({r['bn_after_refitted']})", " / ".join(pct(a) for a in r["members"]),
+                         pct(r["ensemble"]), pct(r["NT"]), pct(r["NT + reconstruction"]),
+                         pct(r["NT + reconstruction, BN re-estimated"])] for name, r in rows.items()], "lllrrrr")]
     text = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bn_reestimation.md").write_text(text)
-    (args.out / "bn_reestimation.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(text)
+    write_results(args.out, "bn_reestimation", text, {"rows": rows}, st)
 
 
 if __name__ == "__main__":

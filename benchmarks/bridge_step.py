@@ -23,33 +23,26 @@ time (time.thread_time(), which leaves out time spent descheduled on a busy mach
 
     python benchmarks/bridge_step.py                 # full table (about 75 s) -> benchmarks/results/bridge_step.md
     python benchmarks/bridge_step.py --seconds 2     # quicker, noisier
+    python benchmarks/bridge_step.py --quick --out /tmp/q   # smoke run: batch 64, 0.1 s per row
     python benchmarks/bridge_step.py --profile cnn --batch 64   # cProfile of the bridge's forward only
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
-import datetime
 import io
-import os
-import platform
 import pstats
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-
-from onnxfuse.torch_bridge import OnnxModule  # noqa: E402
+from _common import SAMPLES, cli, md_table, onnx_mlp, stamp, write_results
+from onnxfuse.torch_bridge import OnnxModule  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 TARGET_RATIO = 1.25
 BATCHES = (64, 256)
@@ -110,37 +103,11 @@ class HandCNN(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def big_mlp(dims=(784, 1024, 1024, 10), seed=0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    inits, nodes, x = [], [], "x"
-    for layer, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
-        idx = 2 * layer
-        scale = np.float32(1.0 / np.sqrt(fan_in))
-        wt = rng.standard_normal((fan_out, fan_in), dtype=np.float32) * scale
-        b = rng.standard_normal(fan_out, dtype=np.float32) * scale
-        inits += [numpy_helper.from_array(wt, f"{idx}.weight"), numpy_helper.from_array(b, f"{idx}.bias")]
-        last = layer == len(dims) - 2
-        out = "logits" if last else f"/{idx}/Gemm_output_0"
-        nodes.append(helper.make_node("Gemm", [x, f"{idx}.weight", f"{idx}.bias"], [out], name=f"/{idx}/Gemm",
-                                      alpha=1.0, beta=1.0, transB=1))
-        x = out
-        if not last:
-            nodes.append(helper.make_node("Relu", [x], [f"/{idx + 1}/Relu_output_0"], name=f"/{idx + 1}/Relu"))
-            x = f"/{idx + 1}/Relu_output_0"
-    graph = helper.make_graph(
-        nodes, "big_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", dims[-1]])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 def cases():
     """name -> (description, model, hand-module class, batch generator(batch) -> (x, y))."""
-    mlp, cnn = (onnx.load(ROOT / "sample_models" / f"digits_{f}_0.onnx") for f in ("mlp", "cnn"))
-    flat = np.load(ROOT / "sample_models" / "digits_train.npz")
-    images = np.load(ROOT / "sample_models" / "digits_images_train.npz")
+    mlp, cnn = (onnx.load(SAMPLES / f"digits_{f}_0.onnx") for f in ("mlp", "cnn"))
+    flat = np.load(SAMPLES / "digits_train.npz")
+    images = np.load(SAMPLES / "digits_images_train.npz")
 
     def from_data(data):
         def make(batch):
@@ -155,7 +122,7 @@ def cases():
     return {
         "mlp": ("digits_mlp_0 (64-64-64-10)", mlp, HandMLP, from_data(flat)),
         "cnn": ("digits_cnn_0 (2 conv + 2 linear, 8x8)", cnn, HandCNN, from_data(images)),
-        "big": ("MLP 784-1024-1024-10 (onnx.helper)", big_mlp(), HandMLP, random_784),
+        "big": ("MLP 784-1024-1024-10 (onnx.helper)", onnx_mlp((784, 1024, 1024, 10), 0), HandMLP, random_784),
     }
 
 
@@ -243,30 +210,20 @@ def profile_forward(name: str, batch: int, n: int = 2000):
 
 # ============================================================================ report
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _ms(t: float) -> str:
     return f"{t * 1e3:.3f}" if t < 0.01 else f"{t * 1e3:.2f}"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli(__doc__, "every model at batch 64, 0.1 s per row")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per (model, batch) row")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "big"], choices=["mlp", "cnn", "big"])
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--profile", choices=["mlp", "cnn", "big"], help="only profile the bridge's forward")
     parser.add_argument("--batch", type=int, default=64, help="batch for --profile")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "bridge_step.md")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.batches = 0.1, [64]
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -274,7 +231,7 @@ def main(argv=None):
         profile_forward(args.profile, args.batch)
         return 0
 
-    start = time.perf_counter()
+    st, start = stamp(), time.perf_counter()
     all_cases = cases()
     rows = []
     for name in args.models:
@@ -297,11 +254,7 @@ def main(argv=None):
     lines = [
         "# Torch bridge: one training step, OnnxModule vs. a hand-written nn.Module",
         "",
-        f"- Machine: nproc {os.cpu_count()}, {platform.system()} {platform.release()}, {platform.machine()}, "
-        f"{_cpu_model()}; torch.set_num_threads(1)",
-        f"- Versions: torch {torch.__version__}, onnx {onnx.__version__}, numpy {np.__version__}, "
-        f"Python {platform.python_version()}",
-        f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} (benchmark took {took:.0f} s)",
+        f"- torch.set_num_threads(1); the benchmark took {took:.0f} s",
         "- Measured: one training step `opt.zero_grad(); F.cross_entropy(module(x), y).backward(); opt.step()` "
         f"with `torch.optim.SGD(lr={LR}, momentum={MOMENTUM})` on a fixed batch, for the bridge "
         "(`onnxfuse.torch_bridge.OnnxModule`) and for a hand-written nn.Module of the same architecture "
@@ -318,23 +271,20 @@ def main(argv=None):
         "mean it was busy; the CPU ratio is then the better estimate.",
         "- Reproduce: `python benchmarks/bridge_step.py`",
         "",
-        "| model | batch | bridge ms | hand ms | ratio | ratio IQR | of medians | CPU ms bridge / hand "
-        "| CPU ratio | pairs x k | max abs diff logits / grads |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *md_table(["model", "batch", "bridge ms", "hand ms", "ratio", "ratio IQR", "of medians",
+                   "CPU ms bridge / hand", "CPU ratio", "pairs x k", "max abs diff logits / grads"],
+                  [[desc, batch, _ms(r["bridge"]), _ms(r["hand"]), f"**{r['ratio']:.3f}**",
+                    f"{r['q1']:.3f} - {r['q3']:.3f}", f"{r['of_medians']:.3f}",
+                    f"{_ms(r['cpu_bridge'])} / {_ms(r['cpu_hand'])}", f"{r['cpu_ratio']:.3f}",
+                    f"{r['pairs']} x {r['k']}", f"{od:.1e} / {gd:.1e}"] for desc, batch, r, od, gd in rows]),
     ]
-    for desc, batch, r, od, gd in rows:
-        lines.append(f"| {desc} | {batch} | {_ms(r['bridge'])} | {_ms(r['hand'])} | **{r['ratio']:.3f}** | "
-                     f"{r['q1']:.3f} - {r['q3']:.3f} | {r['of_medians']:.3f} | "
-                     f"{_ms(r['cpu_bridge'])} / {_ms(r['cpu_hand'])} | {r['cpu_ratio']:.3f} | {r['pairs']} x {r['k']} | "
-                     f"{od:.1e} / {gd:.1e} |")
     lines += ["", f"Target (issue): bridge/hand <= {TARGET_RATIO} everywhere: worst wall ratio {worst:.3f} -> "
                   + ("**met**" if worst <= TARGET_RATIO else "**NOT met**")
               + f"; worst CPU ratio {worst_cpu:.3f} -> " + ("**met**" if worst_cpu <= TARGET_RATIO else "**NOT met**")]
     text = "\n".join(lines) + "\n"
-    if args.models == ["mlp", "cnn", "big"] and args.batches == list(BATCHES):
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
     print(text)
+    write_results(args.out, "bridge_step", text, {"rows": [dict(model=d, batch=b, out_diff=od, grad_diff=gd, **r)
+                                                           for d, b, r, od, gd in rows]}, st)
     return 0
 
 

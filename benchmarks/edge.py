@@ -22,40 +22,23 @@ Targets (issue 19): the fused int8 model's accuracy within 0.5 pp of the fused f
 enough for int8 kernels to matter.
 
     python benchmarks/edge.py                  # about 15 minutes on 2 CPU cores
-    python benchmarks/edge.py --quick          # sample models only, short timing; prints, writes nothing
+    python benchmarks/edge.py --quick --out /tmp/q   # sample MLPs and a tiny transformer, 1 epoch, short timing
 
 Writes benchmarks/results/edge.md, edge.json and edge.png (accuracy against latency, one panel per set).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-import onnxfuse  # noqa: E402
-from onnxfuse.bench import environment  # noqa: E402
-from _common import adam_epochs, git_state  # noqa: E402
+from _common import SAMPLES, cli, digits, export, fit, md_table, pct, stamp, transformer, write_results
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
-SAMPLES = ROOT / "sample_models"
 SMALL_MS = 1.0          # a member faster than this at batch 32 is too small for int8 kernels to matter
 ROLES = ("member 0 fp32", "fused fp32", "fused int8", "fused fp16", "ensemble")
-
-
-def digits(shape):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16).astype(np.float32)
-    xtr, xva, ytr, yva = train_test_split(x, y, test_size=0.3, stratify=y, random_state=0)
-    return [(a.reshape(-1, *shape) if shape else a, b.astype(np.int64)) for a, b in ((xtr, ytr), (xva, yva))]
 
 
 def upsampled(x):
@@ -63,74 +46,43 @@ def upsampled(x):
     return np.repeat(np.repeat(x, 4, axis=2), 4, axis=3).repeat(3, axis=1)
 
 
-def transformer(d=64, heads=4, ff=128, layers=2):
-    import torch
-    from torch import nn
-
-    class Layer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            h = self.ln1(x)
-            q, k, v = (p(h).view(b, t, heads, d // heads).transpose(1, 2) for p in (self.q, self.k, self.v))
-            att = torch.softmax(q @ k.transpose(-2, -1) / (d // heads) ** 0.5, dim=-1)
-            x = x + self.o((att @ v).transpose(1, 2).reshape(b, t, d))
-            return x + self.ff(self.ln2(x))
-
-    class Classifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(8, d)
-            self.pos = nn.Parameter(torch.randn(8, d) * 0.1)
-            self.layers = nn.Sequential(*(Layer() for _ in range(layers)))
-            self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
-
-        def forward(self, x):
-            return self.head(self.norm(self.layers(self.embed(x) + self.pos)).mean(dim=1))
-
-    return Classifier()
-
-
-def train_and_export(make, x, y, seed, epochs, lr, path: Path) -> Path:
+def train_and_export(make, x, y, seed, epochs, lr, path: Path) -> str:
     import torch
     torch.manual_seed(seed)
-    net = adam_epochs(make(), x, y, epochs, lr, 64)
-    torch.onnx.export(net, (torch.from_numpy(x[:1]),), str(path), input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    return path
+    return export(fit(make(), x, y, epochs, lr, 64), torch.from_numpy(x[:1]), path)
 
 
 def member_sets(quick: bool, work: Path) -> list[dict]:
+    """The sample sets, a ResNet-18 pair and a transformer pair (--quick: the sample MLPs and a tiny
+    transformer pair trained 1 epoch)."""
     sets = [{"name": "digits MLP (sample)", "members": [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(2)],
              "train": str(SAMPLES / "digits_train.npz"), "val": str(SAMPLES / "digits_val.npz"), "epochs": 5},
             {"name": "digits CNN (sample)", "members": [str(SAMPLES / f"digits_cnn_{i}.onnx") for i in range(2)],
              "train": str(SAMPLES / "digits_images_train.npz"), "val": str(SAMPLES / "digits_images_val.npz"),
              "epochs": 5}]
-    if quick:
-        return sets
     import torch
     import torchvision
     torch.set_num_threads(1)
-    (xtr, ytr), (xva, yva) = digits((1, 8, 8))
-    xtr, xva = upsampled(xtr), upsampled(xva)
-    np.savez(work / "img_train.npz", x=xtr, y=ytr)
-    np.savez(work / "img_val.npz", x=xva, y=yva)
-    resnets = [str(train_and_export(lambda: torchvision.models.resnet18(num_classes=10), xtr, ytr, seed, 2, 1e-3,
-                                    work / f"resnet18_{seed}.onnx")) for seed in range(2)]
-    sets.append({"name": "torchvision ResNet-18 (digits 3x32x32)", "members": resnets,
-                 "train": str(work / "img_train.npz"), "val": str(work / "img_val.npz"), "epochs": 6})
+    if quick:
+        sets = sets[:1]
+        sets[0]["epochs"] = 1
+    else:
+        (xtr, ytr), (xva, yva) = digits((1, 8, 8))
+        xtr, xva = upsampled(xtr), upsampled(xva)
+        np.savez(work / "img_train.npz", x=xtr, y=ytr)
+        np.savez(work / "img_val.npz", x=xva, y=yva)
+        resnets = [train_and_export(lambda: torchvision.models.resnet18(num_classes=10), xtr, ytr, seed, 2, 1e-3,
+                                    work / f"resnet18_{seed}.onnx") for seed in range(2)]
+        sets.append({"name": "torchvision ResNet-18 (digits 3x32x32)", "members": resnets,
+                     "train": str(work / "img_train.npz"), "val": str(work / "img_val.npz"), "epochs": 6})
     (ttr, ytr), (tva, yva) = digits((8, 8))
     np.savez(work / "tok_train.npz", x=ttr, y=ytr)
     np.savez(work / "tok_val.npz", x=tva, y=yva)
-    encoders = [str(train_and_export(lambda: transformer(d=192, ff=768), ttr, ytr, seed, 6, 1e-3,
-                                     work / f"encoder_{seed}.onnx")) for seed in range(2)]
-    sets.append({"name": "transformer encoder (8 tokens x 8, d = 192)", "members": encoders,
-                 "train": str(work / "tok_train.npz"), "val": str(work / "tok_val.npz"), "epochs": 5})
+    d, ff, epochs = (16, 32, 1) if quick else (192, 768, 6)
+    encoders = [train_and_export(lambda: transformer(d=d, ff=ff), ttr, ytr, seed, epochs, 1e-3,
+                                 work / f"encoder_{seed}.onnx") for seed in range(2)]
+    sets.append({"name": f"transformer encoder (8 tokens x 8, d = {d})", "members": encoders,
+                 "train": str(work / "tok_train.npz"), "val": str(work / "tok_val.npz"), "epochs": 1 if quick else 5})
     return sets
 
 
@@ -161,25 +113,21 @@ def measure(s: dict, work: Path, seconds: float, memory: bool) -> dict:
                        "int8_b32_latency_vs_member": round(i8["p50_ms_b32"] / member["p50_ms_b32"], 3)}}
 
 
-def markdown(results: list[dict], env: dict, commit: str) -> str:
+def markdown(results: list[dict]) -> str:
     lines = ["# Edge deployment: fused int8 and fp16 beside the fp32 member and the ensemble", "",
-             f"`python benchmarks/edge.py`, commit {commit}, {datetime.date.today()}, {env['processor']} ({env['cpus']} cores), "
-             f"onnxruntime {env['onnxruntime']}, 1 intra-op thread. Accuracy on the held-out split; p50/p99 in "
-             f"ms; peak memory is resident memory above an idle interpreter (fresh process).", "",
+             f"`python benchmarks/edge.py`, {datetime.date.today()}, 1 intra-op thread. Accuracy on the held-out "
+             f"split; p50/p99 in ms; peak memory is resident memory above an idle interpreter (fresh process).", "",
              "Targets: int8 accuracy within 0.5 pp of fused fp32; int8 file <= 0.3 x a member's; int8 p50 at "
              "batch 32 <= 0.7 x the member's fp32 where int8 kernels matter.", ""]
     for r in results:
         lines += [f"## {r['name']}", "",
                   f"{r['parameters']:,} parameters per member; fused by NT and fine-tuned {r['epochs']} epochs "
-                  f"(default recipe).", "",
-                  "| model | accuracy | file | p50 b1 | p99 b1 | p50 b32 | p99 b32 | peak mem b32 |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for role in ROLES:
-            t = r["table"][role]
-            mem = "-" if t["peak_memory_b32"] is None else f"{t['peak_memory_b32'] / 1e6:.1f} MB"
-            lines.append(f"| {role} | {100 * t['accuracy']:.2f} | {t['file_bytes'] / 1e3:,.1f} KB | "
-                         f"{t['p50_ms_b1']:.3f} | {t['p99_ms_b1']:.3f} | {t['p50_ms_b32']:.3f} | "
-                         f"{t['p99_ms_b32']:.3f} | {mem} |")
+                  f"(default recipe).", ""]
+        lines += md_table(["model", "accuracy", "file", "p50 b1", "p99 b1", "p50 b32", "p99 b32", "peak mem b32"],
+                          [[role, pct(t["accuracy"]), f"{t['file_bytes'] / 1e3:,.1f} KB",
+                            *(f"{t[k]:.3f}" for k in ("p50_ms_b1", "p99_ms_b1", "p50_ms_b32", "p99_ms_b32")),
+                            "-" if t["peak_memory_b32"] is None else f"{t['peak_memory_b32'] / 1e6:.1f} MB"]
+                           for role, t in ((role, r["table"][role]) for role in ROLES)])
         c = r["checks"]
         small = r["table"][ROLES[0]]["p50_ms_b32"] < SMALL_MS
         latency = (f"{c['int8_b32_latency_vs_member']:.3f} x the member's fp32 ("
@@ -216,25 +164,18 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--quick", action="store_true", help="sample models only, short timing, write nothing")
+    parser = cli(__doc__, "the sample MLPs and a tiny transformer pair, 1 epoch, 0.1 s timing")
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model and batch size")
     args = parser.parse_args()
-    seconds = 0.2 if args.quick else args.seconds
-    commit = git_state()                 # the code that runs, read before it runs
+    seconds = 0.1 if args.quick else args.seconds
+    st = stamp()                 # the code that runs, read before it runs
     with tempfile.TemporaryDirectory(prefix="onnxfuse-edge-") as tmp:
         work = Path(tmp)
         results = [measure(s, work, seconds, memory=not args.quick) for s in member_sets(args.quick, work)]
-    env = environment()
-    text = markdown(results, env, commit)
+    text = markdown(results)
     print(text)
-    if args.quick:
-        return
-    out = HERE / "results"
-    (out / "edge.md").write_text(text)
-    (out / "edge.json").write_text(json.dumps({"commit": commit, "environment": env, "results": results},
-                                              indent=2, default=str))
-    plot(results, out / "edge.png")
+    write_results(args.out, "edge", text, {"results": results}, st)
+    plot(results, args.out / "edge.png")
 
 
 if __name__ == "__main__":

@@ -17,18 +17,15 @@ intra-op thread. See onnxfuse/bench.py for how latency, file size and peak memor
 
     python benchmarks/latency.py               # about 3 minutes on 2 CPU cores
     python benchmarks/latency.py --seconds 1   # shorter timing per model and batch size
-    python benchmarks/latency.py --quick       # smoke run: prints, writes nothing
+    python benchmarks/latency.py --quick --out /tmp/q   # smoke run: sample MLPs and two small MLPs, 0.1 s
 
 Writes benchmarks/results/latency.md, latency.json and (with matplotlib: pip install -e ".[bench]")
 latency.png.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,54 +33,28 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-import onnxfuse  # noqa: E402
-from onnxfuse.bench import environment  # noqa: E402
+from _common import MB, SAMPLES, cli, md_table, onnx_mlp, stamp, write_results
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
-SAMPLES = ROOT / "sample_models"
 BATCH_SIZES = (1, 32)
 ROLES = ("member", "fused", "ensemble", "wide")
 LABELS = {"member": "member", "fused": "fused (NT)", "ensemble": "ensemble (N sessions)",
           "wide": "wide graph (concat)"}
-MB = 1e6
 
 
-def mlp(widths: list[int], seed: int, path: Path) -> Path:
-    """An MLP of Gemm(transB=1) + ReLU layers with random weights, input x [batch, widths[0]]."""
-    rng = np.random.default_rng(seed)
-    nodes, inits, prev = [], [], "x"
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-        w = (rng.standard_normal((fan_out, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
-        b = (0.01 * rng.standard_normal(fan_out)).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"fc{i}.weight"), numpy_helper.from_array(b, f"fc{i}.bias")]
-        last = i == len(widths) - 2
-        out = "logits" if last else f"fc{i}"
-        nodes.append(helper.make_node("Gemm", [prev, f"fc{i}.weight", f"fc{i}.bias"], [out], transB=1))
-        if not last:
-            nodes.append(helper.make_node("Relu", [out], [f"relu{i}"]))
-            prev = f"relu{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", widths[0]])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", widths[-1]])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def member_sets(tmp: Path) -> list[dict]:
-    big = [784, 1024, 1024, 10]
-    bigs = [mlp(big, seed, tmp / f"mlp1024_{seed}.onnx") for seed in range(4)]
-    return [
-        {"models": "digits CNN (sample)", "members": [SAMPLES / f"digits_cnn_{i}.onnx" for i in range(2)]},
-        {"models": "digits MLP (sample)", "members": [SAMPLES / f"digits_mlp_{i}.onnx" for i in range(2)]},
-        {"models": "MLP 784-1024-1024-10", "members": bigs[:2]},
-        {"models": "MLP 784-1024-1024-10", "members": bigs},
-    ]
+def member_sets(tmp: Path, quick: bool) -> list[dict]:
+    """The sample CNNs and MLPs and 2 and 4 generated MLPs (--quick: the sample MLPs and 2 small MLPs)."""
+    big = [784, 64, 64, 10] if quick else [784, 1024, 1024, 10]
+    bigs = []
+    for seed in range(2 if quick else 4):
+        bigs.append(tmp / f"mlp{big[1]}_{seed}.onnx")
+        onnx.save(onnx_mlp(big, seed), str(bigs[-1]))
+    sets = [{"models": "digits CNN (sample)", "members": [SAMPLES / f"digits_cnn_{i}.onnx" for i in range(2)]},
+            {"models": "digits MLP (sample)", "members": [SAMPLES / f"digits_mlp_{i}.onnx" for i in range(2)]},
+            {"models": "MLP " + "-".join(map(str, big)), "members": bigs[:2]},
+            {"models": "MLP " + "-".join(map(str, big)), "members": bigs}]
+    return sets[1:3] if quick else sets
 
 
 def measure(sets: list[dict], tmp: Path, seconds: float, warmup: int, memory: bool) -> list[dict]:
@@ -113,16 +84,14 @@ def fmt(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def render(results: list[dict], env: dict, started: datetime.datetime, elapsed: float, seconds: float,
+def render(results: list[dict], st: dict, started: datetime.datetime, elapsed: float, seconds: float,
            warmup: int, loads: tuple) -> str:
     lines = [
         "# Latency: fused model vs member, ensemble and wide graph (onnxruntime, CPU, 1 thread)",
         "",
-        f"- Machine: {env['processor']}, {env['cpus']} CPUs (nproc), {env['platform']}; shared with other work "
+        f"- Machine: {st['cpu']}, {st['cores']} CPUs, {st['platform']}; shared with other work "
         f"(1-minute load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end), so absolute times "
         "are indicative; the ratios are measured on interleaved runs and are less sensitive to that.",
-        f"- Versions: onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, numpy {env['numpy']}, onnxfuse "
-        f"{env['onnxfuse']} (git {_git()}), Python {env['python']}.",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M')} UTC; the benchmark took {elapsed:.0f} s.",
         "- Reproduce: `python benchmarks/latency.py` (or, for any models, `onnxfuse bench member.onnx "
         "fused.onnx --ensemble a.onnx b.onnx`).",
@@ -143,16 +112,15 @@ def render(results: list[dict], env: dict, started: datetime.datetime, elapsed: 
         "",
         "## p50 latency relative to one member",
         "",
-        "| models | N | batch | member p50 ms | fused p50 ms | ensemble p50 ms | wide p50 ms | fused / member "
-        "| ensemble / member | ensemble / (N x member) | wide / member | fused <= 1.05 x member |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    table = []
     for res in results:
         f, e, w = ratio(res, "fused"), ratio(res, "ensemble"), ratio(res, "wide")
-        lines.append(f"| {res['models']} | {res['n']} | {res['batch_size']} | {fmt(res['member']['p50_ms'], 4)} | "
-                     f"{fmt(res['fused']['p50_ms'], 4)} | {fmt(res['ensemble']['p50_ms'], 4)} | "
-                     f"{fmt(res['wide']['p50_ms'], 4)} | {fmt(f)} | {fmt(e, 2)} | {fmt(e / res['n'], 2)} | "
-                     f"{fmt(w, 2)} | {'yes' if f <= 1.05 else '**no**'} |")
+        table.append([res["models"], res["n"], res["batch_size"], *(fmt(res[role]["p50_ms"], 4) for role in ROLES),
+                      fmt(f), fmt(e, 2), fmt(e / res["n"], 2), fmt(w, 2), "yes" if f <= 1.05 else "**no**"])
+    lines += md_table(["models", "N", "batch", "member p50 ms", "fused p50 ms", "ensemble p50 ms", "wide p50 ms",
+                       "fused / member", "ensemble / member", "ensemble / (N x member)", "wide / member",
+                       "fused <= 1.05 x member"], table, "lrrrrrrrrrrl")
     fused = [ratio(r, "fused") for r in results]
     per_n = {}
     for r in results:
@@ -184,21 +152,17 @@ def render(results: list[dict], env: dict, started: datetime.datetime, elapsed: 
         "",
         "## All rows",
         "",
-        "| models | N | batch | what | p50 ms | p90 ms | p99 ms | samples/s | runs | file MB | peak memory MB |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    table = []
     for res in results:
         for role in ROLES:
-            r = res[role]
-            if r.get("skipped"):
-                lines.append(f"| {res['models']} | {res['n']} | {res['batch_size']} | {LABELS[role]} | "
-                             f"{r['note']} |  |  |  |  |  |  |")
-                continue
-            mem = r["peak_memory_bytes"]
-            lines.append(f"| {res['models']} | {res['n']} | {res['batch_size']} | {LABELS[role]} | "
-                         f"{fmt(r['p50_ms'], 4)} | {fmt(r['p90_ms'], 4)} | {fmt(r['p99_ms'], 4)} | "
-                         f"{r['throughput']:,.0f} | {r['runs']} | {r['file_bytes'] / MB:.3f} | "
-                         f"{'-' if mem is None else f'{mem / MB:.1f}'} |")
+            r, mem = res[role], res[role].get("peak_memory_bytes")
+            table.append([res["models"], res["n"], res["batch_size"], LABELS[role],
+                          *([r["note"], *[""] * 6] if r.get("skipped") else
+                            [fmt(r["p50_ms"], 4), fmt(r["p90_ms"], 4), fmt(r["p99_ms"], 4), f"{r['throughput']:,.0f}",
+                             r["runs"], f"{r['file_bytes'] / MB:.3f}", "-" if mem is None else f"{mem / MB:.1f}"])])
+    lines += md_table(["models", "N", "batch", "what", "p50 ms", "p90 ms", "p99 ms", "samples/s", "runs", "file MB",
+                       "peak memory MB"], table, "lrrlrrrrrrr")
     notes = sorted({f"{res['models']} (N = {res['n']}), {LABELS[role]}: {res[role]['note']}"
                     for res in results for role in ROLES if res[role]["note"] and not res[role].get("skipped")})
     if notes:
@@ -255,40 +219,25 @@ def plot(results: list[dict], path: Path) -> bool:
     return True
 
 
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip() + "+local changes"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli(__doc__, "the sample MLPs and two MLPs 784-64-64-10, 0.1 s per model")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per model and batch size")
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--quick", action="store_true", help="0.2 s per model, no memory; prints, writes nothing")
-    p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     if args.quick:
-        args.seconds, args.warmup = 0.2, 3
-    started = datetime.datetime.now(datetime.timezone.utc)
+        args.seconds, args.warmup = 0.1, 3
+    st, started = stamp(), datetime.datetime.now(datetime.timezone.utc)
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="onnxfuse-latency-") as tmp:
-        results = measure(member_sets(Path(tmp)), Path(tmp), args.seconds, args.warmup, memory=not args.quick)
-    env = environment("cpu", 1)
-    text = render(results, env, started, time.perf_counter() - start, args.seconds, args.warmup,
+        results = measure(member_sets(Path(tmp), args.quick), Path(tmp), args.seconds, args.warmup, memory=True)
+    text = render(results, st, started, time.perf_counter() - start, args.seconds, args.warmup,
                   (load_start, os.getloadavg()[0]))
-    print(text)
-    if args.quick:
-        return
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency.md").write_text(text)
-    (args.out / "latency.json").write_text(json.dumps({"environment": env, "results": results}, indent=1) + "\n")
     if plot(results, args.out / "latency.png"):
         text = text.replace("## p50 latency relative to one member\n",
                             "## p50 latency relative to one member\n\n![latency](latency.png)\n", 1)
-        (args.out / "latency.md").write_text(text)
+    print(text)
+    write_results(args.out, "latency", text, {"results": results}, st)
 
 
 if __name__ == "__main__":

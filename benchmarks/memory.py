@@ -6,48 +6,44 @@ as in fusion_cost.py (whose machinery this reuses); the peak RSS above an idle i
 the size S of one member file.
 
     python benchmarks/memory.py [--width 14336]
+    python benchmarks/memory.py --quick --out /tmp/q      # w = 256
 
-Writes benchmarks/results/memory.md.
+Writes benchmarks/results/memory.md and .json.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
 import tempfile
 from pathlib import Path
 
-from fusion_cost import MB, measure_width
-
-HERE = Path(__file__).resolve().parent
+from _common import MB, cli, md_table, stamp, write_results
+from fusion_cost import measure_width
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli(__doc__, "w = 256")
     p.add_argument("--width", type=int, default=14336)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "memory.md")
     args = p.parse_args()
+    width = 256 if args.quick else args.width
+    st = stamp()
     with tempfile.TemporaryDirectory() as tmp:
-        row = measure_width(args.width, Path(tmp), 1, print)
+        row = measure_width(width, Path(tmp), 1, print)
     member = row["in_bytes"] / 2
     ratio = row["merge_rss_above_idle"] / member
     text = "\n".join([
         "# Peak memory of merging two ~1 GB members",
         "",
-        f"- Machine: nproc {os.cpu_count()}; date {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- Members: two MLPs 3072 -> {args.width} -> {args.width} -> 10, float32, one file each of "
+        f"- Members: two MLPs 3072 -> {width} -> {width} -> 10, float32, one file each of "
         f"S = {member / MB:.0f} MB. `onnxfuse.fuse([a, b], 'nt', output=...)` in a fresh process; peak RSS "
-        "(ru_maxrss) minus the RSS of the interpreter after importing numpy, onnx and onnxfuse.",
+        "(VmHWM) minus the RSS of the interpreter after importing numpy, onnx and onnxfuse.",
         "- Reproduce: `python benchmarks/memory.py`. Target (issue 5): peak <= 3 S.",
         "",
-        "| S MB | merge s | peak RSS above idle MB | peak / S | target met |",
-        "|---:|---:|---:|---:|---|",
-        f"| {member / MB:.0f} | {row['merge_s']:.2f} | {row['merge_rss_above_idle'] / MB:.0f} | {ratio:.2f} | "
-        f"{'yes' if ratio <= 3 else 'NO'} |",
+        *md_table(["S MB", "merge s", "peak RSS above idle MB", "peak / S", "target met"],
+                  [[f"{member / MB:.0f}", f"{row['merge_s']:.2f}", f"{row['merge_rss_above_idle'] / MB:.0f}",
+                    f"{ratio:.2f}", "yes" if ratio <= 3 else "NO"]], "rrrrl"),
         "",
     ])
     print(text)
-    args.out.write_text(text)
+    write_results(args.out, "memory", text, {"width": width, "member_bytes": member, "row": row}, st)
 
 
 if __name__ == "__main__":

@@ -34,39 +34,29 @@ Target (from the issue; reported, not tuned for): with 2 members, NT + 3 epochs 
 best member, on both datasets.
 
     python benchmarks/methods_accuracy.py            # 2-4 minutes on 2 CPU cores
-    python benchmarks/methods_accuracy.py --quick    # smoke run: N = 2, E = 1..2, seed 0, 5 MNIST-1D epochs
+    python benchmarks/methods_accuracy.py --quick --out /tmp/q   # smoke run (see --help)
 
 Writes benchmarks/results/methods_accuracy.md, .json and .png (or --out DIR) and prints the tables.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SAMPLES = ROOT / "sample_models"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-import onnxfuse  # noqa: E402
+from _common import (AFTER, BEFORE, ENSEMBLE, SAMPLES, cli, export, log, md_table, mean_std, pct, stamp,
+                     write_results)
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 import onnxfuse.api  # noqa: E402
 
 METHODS = ["nt", "average", "weight-matching", "ot"]
 LABEL = {"nt": "NT", "average": "averaging", "weight-matching": "weight matching", "ot": "OT fusion"}
 SETTINGS = {"ce": {}, "kd": {"distill": True}}
-ENSEMBLE, BEFORE, AFTER = "ensemble (mean of logits)", "result before fine-tuning", "result after fine-tuning"
 TARGET_N, TARGET_E = 2, 3
 DIGITS_SEEDS, MNIST1D_SEEDS = (0, 1, 2, 3), (0, 1, 2, 3)
 
@@ -91,12 +81,7 @@ def digits_members(folder: Path, log) -> tuple[list[str], str, str, dict]:
 
     def make(seed: int, name: str) -> str:
         model = sample_train.train(sample_train.mlp, seed, x, y, epochs, lr=lr)
-        path = folder / name
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, x[:2], str(path), dynamo=False, input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
-        return str(path)
+        return export(model, x[:2], folder / name, opset=17)
 
     def weights(path):
         return [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer]
@@ -108,16 +93,12 @@ def digits_members(folder: Path, log) -> tuple[list[str], str, str, dict]:
     return paths, str(SAMPLES / "digits_train.npz"), str(SAMPLES / "digits_val.npz"), {"retrain_check_max_abs": diff}
 
 
-def mnist1d_members(folder: Path, epochs: int, log, recipe: str = "adam") -> tuple[list[str], str, str, dict]:
+def mnist1d_members(folder: Path, epochs: int, log, recipe: str, heldout: int) -> tuple[list[str], str, str, dict]:
     import reconstruction as rec                       # benchmarks/reconstruction.py
-    return rec.mlp_members(folder, MNIST1D_SEEDS, epochs, recipe, log)
+    return rec.mlp_members(folder, MNIST1D_SEEDS, epochs, recipe, log, heldout)
 
 
 NAMES = {"digits": "digits (sklearn)", "mnist1d": "MNIST-1D", "mnist1d-converged": "MNIST-1D, converged members"}
-
-
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 class Bench:
@@ -198,10 +179,6 @@ def verdicts(results: dict) -> dict:
 
 # ============================================================================ output
 
-def pct(x):
-    return f"{100 * x:.2f}"
-
-
 def pm(c, n_seeds):
     return f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}" if n_seeds > 1 else pct(c["mean"])
 
@@ -238,38 +215,32 @@ def render(result: dict) -> str:
         "Bold: mean at or above the best member. *Control*: the best member itself fine-tuned alone with the same "
         "options (`onnxfuse.finetune`), to separate a fused model's gain from the extra training the members "
         "never had (the digits members are deliberately under-trained by `sample_models/train.py`).",
-        f"- Machine: {env['machine']}; torch threads 1; shared with other work, so times are indicative.",
-        f"- Versions: {env['versions']}; onnxfuse git {env['git']}.",
+        f"- Versions beside the stamp's: {env['versions']}; torch threads 1; the machine is shared with other "
+        "work, so times are indicative.",
         f"- Date: {env['date']}; the benchmark took {result['wall_seconds']:.0f} s ({result['fine_tuning_runs']} "
         "fine-tuning runs). Reproduce: `pip install mnist1d && python benchmarks/methods_accuracy.py`"
         + (" (this was a --quick smoke run)" if cfg["quick"] else "") + ".",
         "",
         "## Members and ensemble",
         "",
-        "| dataset | N | members | best member | ensemble (mean of logits) |",
-        "|---|---:|---|---:|---:|",
+        *md_table(["dataset", "N", "members", "best member", "ensemble (mean of logits)"],
+                  [[names[ds], n, ", ".join(pct(a) for a in b["members"]), pct(b["best_member"]), pct(b["ensemble"])]
+                   for ds, blocks in result["results"].items() for n, b in blocks.items()], "lrlrr"),
     ]
+    def cells_of(cells, best):
+        return [f"**{pm(c, len(seeds))}**" if c["mean"] >= best else pm(c, len(seeds)) for c in cells]
+
     for ds, blocks in result["results"].items():
+        table = []
         for n, b in blocks.items():
-            lines.append(f"| {names[ds]} | {n} | {', '.join(pct(a) for a in b['members'])} | {pct(b['best_member'])} "
-                         f"| {pct(b['ensemble'])} |")
-    for ds, blocks in result["results"].items():
+            head, best, c = [n, pct(b["best_member"]), pct(b["ensemble"])], b["best_member"], b["control"]
+            table.append([*head, f"*control: best member ({c['member']}) fine-tuned alone*", "ce", pct(best),
+                          *cells_of(c["cells"], best)])
+            table += [[*head, LABEL[m], s, pct(b["methods"][m]["before"]), *cells_of(cells, best)]
+                      for m in METHODS for s, cells in b["methods"][m]["settings"].items()]
         lines += ["", f"## {names[ds]}: fused models before and after E epochs", "",
-                  "| N | best member | ensemble | method | loss | before | " + " | ".join(f"E={e}" for e in epochs) + " |",
-                  "|---:|---:|---:|---|---|---:|" + "---:|" * len(epochs)]
-        for n, b in blocks.items():
-            c = b["control"]
-            vals = [f"**{pm(x, len(seeds))}**" if x["mean"] >= b["best_member"] else pm(x, len(seeds))
-                    for x in c["cells"]]
-            lines.append(f"| {n} | {pct(b['best_member'])} | {pct(b['ensemble'])} | *control: best member "
-                         f"({c['member']}) fine-tuned alone* | ce | {pct(b['best_member'])} | " + " | ".join(vals) + " |")
-            for m in METHODS:
-                row = b["methods"][m]
-                for s, cells in row["settings"].items():
-                    vals = [f"**{pm(c, len(seeds))}**" if c["mean"] >= b["best_member"] else pm(c, len(seeds))
-                            for c in cells]
-                    lines.append(f"| {n} | {pct(b['best_member'])} | {pct(b['ensemble'])} | {LABEL[m]} | {s} | "
-                                 f"{pct(row['before'])} | " + " | ".join(vals) + " |")
+                  *md_table(["N", "best member", "ensemble", "method", "loss", "before", *(f"E={e}" for e in epochs)],
+                            table, "rrrllr" + "r" * len(epochs))]
     lines += ["", "## Target (from the issue)", ""]
     for ds, v in result["verdicts"].items():
         if not v["measured"]:
@@ -314,7 +285,7 @@ def plot(result: dict, path: Path) -> None:
                     yerr=[0] + [100 * x["std"] for x in c], fmt="s-", color="gray", ms=3, capsize=2, alpha=0.8,
                     label="control: best member fine-tuned alone (ce)")
         ax.axhline(100 * b["best_member"], color="gray", lw=1.2, label="best member")
-        ax.axhline(100 * b["ensemble"], color="black", ls=":", lw=1.2, label="ensemble (mean of logits)")
+        ax.axhline(100 * b["ensemble"], color="black", ls=":", lw=1.2, label=ENSEMBLE)
         top = max([100 * b["ensemble"]] + [100 * c["mean"] for r in b["methods"].values()
                                            for cs in r["settings"].values() for c in cs])
         lows = [100 * c["mean"] for r in b["methods"].values() for cs in r["settings"].values() for c in cs]
@@ -336,38 +307,34 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: N = 2, E = 1..2, seed 0, 5 MNIST-1D member epochs")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for the results (default: benchmarks/results; with --quick: print only)")
-    p.add_argument("--datasets", nargs="+", default=list(NAMES), choices=list(NAMES))
+    p = cli(__doc__, "digits and MNIST-1D (2000 held-out sequences), N = 2, E = 1, seed 0, 1 MNIST-1D member epoch")
+    p.add_argument("--datasets", nargs="+", choices=list(NAMES), help="default: all (--quick: digits, mnist1d)")
     args = p.parse_args()
     import torch
     torch.set_num_threads(1)
     from importlib.metadata import version
 
-    import onnx
-    import onnxruntime
-    from reconstruction import HELDOUT, HELDOUT_SEED, git_state
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    started, t0 = datetime.datetime.now().astimezone(), time.perf_counter()
-    epochs, seeds, ns, member_epochs = ([1, 2], [0], [2], 5) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2], [2, 3, 4], 50)
+    from reconstruction import HELDOUT, HELDOUT_SEED
+    st, started, t0 = stamp(), datetime.datetime.now().astimezone(), time.perf_counter()
+    epochs, seeds, ns, member_epochs = ([1], [0], [2], 1) if args.quick else ([1, 2, 3, 4, 5], [0, 1, 2], [2, 3, 4], 50)
+    datasets = args.datasets or (["digits", "mnist1d"] if args.quick else list(NAMES))
+    heldout = 2000 if args.quick else HELDOUT
     bench = Bench(epochs, seeds, log)
-    converged_epochs = 5 if args.quick else 60
+    converged_epochs = 1 if args.quick else 60
     results, meta = {}, {"digits": {"retrain_check_max_abs": float("nan")},
-                         "mnist1d": {"version": version("mnist1d"), "train": 4000, "heldout": HELDOUT,
+                         "mnist1d": {"version": version("mnist1d"), "train": 4000, "heldout": heldout,
                                      "heldout_seed": HELDOUT_SEED,
                                      "member_epochs": member_epochs},
                          "mnist1d-converged": {"member_epochs": converged_epochs}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for ds in args.datasets:
+        for ds in datasets:
             if ds == "digits":
                 paths, train, val, info = digits_members(tmp, log)
             elif ds == "mnist1d":
-                paths, train, val, info = mnist1d_members(tmp, member_epochs, log)
+                paths, train, val, info = mnist1d_members(tmp, member_epochs, log, "adam", heldout)
             else:
-                paths, train, val, info = mnist1d_members(tmp, converged_epochs, log, "sgd")
+                paths, train, val, info = mnist1d_members(tmp, converged_epochs, log, "sgd", heldout)
             meta[ds].update(info)
             results[ds] = {}
             for n in ns:
@@ -376,13 +343,8 @@ def main() -> None:
     result = {
         "config": {"epochs": epochs, "seeds": seeds, "member_counts": ns, "quick": args.quick, "methods": METHODS,
                    "settings": SETTINGS},
-        "environment": {
-            "machine": f"nproc {len(os.sched_getaffinity(0))} ({os.cpu_count()} CPUs), {platform.system()} "
-                       f"{platform.release()} {platform.machine()}",
-            "versions": f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
-                        f"numpy {np.__version__}, scipy {version('scipy')}, POT {version('pot')}, onnxfuse "
-                        f"{onnxfuse.__version__}, Python {platform.python_version()}",
-            "git": git_state(), "date": started.strftime("%Y-%m-%d %H:%M %Z")},
+        "environment": {"versions": f"scipy {version('scipy')}, POT {version('pot')}",
+                        "date": started.strftime("%Y-%m-%d %H:%M %Z")},
         "datasets": meta, "results": results,
         "fine_tuning_runs": bench.runs, "max_torch_ort_gap": max(bench.gaps, default=0.0),
     }
@@ -390,13 +352,8 @@ def main() -> None:
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     md = render(result)
     print(md)
-    out = args.out or (None if args.quick else HERE / "results")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "methods_accuracy.md").write_text(md)
-        (out / "methods_accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, out / "methods_accuracy.png")
-        log(f"wrote {out / 'methods_accuracy.md'}, .json and .png in {result['wall_seconds']} s")
+    write_results(args.out, "methods_accuracy", md, result, st)
+    plot(result, args.out / "methods_accuracy.png")
 
 
 if __name__ == "__main__":

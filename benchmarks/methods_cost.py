@@ -11,7 +11,7 @@ in a FRESH subprocess (so that the peak RSS belongs to one measurement), we meas
            before the clock starts, and POT (`ot`, which onnxfuse imports lazily for OT only) too in the OT
            children. Importing POT costs seconds on its own (it imports torch when torch is installed): the
            table's notes give that cost, measured once;
-  RSS      peak RSS (getrusage ru_maxrss) minus the RSS of the same interpreter after those imports.
+  RSS      peak RSS (VmHWM, _common.peak_memory) minus the RSS of the same interpreter after those imports.
 
 Methods: nt, average, weight-matching, ot (onnxfuse's own implementations, default options). The OT child
 also records whether POT warned that its EMD solver stopped before the optimum (`numItermax reached`), and the
@@ -37,35 +37,26 @@ Target (from the issue): NT >= 20x faster than OT at w = 1024 (medians), judged 
 the paper measured it; the file-to-file ratio is reported beside it.
 
     python benchmarks/methods_cost.py                  # full table (about 7 minutes on 2 CPU cores)
-    python benchmarks/methods_cost.py --quick          # smoke run: w <= 512, 1 run, prints only
+    python benchmarks/methods_cost.py --quick --out /tmp/q   # smoke run: w = 32, 1 run
     python benchmarks/methods_cost.py --widths 1024 2048 --budget 30
 
-Writes benchmarks/results/methods_cost.md, .json and .png (or --out DIR). The parent process imports only the
-standard library until every measurement is done (matplotlib for the plot comes last), so that nothing
-inflates the children's ru_maxrss.
+Writes benchmarks/results/methods_cost.md, .json and .png (or --out DIR).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-import fusion_cost as fc  # noqa: E402  (standard library only at import time)
+import fusion_cost as fc  # standard library only at import time
+from _common import (MB, Killed, child_result, cli, files_bytes, log, md_table, peak_memory, proc_status, run_child,
+                     stamp, write_results)
 
 METHODS = ["nt", "average", "weight-matching", "ot"]
 LABEL = {"nt": "NT", "average": "averaging", "weight-matching": "weight matching", "ot": "OT fusion"}
@@ -79,7 +70,6 @@ PAPER = {512: {"average": 0.005, "nt": 0.056, "ot": 3.19},
          8192: {"average": 0.373, "nt": 4.91, "ot": None},
          16384: {"average": 1.300, "nt": 18.43, "ot": None}}
 PAPER_MEM = {(1024, "ot"): "22.14 GB", (8192, "nt"): "3.65 GB", (16384, "nt"): "10.98 GB"}
-MB = 1e6
 
 
 # ============================================================================ children (fresh interpreters)
@@ -99,7 +89,7 @@ def _child_measure(method: str, a: str, b: str, out: str) -> dict:
     if method == "ot":                          # POT is imported lazily by onnxfuse's OT only
         import ot  # noqa: F401
     gc.collect()
-    idle_rss = fc._rss_kib("VmRSS") * 1024
+    idle_rss = proc_status("VmRSS")
     before = resource.getrusage(resource.RUSAGE_SELF)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -110,19 +100,18 @@ def _child_measure(method: str, a: str, b: str, out: str) -> dict:
     not_optimal = sum("numItermax" in str(w.message) for w in caught)
     return {"method": method, "seconds": seconds, "fuse_s": phases["fuse"], "phases": phases, "idle_rss": idle_rss,
             "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "peak_rss": after.ru_maxrss * 1024, "emd_not_optimal": not_optimal,
-            "in_bytes": fc._files_bytes(Path(a)) + fc._files_bytes(Path(b)), "out_bytes": fc._files_bytes(Path(out))}
+            "peak_rss": peak_memory(), "emd_not_optimal": not_optimal,
+            "in_bytes": files_bytes(Path(a)) + files_bytes(Path(b)), "out_bytes": files_bytes(Path(out))}
 
 
-def _child_versions() -> dict:
-    out = fc._child_versions()
+def _child_pot() -> dict:
+    """POT's and scipy's versions, and what importing POT costs a fresh interpreter."""
     import scipy
     before = set(sys.modules)
     start = time.perf_counter()
     import ot
-    out.update({"pot": ot.__version__, "scipy": scipy.__version__, "pot_import_s": time.perf_counter() - start,
-                "pot_imports_torch": "torch" in set(sys.modules) - before})
-    return out
+    return {"pot": ot.__version__, "scipy": scipy.__version__, "pot_import_s": time.perf_counter() - start,
+            "pot_imports_torch": "torch" in set(sys.modules) - before}
 
 
 def child_main(argv: list[str]) -> None:
@@ -131,29 +120,17 @@ def child_main(argv: list[str]) -> None:
         result = fc._child_generate(int(argv[1]), Path(argv[2]))
     elif kind == "measure":
         result = _child_measure(*argv[1:5])
-    elif kind == "versions":
-        result = _child_versions()
+    elif kind == "pot":
+        result = _child_pot()
     else:
         raise SystemExit(f"unknown child task {kind}")
-    print("RESULT " + json.dumps(result), flush=True)
+    child_result(result)
 
 
 # ============================================================================ parent
 
-class Killed(Exception):
-    pass
-
-
-def run_child(*args, timeout: float | None = None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *map(str, args)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:          # subprocess.run has killed the child
-        raise Killed from None
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {' '.join(map(str, args))} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT "):])
+def child(*args, timeout: float | None = None) -> dict:
+    return run_child(__file__, *args, timeout=timeout)
 
 
 def measure(widths: list[int], methods: list[str], budget: float, repeats: int, folder: Path, log) -> dict:
@@ -175,8 +152,8 @@ def measure(widths: list[int], methods: list[str], budget: float, repeats: int, 
         if not todo:
             continue
         t = time.perf_counter()
-        a, b = run_child("generate", w, folder)["paths"]
-        log(f"w={w}: members written ({(fc._files_bytes(Path(a)) + fc._files_bytes(Path(b))) / MB:.1f} MB, "
+        a, b = child("generate", w, folder)["paths"]
+        log(f"w={w}: members written ({(files_bytes(Path(a)) + files_bytes(Path(b))) / MB:.1f} MB, "
             f"{time.perf_counter() - t:.1f} s)")
         runs = {m: [] for m in todo}
         try:
@@ -187,7 +164,7 @@ def measure(widths: list[int], methods: list[str], budget: float, repeats: int, 
                         continue
                     out = folder / f"{m}{w}.onnx"
                     try:
-                        res = run_child("measure", m, a, b, out, timeout=budget + 30)
+                        res = child("measure", m, a, b, out, timeout=budget + 30)
                     except Killed:
                         stopped[m] = f"not run: w={w} was killed after {budget + 30:g} s"
                         table[m][w] = {"skipped": f"killed after {budget + 30:g} s (budget {budget:g} s + 30 s "
@@ -229,18 +206,17 @@ def _s(x: float) -> str:
 def time_table(title: str, table: dict, widths: list[int], methods: list[str], key: str,
                with_paper: bool = False) -> list[str]:
     """A markdown table of `key` (seconds) per width and method, with the OT / NT ratio."""
-    paper = " | paper averaging | paper NT | paper OT" if with_paper else ""
-    lines = ["", f"## {title}", "", "| w | " + " | ".join(LABEL[m] for m in methods) + f" | OT / NT{paper} |",
-             "|---:|" + "---:|" * len(methods) + "---:|" + ("---:|---:|---:|" if with_paper else "")]
+    paper = ["paper averaging", "paper NT", "paper OT"] if with_paper else []
+    rows = []
     for w in widths:
         cells = [table[m].get(w) for m in methods]
         row = ["" if c is None else "skipped (budget)" if "skipped" in c
                else _s(c[key]) + (" *" if c.get("emd_not_optimal") else "") for c in cells]
         nt, ot = table.get("nt", {}).get(w), table.get("ot", {}).get(w)
         ratio = f"{ot[key] / nt[key]:.1f}x" if nt and ot and "skipped" not in nt and "skipped" not in ot else ""
-        extra = "".join(f" | {paper_cell(w, m)}" for m in ("average", "nt", "ot")) if with_paper else ""
-        lines.append(f"| {w} | " + " | ".join(row) + f" | {ratio}{extra} |")
-    return lines
+        rows.append([w, *row, ratio, *(paper_cell(w, m) for m in ("average", "nt", "ot") if with_paper)])
+    header = ["w", *(LABEL[m] for m in methods), "OT / NT", *paper]
+    return ["", f"## {title}", "", *md_table(header, rows, "r" * len(header))]
 
 
 def cell_mb(c: dict | None) -> str:
@@ -278,8 +254,7 @@ def render(result: dict) -> str:
         "",
         f"- Machine: {env['machine']}; shared with other work (1-minute load average {env['load'][0]:.1f} at the "
         f"start, {env['load'][1]:.1f} at the end), so wall times are indicative; CPU times are in the .json.",
-        f"- Versions: onnxfuse {ver['onnxfuse']} (git {env['git']}), onnx {ver['onnx']}, numpy {ver['numpy']}, "
-        f"scipy {ver['scipy']}, POT {ver['pot']}, protobuf {ver['protobuf']}, Python {ver['python']}.",
+        f"- Versions (beside the stamp's): scipy {ver['scipy']}, POT {ver['pot']}.",
         f"- Date: {env['date']}; the benchmark took {result['wall_seconds']:.0f} s. Reproduce: "
         f"`python benchmarks/methods_cost.py`" + (" (this was a --quick smoke run)" if result["quick"] else "") + ".",
         "- Members: two random MLPs (Gemm transB=1 + ReLU, float32, normal / sqrt(fan_in), seeds 0 and 1), one "
@@ -290,7 +265,7 @@ def render(result: dict) -> str:
         f"the clock starts, POT too for OT: importing it takes {ver['pot_import_s']:.1f} s on its own here"
         + (", because it imports torch" if ver["pot_imports_torch"] else "")
         + f"). Widths <= {SMMETHODS}: median of {result['repeats']} runs, each in its own process; larger widths: 1 run.",
-        "- **MB**: peak RSS (`ru_maxrss`) minus the RSS of the same interpreter after the imports, MB = 10^6 bytes.",
+        "- **MB**: peak RSS (VmHWM) minus the RSS of the same interpreter after the imports, MB = 10^6 bytes.",
         f"- **skipped (budget)**: a fusion over {result['budget']:g} s is killed (or, predicted from the previous "
         f"width x {GROWTH:g}, not started), and the method is not run at larger widths; reasons below.",
         f"- Threads: BLAS (OpenBLAS/OpenMP/MKL) limited to {result['blas_threads']} in the children, for repeatable "
@@ -307,13 +282,13 @@ def render(result: dict) -> str:
     lines += time_table("Fusion work alone (s), as the paper measured it", table, widths, methods, "fuse_s",
                         with_paper=True)
     lines += time_table("Wall time file to file (s): load + fusion + save", table, widths, methods, "seconds")
-    lines += ["", "## Peak RSS above idle (MB)", "",
-              "| w | " + " | ".join(LABEL[m] for m in methods) + " | in + out files MB |",
-              "|---:|" + "---:|" * len(methods) + "---:|"]
+    rows = []
     for w in widths:
         some = next((table[m][w] for m in methods if w in table[m] and "skipped" not in table[m][w]), None)
-        io = f"{(some['in_bytes'] + some['out_bytes']) / MB:.1f}" if some else ""
-        lines.append(f"| {w} | " + " | ".join(cell_mb(table[m].get(w)) for m in methods) + f" | {io} |")
+        rows.append([w, *(cell_mb(table[m].get(w)) for m in methods),
+                     f"{(some['in_bytes'] + some['out_bytes']) / MB:.1f}" if some else ""])
+    lines += ["", "## Peak RSS above idle (MB)", "",
+              *md_table(["w", *(LABEL[m] for m in methods), "in + out files MB"], rows, "r" * (len(methods) + 2))]
     idle = []
     for label, ms in (("numpy, onnx, onnxfuse, onnxruntime and scipy imported", ["nt", "average", "weight-matching"]),
                       ("the same and POT", ["ot"])):
@@ -378,7 +353,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child_main(sys.argv[2:])
         return
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli(__doc__, "w = 32, one run per method")
     p.add_argument("--widths", type=int, nargs="+", help="widths (default: 32, 64, ..., --max-width)")
     p.add_argument("--max-width", type=int, default=8192)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -386,21 +361,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help=f"runs per width for widths <= {SMMETHODS} (median)")
     p.add_argument("--blas-threads", type=int, default=1,
                    help="OPENBLAS/OMP/MKL_NUM_THREADS in the children (default 1: repeatable on a shared machine)")
-    p.add_argument("--quick", action="store_true", help="smoke run: widths <= 512, 1 run, prints only")
-    p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--tmpdir", default=None, help="folder for the temporary models (default: system temp)")
     args = p.parse_args()
     widths = args.widths or [2 ** k for k in range(5, 15) if 2 ** k <= args.max_width]
     repeats = args.repeats
     if args.quick:
-        widths, repeats = [w for w in widths if w <= 512], 1
+        widths, repeats = [32], 1
     for var in BLAS_VARS:                       # inherited by every child
         os.environ[var] = str(args.blas_threads)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    started, t0, load0 = datetime.datetime.now().astimezone(), time.perf_counter(), os.getloadavg()[0]
+    st, started, t0, load0 = stamp(), datetime.datetime.now().astimezone(), time.perf_counter(), os.getloadavg()[0]
     folder = Path(tempfile.mkdtemp(prefix="onnxfuse-methods-cost-", dir=args.tmpdir))
     try:
-        versions = run_child("versions")
+        versions = child("pot")
         table = measure(widths, args.methods, args.budget, repeats, folder, log)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -409,7 +381,7 @@ def main() -> None:
         "widths": widths, "budget": args.budget, "blas_threads": args.blas_threads, "repeats": repeats, "quick": args.quick,
         "environment": {"machine": f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {mem_gib:.1f} GiB "
                                    f"RAM, {platform.system()} {platform.release()} {platform.machine()}",
-                        "versions": versions, "git": git_state(), "date": started.strftime("%Y-%m-%d %H:%M %Z"),
+                        "versions": versions, "date": started.strftime("%Y-%m-%d %H:%M %Z"),
                         "load": [load0, os.getloadavg()[0]]},
         "table": table, "paper": {str(w): v for w, v in PAPER.items()},
     }
@@ -417,12 +389,8 @@ def main() -> None:
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     md = render(result)
     print(md)
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "methods_cost.md").write_text(md)
-        (args.out / "methods_cost.json").write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, args.out / "methods_cost.png")
-        log(f"wrote {args.out / 'methods_cost.md'}, .json and .png in {result['wall_seconds']} s")
+    write_results(args.out, "methods_cost", md, result, st)
+    plot(result, args.out / "methods_cost.png")
 
 
 if __name__ == "__main__":

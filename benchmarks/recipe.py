@@ -11,7 +11,7 @@ Member sets (seeds 0, 1, 2 per set; members 0..N-1 fused):
 - member recipes: "adam" (lr 1e-3), "sgd-high" (SGD momentum 0.9, lr 0.1), "sgd-low" (SGD momentum 0.9,
   lr 0.003), each constant lr, batch 64, MEMBER_EPOCHS; "sklearn" (MLPClassifier (W, W), adam, through
   skl2onnx: MLPs only).
-- N = 2 and 3 (quick: N = 3 only for the adam members).
+- N = 2 and 3.
 
 Per set, fine-tuning with `onnxfuse.fuse(members, "nt", data=(x, y) train arrays, training=...)` and no `val`
 (the scenario the issue describes: the best epoch is kept on the held-out slice of the training data), scored
@@ -28,31 +28,22 @@ Targets (issue 16), evaluated in the report:
   4. the automatic choice costs at most 30% of the fine-tuning time it serves (probe seconds / run seconds).
 
     python benchmarks/recipe.py --mnist1d /tmp/mnist1d.npz            # every set
-    python benchmarks/recipe.py --quick --mnist1d /tmp/mnist1d.npz    # fewer sets and member epochs
+    python benchmarks/recipe.py --quick --out /tmp/q                  # smoke run (see --help)
 
 Writes benchmarks/results/recipe.md and .json (or --out DIR). One thread (torch and onnxruntime).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
-from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
-
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-
-import onnxfuse  # noqa: E402
+from _common import (SAMPLES, cli, cnn1d, digits, export, fit, md_table, mlp, mnist1d, mnist1d_heldout, stamp,
+                     write_results)
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 import onnxfuse.api  # noqa: E402
 
 GRID = [("sgd", 0.1), ("sgd", 0.05), ("sgd", 0.03), ("sgd", 0.01), ("sgd", 0.003), ("sgd", 0.001),
@@ -60,24 +51,17 @@ GRID = [("sgd", 0.1), ("sgd", 0.05), ("sgd", 0.03), ("sgd", 0.01), ("sgd", 0.003
 MEMBER_RECIPES = {"adam": ("adam", 1e-3), "sgd-high": ("sgd", 0.1), "sgd-low": ("sgd", 0.003)}
 
 
-def datasets(mnist1d_file):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(x, y.astype(np.int64), test_size=0.3, random_state=0, stratify=y)
-    out = {"digits": {"train": (xtr, ytr), "test": (xte, yte), "image": (1, 8, 8)}}
-    if mnist1d_file:
+def datasets(mnist1d_file, names):
+    out = {}
+    if "digits" in names:
+        (xtr, ytr), (xte, yte) = digits()
+        out["digits"] = {"train": (xtr, ytr), "test": (xte, yte), "image": (1, 8, 8)}
+    if "mnist1d" in names and mnist1d_file:
         d = np.load(mnist1d_file)
         out["mnist1d"] = {"train": (d["x"], d["y"]), "test": (d["x_test"], d["y_test"]), "image": (1, 40)}
-    else:
-        import mnist1d.data
-        args = mnist1d.data.get_dataset_args()
-        d = mnist1d.data.make_dataset(args)
-        args.num_samples, args.train_split, args.seed = 10000, 0.0, 7
-        h = mnist1d.data.make_dataset(args)
-        out["mnist1d"] = {"train": (d["x"].astype(np.float32), d["y"].astype(np.int64)),
-                          "test": (h["x_test"].astype(np.float32), h["y_test"].astype(np.int64)), "image": (1, 40)}
+    elif "mnist1d" in names:
+        x, y, _, _ = mnist1d()
+        out["mnist1d"] = {"train": (x, y), "test": mnist1d_heldout(10000, 7), "image": (1, 40)}
     return out
 
 
@@ -85,12 +69,11 @@ def net(dataset: str, family: str):
     import torch.nn as nn
     if family == "mlp":
         d, w = (64, 64) if dataset == "digits" else (40, 100)
-        return nn.Sequential(nn.Linear(d, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
+        return mlp(d, w, w, 10)
     if dataset == "digits":
         return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                              nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 10))
-    return nn.Sequential(nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2), nn.Conv1d(32, 32, 3, padding=1),
-                         nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(320, 64), nn.ReLU(), nn.Linear(64, 10))
+    return cnn1d()
 
 
 def shape_of(data, family):
@@ -112,19 +95,11 @@ def train_member(dataset, family, recipe, seed, data, epochs):
         return to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
     import torch
     torch.manual_seed(seed)
-    model = net(dataset, family)
     opt_name, lr = MEMBER_RECIPES[recipe]
-    opt = (torch.optim.Adam(model.parameters(), lr) if opt_name == "adam"
-           else torch.optim.SGD(model.parameters(), lr, momentum=0.9))
-    xt, yt = torch.from_numpy(x.reshape(shape_of(data, family))), torch.from_numpy(y)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
+    xs = x.reshape(shape_of(data, family))
+    model = fit(net(dataset, family), xs, y, epochs, lr, 64, momentum=None if opt_name == "adam" else 0.9)
     buf = io.BytesIO()
-    torch.onnx.export(model.eval(), xt[:1], buf, input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    export(model, torch.from_numpy(xs[:1]), buf)
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -147,12 +122,11 @@ def accuracy(model, x, y) -> float:
 
 def warm_up():
     """One small fine-tuning first, so that torch's one-time start-up is not charged to the first probes."""
-    samples = ROOT / "sample_models"
-    onnxfuse.merge([str(samples / "digits_mlp_0.onnx"), str(samples / "digits_mlp_1.onnx")],
-                   data=str(samples / "digits_train.npz"), epochs=1, lr=0.05)
+    onnxfuse.merge([str(SAMPLES / "digits_mlp_0.onnx"), str(SAMPLES / "digits_mlp_1.onnx")],
+                   data=str(SAMPLES / "digits_train.npz"), epochs=1, lr=0.05)
 
 
-def run_set(members, data, family, quick):
+def run_set(members, data, family, grid):
     x, y = data["train"]
     x = x.reshape(shape_of(data, family)) if family == "cnn" else x
     xte, yte = data["test"]
@@ -180,7 +154,7 @@ def run_set(members, data, family, quick):
             out[f"calibrate E={e}"] = tuned(epochs=e, calibrate={"x": x})
         except onnxfuse.OnnxFuseError as exc:
             out[f"calibrate E={e}"] = {"test": None, "error": str(exc)}
-    out["grid E=8"] = {f"{opt} {lr:g}": tuned(epochs=8, optimizer=opt, lr=lr) for opt, lr in GRID}
+    out["grid E=8"] = {f"{opt} {lr:g}": tuned(epochs=8, optimizer=opt, lr=lr) for opt, lr in grid}
     best = int(np.argmax(out["members"]))
     f = onnxfuse.api.finetune_with_report(members[best], train, epochs=8)
     out["control E=8"] = {"test": accuracy(f.model, xte, yte), "lr": f.summary["training"]["options"]["lr"]}
@@ -188,41 +162,38 @@ def run_set(members, data, family, quick):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap = cli(__doc__, "digits MLPs (adam and sklearn members, 2 epochs), N = 2, a grid of SGD 0.05 and Adam 1e-3")
     ap.add_argument("--mnist1d", default=None)
-    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--only", default=None, help="comma-separated dataset names")
     ap.add_argument("--cache", default=None, help="folder that keeps the trained members for reruns")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(1)
-    data = datasets(args.mnist1d)
-    member_epochs = {"digits": 15 if args.quick else 30, "mnist1d": 15 if args.quick else 30}
+    names = ["digits"] if args.quick else args.only.split(",") if args.only else ["digits", "mnist1d"]
+    data = datasets(args.mnist1d, names)
+    member_epochs = {"digits": 2 if args.quick else 30, "mnist1d": 30}
+    grid = [("sgd", 0.05), ("adam", 1e-3)] if args.quick else GRID
     sets = []
-    for dataset in (args.only.split(",") if args.only else data):
-        for family in ("mlp", "cnn"):
-            for recipe in ("adam", "sgd-high", "sgd-low", "sklearn"):
+    for dataset in names:
+        for family in ("mlp",) if args.quick else ("mlp", "cnn"):
+            for recipe in ("adam", "sklearn") if args.quick else ("adam", "sgd-high", "sgd-low", "sklearn"):
                 if recipe == "sklearn" and family == "cnn":
                     continue
-                for n in (2, 3):
-                    if args.quick and n == 3 and recipe != "adam":
-                        continue
+                for n in (2,) if args.quick else (2, 3):
                     sets.append((dataset, family, recipe, n))
     results, cache = [], {}
-    args.commit = git_state()           # the code that produced the numbers (stamped at the start)
-    start = time.perf_counter()
+    st, start = stamp(), time.perf_counter()        # the code that produced the numbers (stamped at the start)
     warm_up()
     for dataset, family, recipe, n in sets:
         key = (dataset, family, recipe)
         if key not in cache:
             cache[key] = [member(args.cache, dataset, family, recipe, s, data[dataset], member_epochs[dataset])
                           for s in range(3)]
-        row = run_set(cache[key][:n], data[dataset], family, args.quick)
+        row = run_set(cache[key][:n], data[dataset], family, grid)
         row.update(dataset=dataset, family=family, recipe=recipe, n=n)
         results.append(row)
         print(summary_line(row), flush=True)
-    report(results, args, time.perf_counter() - start)
+    report(results, args, time.perf_counter() - start, st)
 
 
 def summary_line(r) -> str:
@@ -234,7 +205,7 @@ def summary_line(r) -> str:
             f"{r['control E=8']['test']:.4f}")
 
 
-def report(results, args, seconds):
+def report(results, args, seconds, st):
     rows, regrets, below, distill_gaps, costs = [], [], [], [], []
     for r in results:
         best_member = max(r["members"])
@@ -245,11 +216,12 @@ def report(results, args, seconds):
         below.append(d8["test"] < best_member)
         distill_gaps.append(100 * (d8["test"] - r["distill E=8"]["test"]))
         costs += [v["probe_seconds"] / v["run_seconds"] for v in (d3, d8, r["distill E=8"])]
-        rows.append(f"| {r['dataset']} | {r['family']} | {r['recipe']} | {r['n']} | {best_member:.4f} | "
-                    f"{r['ensemble']:.4f} | {d3['test']:.4f} ({d3['lr']:g}) | {d8['test']:.4f} ({d8['lr']:g}, "
-                    f"ep {d8['epoch']}) | {r['distill E=8']['test']:.4f} ({r['distill E=8']['lr']:g}) | "
-                    f"{grid['test']:.4f} ({grid_name}) | {r['grid E=8']['sgd 0.05']['test']:.4f} | {regret:+.2f} | "
-                    f"{r['control E=8']['test']:.4f} ({r['control E=8']['lr']:g}) |")
+        rows.append([r["dataset"], r["family"], r["recipe"], r["n"], f"{best_member:.4f}", f"{r['ensemble']:.4f}",
+                     f"{d3['test']:.4f} ({d3['lr']:g})", f"{d8['test']:.4f} ({d8['lr']:g}, ep {d8['epoch']})",
+                     f"{r['distill E=8']['test']:.4f} ({r['distill E=8']['lr']:g})",
+                     f"{grid['test']:.4f} ({grid_name})",
+                     f"{r['grid E=8']['sgd 0.05']['test']:.4f}", f"{regret:+.2f}",
+                     f"{r['control E=8']['test']:.4f} ({r['control E=8']['lr']:g})"])
     mean_regret, worst_regret = statistics.mean(regrets), max(regrets)
     warned = [r["default E=8"]["beats_on_holdout"] is False for r in results]
     e3_below = sum(r["default E=3"]["test"] < max(r["members"]) for r in results)
@@ -271,17 +243,14 @@ def report(results, args, seconds):
         ("auto choice <= 30% of the fine-tuning time it serves", max(costs) <= 0.30,
          f"mean {statistics.mean(costs):.0%}, worst {max(costs):.0%} (probe s / run s)"),
     ]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = (f"commit {getattr(args, 'commit', None) or git_state()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-             f"{platform.processor() or platform.machine()}, 1 thread, {seconds / 60:.1f} min"
-             f"{', --quick' if args.quick else ''}")
-    md = [f"# Fine-tuning recipe: lr auto + best epoch vs fixed rates\n", f"{stamp}\n",
+    header = (f"1 thread, {seconds / 60:.1f} min{', --quick' if args.quick else ''}")
+    md = [f"# Fine-tuning recipe: lr auto + best epoch vs fixed rates\n", f"{header}\n",
           "Produced by `benchmarks/recipe.py` (see its docstring for the member sets). Test-set accuracy "
           "(onnxruntime); fine-tuning sees only the training data (10% held out by default: the lr probes and "
           "the epoch selection use it). Default = `merge --data` with no other option. One run per cell "
-          "(fine-tuning seed 0).\n", "## Targets\n", "| target | met | measured |", "|---|---|---|"]
-    md += [f"| {name} | {'yes' if ok else '**no**'} | {what} |" for name, ok, what in targets]
+          "(fine-tuning seed 0).\n", "## Targets\n",
+          *md_table(["target", "met", "measured"], [[n, "yes" if ok else "**no**", what] for n, ok, what in targets],
+                    "lll")]
     md += ["", "## Also measured\n",
            f"- Below the best member at E = 8 on the test set: {sum(below)} sets; the warning "
            f"(`beats_best_member: false`, judged on the held-out slice of the training data, which the members "
@@ -300,12 +269,12 @@ def report(results, args, seconds):
              f"{sum(v > 0 for v in d)}, worse in {sum(v < 0 for v in d)} of {len(d)} sets; range {min(d):+.2f} to "
              f"{max(d):+.2f} pp)." for e, d in calib.items() if d], ""]
     md += ["", "## Per member set\n",
-           "| data | net | members | N | best member | ensemble | default E=3 (lr) | default E=8 (lr, kept epoch) | "
-           "distill E=8 (lr) | best fixed rate E=8 | SGD 0.05 E=8 (old default) | regret pp | best member "
-           "fine-tuned alone E=8 (lr) |", "|" + "---|" * 13, *rows, ""]
-    (out / "recipe.md").write_text("\n".join(md))
-    (out / "recipe.json").write_text(json.dumps({"stamp": stamp, "targets": targets, "sets": results}, indent=1))
+           *md_table(["data", "net", "members", "N", "best member", "ensemble", "default E=3 (lr)",
+                      "default E=8 (lr, kept epoch)", "distill E=8 (lr)", "best fixed rate E=8",
+                      "SGD 0.05 E=8 (old default)", "regret pp", "best member fine-tuned alone E=8 (lr)"], rows,
+                     "l" * 13), ""]
     print("\n".join(md))
+    write_results(args.out, "recipe", "\n".join(md), {"targets": targets, "sets": results}, st)
 
 
 if __name__ == "__main__":

@@ -39,67 +39,33 @@ Targets (from the issue; reported, not tuned for):
 Also reported: whether NT + reconstruction + 5 epochs beats NT + 5 epochs (same recipe).
 
     python benchmarks/reconstruction.py            # about four minutes on 2 CPU cores
-    python benchmarks/reconstruction.py --quick    # smoke run: 5 member epochs, fine-tuning seed 0 only
+    python benchmarks/reconstruction.py --quick --out /tmp/q   # smoke run (see --help)
 
 Writes benchmarks/results/reconstruction.md and .json (or --out DIR) and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
-import platform
-import statistics
-import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
-
-from _common import git_state  # noqa: E402  (benchmarks/ is the script's folder)
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-
-import onnxfuse  # noqa: E402
+from _common import (AFTER, BEFORE, ENSEMBLE, cli, cnn1d, export, fit, log, md_table, mean_std, mlp, mnist1d,
+                     mnist1d_heldout, pct, stamp, write_results)
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
+import onnxfuse.api  # noqa: E402
 
 CONTROL = "best member + 5 epochs"
 REC1_LOW, REC1, REC5 = ("NT + reconstruction + 1 epoch, lr 0.005", "NT + reconstruction + 1 epoch",
                         "NT + reconstruction + 5 epochs")
 HELDOUT, HELDOUT_SEED = 20000, 7
-ENSEMBLE, BEFORE, AFTER = "ensemble (mean of logits)", "result before fine-tuning", "result after fine-tuning"
-
-
-def dataset():
-    import mnist1d.data
-    args = mnist1d.data.get_dataset_args()
-    data = mnist1d.data.make_dataset(args)       # generated locally from templates; nothing is downloaded
-    return (data["x"].astype(np.float32), data["y"].astype(np.int64),
-            data["x_test"].astype(np.float32), data["y_test"].astype(np.int64))
-
-
-def heldout(count: int = HELDOUT, seed: int = HELDOUT_SEED):
-    """`count` fresh sequences from the same generator (default arguments, another seed): a large test set."""
-    import mnist1d.data
-    args = mnist1d.data.get_dataset_args()
-    args.num_samples, args.train_split, args.seed = count, 0.0, seed
-    data = mnist1d.data.make_dataset(args)
-    return data["x_test"].astype(np.float32), data["y_test"].astype(np.int64)
 
 
 def nets():
-    import torch.nn as nn
-    return {
-        "mlp": (lambda: nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-                                      nn.Linear(100, 10)), (40,)),
-        "cnn": (lambda: nn.Sequential(nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
-                                      nn.Conv1d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(),
-                                      nn.Linear(320, 64), nn.ReLU(), nn.Linear(64, 10)), (1, 40)),
-    }
+    """family: (factory, input shape without the batch axis)."""
+    return {"mlp": (lambda: mlp(40, 100, 100, 10), (40,)), "cnn": (cnn1d, (1, 40))}
 
 
 def train_member(factory, shape, x, y, seed: int, epochs: int, recipe: str = "adam"):
@@ -108,38 +74,21 @@ def train_member(factory, shape, x, y, seed: int, epochs: int, recipe: str = "ad
     fine-tuning, run to convergence, so that more of it no longer improves a member."""
     import torch
     torch.manual_seed(seed)
-    net = factory()
-    xt, yt = torch.from_numpy(x.reshape(-1, *shape)), torch.from_numpy(y)
-    if recipe == "sgd":
-        opt, batch = torch.optim.SGD(net.parameters(), 0.05, momentum=0.9), 64
-    else:
-        opt, batch = torch.optim.Adam(net.parameters(), 1e-3), 100
-    steps = epochs * -(-len(xt) // batch)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, (lambda k: 1 - k / steps) if recipe == "sgd" else (lambda k: 1.0))
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(batch):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
-            decay.step()
-    return net.eval()
+    options = dict(lr=0.05, batch=64, momentum=0.9, decay=True) if recipe == "sgd" else dict(lr=1e-3, batch=100)
+    return fit(factory(), x.reshape(-1, *shape), y, epochs, **options)
 
 
-def export(net, shape, path: Path) -> str:
+def export_member(net, shape, path: Path) -> str:
     import torch
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.zeros(2, *shape), str(path), dynamo=False, input_names=["x"],
-                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17)
-    return str(path)
+    return export(net, torch.zeros(2, *shape), path, opset=17)
 
 
-def mlp_members(folder: Path, seeds, epochs: int, recipe: str, log) -> tuple[list[str], str, str, dict]:
+def mlp_members(folder: Path, seeds, epochs: int, recipe: str, log, heldout: int = HELDOUT
+                ) -> tuple[list[str], str, str, dict]:
     """MNIST-1D MLP members for methods_accuracy.py and transplant_sweep.py: the training set as
-    `mnist1d_train.npz`, the large generated held-out set (heldout()) as `mnist1d_heldout.npz`."""
-    x, y, _, _ = dataset()
-    xh, yh = heldout()
+    `mnist1d_train.npz`, `heldout` generated held-out sequences as `mnist1d_heldout.npz`."""
+    x, y, _, _ = mnist1d()
+    xh, yh = mnist1d_heldout(heldout, HELDOUT_SEED)
     factory, shape = nets()["mlp"]
     train, val = folder / "mnist1d_train.npz", folder / "mnist1d_heldout.npz"
     np.savez(train, x=x, y=y)
@@ -147,15 +96,11 @@ def mlp_members(folder: Path, seeds, epochs: int, recipe: str, log) -> tuple[lis
     paths = []
     for s in seeds:
         t = time.perf_counter()
-        paths.append(export(train_member(factory, shape, x, y, s, epochs, recipe), shape,
+        paths.append(export_member(train_member(factory, shape, x, y, s, epochs, recipe), shape,
                             folder / f"mnist1d_mlp_{recipe}_{s}.onnx"))
         log(f"mnist1d ({recipe}): member {s} trained ({time.perf_counter() - t:.1f} s)")
     return paths, str(train), str(val), {"train": len(x), "heldout": len(xh), "heldout_seed": HELDOUT_SEED,
                                          "member_epochs": epochs}
-
-
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def run_block(paths, train, val, test, seeds, log) -> dict:
@@ -204,10 +149,6 @@ def verdicts(row: dict) -> dict:
     }
 
 
-def pct(x):
-    return f"{100 * x:.2f}"
-
-
 def cell(c, seeds):
     return pct(c["mean"]) + (f" ± {100 * c['std']:.2f}" if len(seeds) > 1 else "")
 
@@ -239,54 +180,46 @@ def render(result: dict) -> str:
         "(seeds 0, 1, 2; legacy torch exporter) with two recipes:",
         *[f"  - **{name}**: {desc}" + (f" (this run: {meta['member_epochs'][name]} epochs)"
                                        if meta["quick"] else "") + "."
-          for name, (_, _, desc) in RECIPES.items()],
+          for name, (_, _, desc) in RECIPES.items() if name in meta["member_epochs"]],
         "- NT: `onnxfuse.fuse(paths, \"nt\")`, no training. Reconstruction: `calibrate=train.npz` (inputs only, "
         "2048 of the 4000 sequences), no labels, no gradients. Fine-tuning: onnxfuse defaults (SGD, momentum 0.9, "
         "lr 0.05 decaying linearly to 0, batch 64, cross-entropy), and for one epoch after reconstruction also at "
         f"lr 0.005; seeds {', '.join(map(str, seeds))}: "
         "mean ± std. *Control*: the best member alone fine-tuned for 5 epochs the same way, which separates "
         "what fusion gives from what extra training gives.",
-        f"- Machine: {meta['machine']}; torch threads 1; shared with other work, timings indicative.",
-        f"- Versions: {meta['versions']}; onnxfuse git {meta['git']}.",
+        "- Torch threads 1; the machine is shared with other work, timings indicative.",
         f"- Date: {meta['date']}; the benchmark took {meta['seconds']:.0f} s. Reproduce: "
         "`pip install mnist1d && python benchmarks/reconstruction.py`" + (" (this was a --quick smoke run)"
                                                                          if meta["quick"] else "") + ".", "",
-        "| members | family | N | best member | ensemble | NT | NT + reconstruction | NT + 1 epoch | NT + 5 epochs | "
-        "NT + rec. + 1 epoch, lr 0.005 | NT + rec. + 1 epoch | NT + rec. + 5 epochs | "
-        "*control:* best member + 5 epochs | reconstruction time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *md_table(["members", "family", "N", "best member", "ensemble", "NT", "NT + reconstruction", "NT + 1 epoch",
+                   "NT + 5 epochs", "NT + rec. + 1 epoch, lr 0.005", "NT + rec. + 1 epoch", "NT + rec. + 5 epochs",
+                   "*control:* best member + 5 epochs", "reconstruction time"],
+                  [[*key.split("/"), *(pct(row[k]) for k in ("best member", "ensemble", "NT", "NT + reconstruction")),
+                    *(cell(row[k], seeds) for k in ("NT + 1 epoch", "NT + 5 epochs", REC1_LOW, REC1, REC5, CONTROL)),
+                    f"{row['reconstruction seconds']:.2f} s"] for key, row in result["rows"].items()], "ll" + "r" * 12),
     ]
-    for key, row in result["rows"].items():
-        recipe, family, n = key.split("/")
-        lines.append(f"| {recipe} | {family} | {n} | {pct(row['best member'])} | {pct(row['ensemble'])} | "
-                     f"{pct(row['NT'])} | {pct(row['NT + reconstruction'])} | {cell(row['NT + 1 epoch'], seeds)} | "
-                     f"{cell(row['NT + 5 epochs'], seeds)} | {cell(row[REC1_LOW], seeds)} | "
-                     f"{cell(row[REC1], seeds)} | {cell(row[REC5], seeds)} | "
-                     f"{cell(row[CONTROL], seeds)} | {row['reconstruction seconds']:.2f} s |")
     lines += ["", "Reconstruction time: the `reconstruct` phase of `fuse(..., calibrate=...)` "
               "(`summary[\"phases\"]`: building the wide model, reading the calibration data, the fit; "
               "transplanting and scoring excluded).", "",
               "Members (N = 3): " + "; ".join(f"{k[:-2]}: " + ", ".join(pct(a) for a in r["members"])
                                               for k, r in result["rows"].items() if k.endswith("/3")), "",
               f"On the {meta['test']} standard test sequences (no training; noisier):", "",
-              "| members | family | N | best member | ensemble | NT + reconstruction |", "|---|---|---:|---:|---:|---:|"]
-    for key, row in result["rows"].items():
-        recipe, family, n = key.split("/")
-        st = row["standard test set"]
-        lines.append(f"| {recipe} | {family} | {n} | {pct(st['best member'])} | {pct(st['ensemble'])} | "
-                     f"{pct(st['NT + reconstruction'])} |")
-    lines += ["", "## Targets", "",
-              "| members | family | N | rec. beats best member | rec. gains ≥ ½ of the ensemble's gain (fraction) | "
-              "rec. + 1 epoch beats NT + 5 epochs | *also:* rec. + 5 epochs beats NT + 5 epochs |",
-              "|---|---|---:|---|---|---|---|"]
+              *md_table(["members", "family", "N", "best member", "ensemble", "NT + reconstruction"],
+                        [[*key.split("/"), *(pct(row["standard test set"][k]) for k in
+                                             ("best member", "ensemble", "NT + reconstruction"))]
+                         for key, row in result["rows"].items()], "llrrrr")]
+    table = []
     for key, v in result["verdicts"].items():
-        recipe, family, n = key.split("/")
         frac = v["reconstruction fraction of ensemble gain"]
-        lines.append(f"| {recipe} | {family} | {n} | {yes(v['reconstruction beats best member'])} | "
-                     f"{yes(v['reconstruction gains >= half the ensemble' + chr(39) + 's gain'])} "
-                     f"({'ensemble no better than best member' if frac is None else f'{frac:.2f}'}) | "
-                     f"{yes(v['reconstruction + 1 epoch beats NT + 5 epochs'])} | "
-                     f"{yes(v['reconstruction + 5 epochs beats NT + 5 epochs'])} |")
+        table.append([*key.split("/"), yes(v["reconstruction beats best member"]),
+                      f"{yes(v['reconstruction gains >= half the ensemble' + chr(39) + 's gain'])} "
+                      f"({'ensemble no better than best member' if frac is None else f'{frac:.2f}'})",
+                      yes(v["reconstruction + 1 epoch beats NT + 5 epochs"]),
+                      yes(v["reconstruction + 5 epochs beats NT + 5 epochs"])])
+    lines += ["", "## Targets", "",
+              *md_table(["members", "family", "N", "rec. beats best member",
+                         "rec. gains ≥ ½ of the ensemble's gain (fraction)", "rec. + 1 epoch beats NT + 5 epochs",
+                         "*also:* rec. + 5 epochs beats NT + 5 epochs"], table, "llrllll")]
     lines += ["", "Relative error of each refitted layer's output against the wide model on the calibration data "
               "(transplanted weights → refitted), N = 3:", ""]
     for key, row in result["rows"].items():
@@ -298,50 +231,43 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 5 member epochs, seed 0 only")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
+    args = cli(__doc__, "the first recipe, N = 2, 1000 training sequences, 1 member epoch, fine-tuning seed 0, "
+                        "1000 held-out sequences").parse_args()
     import torch
     torch.set_num_threads(1)
-    import mnist1d
     from importlib.metadata import version
-    start = time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    st, start = stamp(), time.perf_counter()
     seeds = [0] if args.quick else [0, 1, 2]
-    member_epochs = {name: 5 if args.quick else epochs for name, (_, epochs, _) in RECIPES.items()}
-    x, y, xt, yt = dataset()
-    xh, yh = heldout(1000 if args.quick else HELDOUT)
+    recipes = dict(list(RECIPES.items())[:1]) if args.quick else RECIPES
+    member_epochs = {name: 1 if args.quick else epochs for name, (_, epochs, _) in recipes.items()}
+    x, y, xt, yt = mnist1d()
+    if args.quick:
+        x, y = x[:1000], y[:1000]
+    xh, yh = mnist1d_heldout(1000 if args.quick else HELDOUT, HELDOUT_SEED)
     rows, verdict = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, (recipe, _, _) in RECIPES.items():
+        for name, (recipe, _, _) in recipes.items():
             for family, (factory, shape) in nets().items():
                 train, val, test = (tmp / f"{family}_{part}.npz" for part in ("train", "heldout", "test"))
                 np.savez(train, x=x.reshape(-1, *shape), y=y)
                 np.savez(val, x=xh.reshape(-1, *shape), y=yh)
                 np.savez(test, x=xt.reshape(-1, *shape), y=yt)
-                paths = [export(train_member(factory, shape, x, y, s, member_epochs[name], recipe), shape,
-                                tmp / f"{family}_{recipe}_{s}.onnx") for s in range(3)]
-                for n in (2, 3):
+                paths = [export_member(train_member(factory, shape, x, y, s, member_epochs[name], recipe), shape,
+                                       tmp / f"{family}_{recipe}_{s}.onnx") for s in range(3)]
+                for n in (2,) if args.quick else (2, 3):
                     key = f"{name}/{family}/{n}"
                     log(key)
                     rows[key] = run_block(paths[:n], train, val, test, seeds, log)
                     verdict[key] = verdicts(rows[key])
-    import onnx
-    import onnxruntime
-    meta = {"mnist1d": version("mnist1d"), "train": len(x), "test": len(xt), "heldout": len(xh), "member_epochs": member_epochs,
-            "machine": f"nproc {os.cpu_count()}, {platform.system()} {platform.release()} {platform.machine()}",
-            "versions": f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
-                        f"numpy {np.__version__}, onnxfuse {onnxfuse.__version__}, Python {platform.python_version()}",
-            "git": git_state(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"mnist1d": version("mnist1d"), "train": len(x), "test": len(xt), "heldout": len(xh),
+            "member_epochs": member_epochs,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": time.perf_counter() - start, "quick": args.quick}
     result = {"meta": meta, "seeds": seeds, "rows": rows, "verdicts": verdict}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reconstruction.json").write_text(json.dumps(result, indent=2) + "\n")
     text = render(result)
-    (args.out / "reconstruction.md").write_text(text)
     print(text)
+    write_results(args.out, "reconstruction", text, result, st)
 
 
 if __name__ == "__main__":

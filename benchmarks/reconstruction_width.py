@@ -10,14 +10,13 @@ sequences. The issue's target 1: NT + reconstruction beats the best member and g
 ensemble gains over it (fraction >= 0.5).
 
     pip install mnist1d && python benchmarks/reconstruction_width.py     # about two minutes on 2 CPU cores
+    python benchmarks/reconstruction_width.py --quick --out /tmp/q       # smoke run
 
 Writes benchmarks/results/reconstruction_width.md and .json (or --out DIR) and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -25,31 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
-import reconstruction as rec     # benchmarks/reconstruction.py (this folder is on sys.path); puts the repo on it
+import reconstruction as rec     # benchmarks/reconstruction.py
+from _common import BEFORE, ENSEMBLE, cli, md_table, mlp, mnist1d, mnist1d_heldout, stamp, write_results
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
-import onnxfuse  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 WIDTHS = (32, 64, 100, 256, 512)
 CALIB_SAMPLES = (2048, 4000)
 
 
-def mlp(width: int):
-    import torch.nn as nn
-    return nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: widths 32 and 100, 5 member epochs")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
+    args = cli(__doc__, "W = 32, N = 2 and 3, 1 member epoch, 1000 held-out sequences").parse_args()
     import torch
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    widths, epochs = ((32, 100), 5) if args.quick else (WIDTHS, 60)
-    x, y, _, _ = rec.dataset()
-    xh, yh = rec.heldout()
+    st, start = stamp(), time.perf_counter()
+    widths, epochs = ((32,), 1) if args.quick else (WIDTHS, 60)
+    x, y, _, _ = mnist1d()
+    xh, yh = mnist1d_heldout(1000 if args.quick else rec.HELDOUT, rec.HELDOUT_SEED)
     acc = lambda s, key: 100 * s["accuracy"][key]["accuracy"]  # noqa: E731
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,26 +48,24 @@ def main() -> None:
         np.savez(train, x=x, y=y)
         np.savez(val, x=xh, y=yh)
         for width in widths:
-            paths = [rec.export(rec.train_member(lambda: mlp(width), (40,), x, y, s, epochs, "sgd"), (40,),
-                                tmp / f"mlp{width}_{s}.onnx") for s in range(3)]
+            paths = [rec.export_member(rec.train_member(lambda: mlp(40, width, width, 10), (40,), x, y, s, epochs,
+                                                        "sgd"), (40,), tmp / f"mlp{width}_{s}.onnx") for s in range(3)]
             for n in (2, 3):
                 for samples in CALIB_SAMPLES:
                     s = onnxfuse.fuse(paths[:n], "nt", val=val, calibrate=train, calib_samples=samples).summary
                     members = [acc(s, Path(p).name) for p in paths[:n]]
-                    best, ens, fused = max(members), acc(s, rec.ENSEMBLE), acc(s, rec.BEFORE)
+                    best, ens, fused = max(members), acc(s, ENSEMBLE), acc(s, BEFORE)
                     rows.append({"width": width, "members": n, "calib_samples": samples, "member_accuracies": members,
                                  "best member": best, "ensemble": ens, "NT + reconstruction": fused,
                                  "fraction": (fused - best) / (ens - best) if ens > best else None})
                     print(f"W={width} N={n} calib {samples}: best {best:.2f} ensemble {ens:.2f} "
                           f"NT + reconstruction {fused:.2f}", file=sys.stderr, flush=True)
-    meta = {"git": rec.git_state(), "seconds": round(time.perf_counter() - start, 1), "quick": args.quick,
+    meta = {"seconds": round(time.perf_counter() - start, 1), "quick": args.quick,
             "heldout": len(xh), "member_epochs": epochs,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reconstruction_width.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     text = render(rows, meta)
-    (args.out / "reconstruction_width.md").write_text(text)
     print(text)
+    write_results(args.out, "reconstruction_width", text, {"meta": meta, "rows": rows}, st)
 
 
 def render(rows, meta) -> str:
@@ -87,17 +75,18 @@ def render(rows, meta) -> str:
              f"{rec.HELDOUT_SEED}). No fine-tuning anywhere.",
              "- Fraction: (NT + reconstruction − best member) / (ensemble − best member); the issue's target is "
              "≥ 0.5 (and above the best member).",
-             f"- onnxfuse git {meta['git']}; {meta['date']}; took {meta['seconds']:.0f} s"
+             f"- {meta['date']}; took {meta['seconds']:.0f} s"
              + (" (--quick smoke run)" if meta["quick"] else "") + ". Reproduce: "
-             "`pip install mnist1d && python benchmarks/reconstruction_width.py`.", "",
-             "| W | N | calibration samples | best member | ensemble | NT + reconstruction | fraction | target 1 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "`pip install mnist1d && python benchmarks/reconstruction_width.py`.", ""]
+    table = []
     for r in rows:
         frac = r["fraction"]
         met = frac is not None and frac >= 0.5 and r["NT + reconstruction"] > r["best member"]
-        lines.append(f"| {r['width']} | {r['members']} | {r['calib_samples']} | {r['best member']:.2f} | "
-                     f"{r['ensemble']:.2f} | {r['NT + reconstruction']:.2f} | "
-                     f"{'-' if frac is None else f'{frac:+.2f}'} | {'**met**' if met else 'no'} |")
+        table.append([r["width"], r["members"], r["calib_samples"], f"{r['best member']:.2f}", f"{r['ensemble']:.2f}",
+                      f"{r['NT + reconstruction']:.2f}", "-" if frac is None else f"{frac:+.2f}",
+                      "**met**" if met else "no"])
+    lines += md_table(["W", "N", "calibration samples", "best member", "ensemble", "NT + reconstruction", "fraction",
+                       "target 1"], table, "rrrrrrrl")
     return "\n".join(lines) + "\n"
 
 

@@ -18,27 +18,19 @@ Member sets (none designed for onnxfuse):
     (benchmarks/reconstruction.py's generator and helpers).
 
     python benchmarks/soup.py            # about 30 minutes on 2 CPU cores
-    python benchmarks/soup.py --quick    # digits MLPs only, K = 2, E = Es = 1; prints, writes nothing
+    python benchmarks/soup.py --quick --out /tmp/q   # digits MLPs only, K = 2, E = Es = 1
 
 Writes benchmarks/results/soup.md and soup.json.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-import onnxfuse  # noqa: E402
-from _common import git_state  # noqa: E402
-
-SAMPLES = ROOT / "sample_models"
+from _common import AFTER, ENSEMBLE, SAMPLES, cli, md_table, mnist1d, mnist1d_heldout, pct, stamp, write_results
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 
 def member_sets(quick: bool, work: Path) -> list[dict]:
@@ -50,15 +42,15 @@ def member_sets(quick: bool, work: Path) -> list[dict]:
                  "train": str(SAMPLES / "digits_images_train.npz"), "val": str(SAMPLES / "digits_images_val.npz")})
     import numpy as np
     import reconstruction as r
-    x, y, _, _ = r.dataset()
-    xh, yh = r.heldout()
+    x, y, _, _ = mnist1d()
+    xh, yh = mnist1d_heldout(r.HELDOUT, r.HELDOUT_SEED)
     for kind, n in (("mlp", 2), ("cnn", 3)):
         factory, shape = r.nets()[kind]
         train, val = work / f"mnist1d_{kind}_train.npz", work / f"mnist1d_{kind}_heldout.npz"
         np.savez(train, x=x.reshape(-1, *shape), y=y)
         np.savez(val, x=xh.reshape(-1, *shape), y=yh)
-        members = [r.export(r.train_member(factory, shape, x, y, seed, 15), shape, work / f"m1d_{kind}_{seed}.onnx")
-                   for seed in range(n)]
+        members = [r.export_member(r.train_member(factory, shape, x, y, seed, 15), shape,
+                                   work / f"m1d_{kind}_{seed}.onnx") for seed in range(n)]
         sets.append({"name": f"MNIST-1D {kind.upper()}, N = {n}", "members": members, "train": str(train),
                      "val": str(val)})
     return sets
@@ -73,30 +65,28 @@ def measure(s: dict, k: int, epochs: int, soup_epochs: int, log) -> dict:
     total = epochs + k * soup_epochs
     long = onnxfuse.fuse(s["members"], "nt", data=s["train"], val=s["val"], training={"epochs": total}).summary
     members = [acc(summary, Path(m).name) for m in s["members"]]
-    row = {"name": s["name"], "members": members, "ensemble": acc(summary, "ensemble (mean of logits)"),
-           "start": acc(summary, "result after fine-tuning"), "ingredients": ingredients,
+    row = {"name": s["name"], "members": members, "ensemble": acc(summary, ENSEMBLE),
+           "start": acc(summary, AFTER), "ingredients": ingredients,
            "best ingredient": max(ingredients), "mean ingredient": statistics.fmean(ingredients), "soup": soup,
-           "equal compute": acc(long, "result after fine-tuning"), "equal compute epochs": total}
+           "equal compute": acc(long, AFTER), "equal compute epochs": total}
     log(f"{s['name']}: soup {soup:.4f}, ingredients {ingredients}, {total} epochs {row['equal compute']:.4f}")
     return row
 
 
-def markdown(rows: list[dict], k: int, epochs: int, soup_epochs: int, commit: str) -> str:
+def markdown(rows: list[dict], k: int, epochs: int, soup_epochs: int) -> str:
     long = f"one model, {epochs + k * soup_epochs} epochs"
     lines = ["# Model soups of the fused model", "",
-             f"`python benchmarks/soup.py`, commit {commit}, {datetime.date.today()}, 2 CPU cores. NT fine-tuned "
+             f"`python benchmarks/soup.py`, {datetime.date.today()}. NT fine-tuned "
              f"{epochs} epochs (the start), then K = {k} copies of the start fine-tuned {soup_epochs} more epochs "
              f"each (seeds 1..{k}) and averaged uniformly (`merge --epochs {epochs} --soup {k} --soup-epochs "
              f"{soup_epochs}`), default fine-tuning recipe; against the start fine-tuned on as one model for the "
-             f"same total ({long}). Held-out accuracy (%).", "",
-             f"| member set | best member | ensemble | start | mean ingredient | best ingredient | soup | {long} | "
-             "soup > mean | soup > best |", "|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {100 * max(r['members']):.2f} | {100 * r['ensemble']:.2f} | "
-                     f"{100 * r['start']:.2f} | {100 * r['mean ingredient']:.2f} | {100 * r['best ingredient']:.2f} | "
-                     f"{100 * r['soup']:.2f} | {100 * r['equal compute']:.2f} | "
-                     f"{'yes' if r['soup'] > r['mean ingredient'] else 'no'} | "
-                     f"{'yes' if r['soup'] > r['best ingredient'] else 'no'} |")
+             f"same total ({long}). Held-out accuracy (%).", ""]
+    lines += md_table(["member set", "best member", "ensemble", "start", "mean ingredient", "best ingredient", "soup",
+                       long, "soup > mean", "soup > best"],
+                      [[r["name"], pct(max(r["members"])), pct(r["ensemble"]), pct(r["start"]),
+                        pct(r["mean ingredient"]), pct(r["best ingredient"]), pct(r["soup"]), pct(r["equal compute"]),
+                        "yes" if r["soup"] > r["mean ingredient"] else "no",
+                        "yes" if r["soup"] > r["best ingredient"] else "no"] for r in rows], "lrrrrrrrcc")
     beat_mean = sum(r["soup"] > r["mean ingredient"] for r in rows)
     beat_best = sum(r["soup"] > r["best ingredient"] for r in rows)
     equal = [r["name"] for r in rows if r["equal compute"] >= r["soup"]]
@@ -108,20 +98,15 @@ def markdown(rows: list[dict], k: int, epochs: int, soup_epochs: int, commit: st
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--quick", action="store_true", help="digits MLPs only, K = 2, E = 1; writes nothing")
-    args = parser.parse_args()
+    args = cli(__doc__, "digits MLPs only, K = 2, E = Es = 1").parse_args()
     k, epochs, soup_epochs = (2, 1, 1) if args.quick else (4, 3, 2)
-    commit = git_state()
-    log = lambda m: print(m, flush=True)
+    st = stamp()
+    log = lambda m: print(m, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="onnxfuse-soup-") as tmp:
         rows = [measure(s, k, epochs, soup_epochs, log) for s in member_sets(args.quick, Path(tmp))]
-    text = markdown(rows, k, epochs, soup_epochs, commit)
+    text = markdown(rows, k, epochs, soup_epochs)
     print(text)
-    if not args.quick:
-        (HERE / "results" / "soup.md").write_text(text)
-        (HERE / "results" / "soup.json").write_text(json.dumps({"commit": commit, "k": k, "epochs": epochs,
-                                                                "soup_epochs": soup_epochs, "rows": rows}, indent=2))
+    write_results(args.out, "soup", text, {"k": k, "epochs": epochs, "soup_epochs": soup_epochs, "rows": rows}, st)
 
 
 if __name__ == "__main__":

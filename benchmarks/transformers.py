@@ -10,12 +10,12 @@ normalization of [x, x] is that of x): its deviation is the last column, a check
 
     python benchmarks/transformers.py [--families bert,gpt2] [--cache /tmp/hf-cache]
     python benchmarks/transformers.py --bert-base      # merge time of two 110 M-parameter BERTs vs the I/O floor
+    python benchmarks/transformers.py --quick --out /tmp/q   # bert, legacy exporter, fresh cache
 
-Writes benchmarks/results/transformers.md and .json, stamped with the commit.
+Writes benchmarks/results/transformers.md and .json (--bert-base: transformers_bert_base.md and .json).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -27,11 +27,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 # this file is named like the transformers package: its folder goes last on the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE.parent))
+from _common import ROOT, cli, md_table, stamp, write_results  # noqa: E402  (puts the checkout first on sys.path)
 
+sys.path.insert(0, str(ROOT / "tests"))
 import hf_zoo  # noqa: E402
-from _common import git_state  # noqa: E402
 
 OPS = ("inspect", "concat", "merge", "prune")
 
@@ -155,7 +154,7 @@ def sweep_pair(family: str, exporter: str, cache: Path, work: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     exported = [r for r in rows if r["export"] == "ok"]
-    lines = [f"# Transformers: family x exporter ({git_state()})", "",
+    lines = ["# Transformers: family x exporter", "",
              "Produced by `python benchmarks/transformers.py`. Members: two seeds of a tiny config (hidden 64, "
              "2 layers, 4 heads) per family; `ok` = written, passes onnx's full checker, runs in onnxruntime at "
              "batch 3 / sequence 11 (export: batch 2 / sequence 8); merge keeps a member's parameter count; "
@@ -166,11 +165,11 @@ def table(rows: list[dict]) -> str:
              f"{sum(r.get('bridge') == 'ok' for r in exported)} of {sum('bridge' in r for r in exported)}.",
              "", "Before issue 14 (commit 7997dab, `transformers_before.json`) the same sweep fused 2 of 47 exported "
              "pairs (ELECTRA and TimeSeriesTransformer with the new exporter).",
-             "", "| family | exporter | inspect | concat | merge | prune --keep 0.5 | concat deviation | "
-             "member beside itself | bridge |", "|---|---|---|---|---|---|---|---|---|"]
+             ""]
+    table = []
     for r in rows:
         if r["export"] != "ok":
-            lines.append(f"| {r['family']} | {r['exporter']} | exporter failed: {r['export'][:120]} | | | | | | |")
+            table.append([r["family"], r["exporter"], f"exporter failed: {r['export'][:120]}", *[""] * 6])
             continue
         cells = [("ok" if r.get(op) == "ok" else f"refused: {str(r.get(op))[:160]}").replace("|", "/")
                  for op in OPS]
@@ -178,8 +177,10 @@ def table(rows: list[dict]) -> str:
         devtext = "" if dev is None else f"{dev:.1e}" + (" (exact)" if r.get("concat_exact_claim") else
                                                          " (reported not exact)")
         twin = r.get("self_concat_deviation")
-        lines.append(f"| {r['family']} | {r['exporter']} | " + " | ".join(cells) + f" | {devtext} | " +
-                     ("" if twin is None else f"{twin:.1e}") + f" | {str(r.get('bridge', ''))[:120]} |")
+        table.append([r["family"], r["exporter"], *cells, devtext, "" if twin is None else f"{twin:.1e}",
+                      str(r.get("bridge", ""))[:120]])
+    lines += md_table(["family", "exporter", "inspect", "concat", "merge", "prune --keep 0.5", "concat deviation",
+                       "member beside itself", "bridge"], table, "l" * 9)
     return "\n".join(lines) + "\n"
 
 
@@ -225,30 +226,33 @@ def bert_base_merge(cache: Path) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = cli(__doc__, "bert with the legacy exporter, in a fresh cache")
     parser.add_argument("--families", default=",".join(hf_zoo.FAMILIES))
     parser.add_argument("--exporters", default=",".join(hf_zoo.EXPORTERS))
-    parser.add_argument("--cache", default="/tmp/hf-cache")
-    parser.add_argument("--out", default=str(HERE / "results" / "transformers"))
+    parser.add_argument("--cache", default="/tmp/hf-cache", help="exported members, reused (not with --quick)")
     parser.add_argument("--bert-base", action="store_true", help="only time the merge of two BERT-base members")
     args = parser.parse_args()
+    st = stamp()
     if args.bert_base:
         result = bert_base_merge(Path(args.cache))
-        Path(args.out + "_bert_base.json").write_text(json.dumps({"commit": git_state(), **result}, indent=1))
         print(result)
+        write_results(args.out, "transformers_bert_base", "# Merging two BERT-base members\n\n```\n"
+                      + json.dumps(result, indent=1) + "\n```\n", result, st)
         return
+    families, exporters = (["bert"], ["legacy"]) if args.quick else (args.families.split(","),
+                                                                      args.exporters.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for family in args.families.split(","):
-            for exporter in args.exporters.split(","):
+        cache = Path(work) / "cache" if args.quick else Path(args.cache)
+        for family in families:
+            for exporter in exporters:
                 if exporter == "optimum" and family not in hf_zoo.HF:
                     continue
                 t0 = time.perf_counter()
-                rows.append(sweep_pair(family, exporter, Path(args.cache), Path(work)))
+                rows.append(sweep_pair(family, exporter, cache, Path(work)))
                 print(f"{family:24s} {exporter:8s} {time.perf_counter() - t0:6.1f}s  " +
                       "  ".join(f"{k}={str(rows[-1].get(k))[:70]}" for k in ("export", *OPS)), flush=True)
-                Path(args.out + ".json").write_text(json.dumps({"commit": git_state(), "rows": rows}, indent=1))
-                Path(args.out + ".md").write_text(table(rows))
+                write_results(args.out, "transformers", table(rows), {"rows": rows}, st)
     print(table(rows))
 
 

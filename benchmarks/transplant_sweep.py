@@ -31,19 +31,14 @@ halved and the members' mean bias (not exactly member A); likewise member B at r
 the union) is shown as a reference point at the fraction of B's neurons it keeps.
 
     python benchmarks/transplant_sweep.py            # about a minute on 2 CPU cores
-    python benchmarks/transplant_sweep.py --quick    # smoke run: r = 0, 0.5, 1, seed 0, 5 MNIST-1D epochs
+    python benchmarks/transplant_sweep.py --quick --out /tmp/q   # smoke run (see --help)
 
 Writes benchmarks/results/transplant_sweep.md, .json and .png (or --out DIR) and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,13 +46,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SAMPLES = ROOT / "sample_models"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-import onnxfuse  # noqa: E402
+from _common import BEFORE, SAMPLES, cli, log, md_table, mean_std, pct, stamp, write_results
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 from onnxfuse.data import load_data  # noqa: E402
 from onnxfuse.groups import analyze  # noqa: E402
 from onnxfuse.model_io import check_compatible, load_member  # noqa: E402
@@ -72,18 +62,18 @@ PAPER = {"members": (83.0, 82.4), "dip_at_half": 77.0, "ends": 83.0, "peak_at_ha
 
 # ============================================================================ members
 
-def digits_members(folder: Path, member_epochs: int, log):
+def digits_members(folder: Path, member_epochs: int, log, heldout: int):
     return ([str(SAMPLES / "digits_mlp_0.onnx"), str(SAMPLES / "digits_mlp_1.onnx")],
             str(SAMPLES / "digits_train.npz"), str(SAMPLES / "digits_val.npz"), {})
 
 
-def mnist1d_members(folder: Path, member_epochs: int, log, recipe: str = "adam"):
+def mnist1d_members(folder: Path, member_epochs: int, log, heldout: int, recipe: str = "adam"):
     import reconstruction as rec                       # benchmarks/reconstruction.py
-    return rec.mlp_members(folder, (0, 1), member_epochs, recipe, log)
+    return rec.mlp_members(folder, (0, 1), member_epochs, recipe, log, heldout)
 
 
-def mnist1d_converged_members(folder: Path, member_epochs: int, log):
-    return mnist1d_members(folder, CONVERGED_EPOCHS if member_epochs > 5 else member_epochs, log, "sgd")
+def mnist1d_converged_members(folder: Path, member_epochs: int, log, heldout: int):
+    return mnist1d_members(folder, CONVERGED_EPOCHS if member_epochs > 5 else member_epochs, log, heldout, "sgd")
 
 
 CONVERGED_EPOCHS = 60
@@ -128,10 +118,6 @@ def accuracy(model, val) -> float:
     return scores(Runner(model)(val), val.y)["accuracy"]
 
 
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def sweep(paths, train_path, val_path, ratios, seeds, log) -> dict:
     pair = Pair(paths)
     first = onnx.load(paths[0])
@@ -145,7 +131,7 @@ def sweep(paths, train_path, val_path, ratios, seeds, log) -> dict:
     # the sanity anchor: r-sweep machinery with NT's own kept indices must equal onnxfuse.fuse(paths, "nt")
     nt_kept = pair.nt_kept()
     nt_model = pair.model(nt_kept)
-    api_acc = onnxfuse.fuse(paths, "nt", val=val_path).summary["accuracy"]["result before fine-tuning"]["accuracy"]
+    api_acc = onnxfuse.fuse(paths, "nt", val=val_path).summary["accuracy"][BEFORE]["accuracy"]
     if accuracy(nt_model, val) != api_acc:
         raise RuntimeError("transplanting NT's kept indices here does not reproduce onnxfuse.fuse(paths, 'nt')")
 
@@ -196,10 +182,6 @@ def verdicts(res: dict) -> dict:
 
 # ============================================================================ output
 
-def pct(x):
-    return f"{100 * x:.2f}"
-
-
 def render(result: dict) -> str:
     env, cfg, meta = result["environment"], result["config"], result["datasets"]
     names = NAMES
@@ -224,7 +206,7 @@ def render(result: dict) -> str:
         "- **NT** row: what `onnxfuse.fuse(paths, \"nt\")` keeps (global top-W of both members, per layer); its "
         "'from B' is the mean fraction of B's neurons over the hidden layers. Checked: our transplant of NT's kept "
         "indices gives exactly `fuse(paths, \"nt\")`'s accuracy.",
-        f"- Machine: {env['machine']}; torch threads 1. Versions: {env['versions']}; onnxfuse git {env['git']}.",
+        f"- Torch threads 1; mnist1d {env['mnist1d']}.",
         f"- Date: {env['date']}; the benchmark took {result['wall_seconds']:.0f} s. Reproduce: "
         "`pip install mnist1d && python benchmarks/transplant_sweep.py`"
         + (" (this was a --quick smoke run)" if cfg["quick"] else "") + ".",
@@ -232,36 +214,37 @@ def render(result: dict) -> str:
     for ds, res in result["results"].items():
         lines += ["", f"## {names[ds]}", "",
                   f"Members A / B: {pct(res['members'][0])} / {pct(res['members'][1])}; ensemble (mean of logits) "
-                  f"{pct(res['ensemble'])}.", "",
-                  f"| r | from B (mean over layers) | before fine-tuning | after {EPOCHS} epochs |",
-                  "|---|---:|---:|---:|"]
+                  f"{pct(res['ensemble'])}.", ""]
+        table = []
         for p in res["points"] + [res["nt"]]:
             after = f"{pct(p['after_mean'])} ± {100 * p['after_std']:.2f}"
             if p["after_mean"] > res["best_member"]:
                 after = f"**{after}**"
-            label = p["label"] if p["r"] is None else f"{p['r']:.1f}"
-            lines.append(f"| {label} | {p['fraction_from_b']:.2f} | "
-                         f"{pct(p['before'])} | {after} |")
+            table.append([p["label"] if p["r"] is None else f"{p['r']:.1f}", f"{p['fraction_from_b']:.2f}",
+                          pct(p["before"]), after])
+        lines += md_table(["r", "from B (mean over layers)", "before fine-tuning", f"after {EPOCHS} epochs"], table)
         lines += ["", "Bold: above both members."]
     lines += ["", "## Compared with the paper", "",
               f"Paper (SVHN, width-512 depth-4 MLPs): members {PAPER['members'][0]} / {PAPER['members'][1]}; without "
               f"fine-tuning ~{PAPER['ends']} at the ends, dipping to ~{PAPER['dip_at_half']} at r = 0.5; after 3 epochs "
-              f"peak ~{PAPER['peak_at_half']} at r = 0.5, above both members.", "",
-              "| dataset | dip at r = 0.5 without fine-tuning (depth below the lower end) | lowest point before | "
-              "peak after 3 epochs (r) | peak within 0.2 of r = 0.5 | r = 0.5 after 3 epochs above both members | "
-              "peak above both members | r = 0.5 after 3 epochs above both ends (r = 0, 1) after 3 epochs |",
-              "|---|---|---:|---:|---|---|---|---|"]
+              f"peak ~{PAPER['peak_at_half']} at r = 0.5, above both members.", ""]
+    table = []
     for ds, v in result["verdicts"].items():
         if not v:
-            lines.append(f"| {names[ds]} | not measured | | | | | | |")
+            table.append([names[ds], "not measured", *[""] * 6])
             continue
-        res = result["results"][ds]
-        lines.append(f"| {names[ds]} | {yes(v['dip_at_half_without_finetuning'])} ({v['dip_depth_pp']:+.2f} pp) | "
-                     f"r = {v['lowest_before_at_r']:.1f} | {pct(v['peak_after'])} (r = {v['peak_after_at_r']:.1f}) | "
-                     f"{yes(v['peak_near_half'])} | {yes(v['half_after_above_both_members'])} ({pct(v['half_after'])} "
-                     f"vs {pct(res['best_member'])}) | {yes(v['peak_above_both_members'])} | "
-                     f"{yes(v['half_after_above_both_ends_after'])} ({pct(v['half_after'])} vs "
-                     f"{pct(v['ends_after'][0])} / {pct(v['ends_after'][1])}) |")
+        best = result["results"][ds]["best_member"]
+        table.append([names[ds], f"{yes(v['dip_at_half_without_finetuning'])} ({v['dip_depth_pp']:+.2f} pp)",
+                      f"r = {v['lowest_before_at_r']:.1f}", f"{pct(v['peak_after'])} (r = {v['peak_after_at_r']:.1f})",
+                      yes(v["peak_near_half"]),
+                      f"{yes(v['half_after_above_both_members'])} ({pct(v['half_after'])} vs {pct(best)})",
+                      yes(v["peak_above_both_members"]),
+                      f"{yes(v['half_after_above_both_ends_after'])} ({pct(v['half_after'])} vs "
+                      f"{pct(v['ends_after'][0])} / {pct(v['ends_after'][1])})"])
+    lines += md_table(["dataset", "dip at r = 0.5 without fine-tuning (depth below the lower end)",
+                       "lowest point before", "peak after 3 epochs (r)", "peak within 0.2 of r = 0.5",
+                       "r = 0.5 after 3 epochs above both members", "peak above both members",
+                       "r = 0.5 after 3 epochs above both ends (r = 0, 1) after 3 epochs"], table, "llrrllll")
     lines += ["", "The last column asks what the paper's peak implies: does mixing both members' neurons beat keeping "
               "one member's neurons (r = 0 or 1: one member, its output layer halved, with the same 3 epochs of "
               "fine-tuning)? Where the fine-tuned ends are already above both members, beating the members is "
@@ -303,50 +286,35 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: r = 0, 0.5, 1, seed 0, 5 MNIST-1D member epochs")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for the results (default: benchmarks/results; with --quick: print only)")
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p = cli(__doc__, "digits and MNIST-1D (2000 held-out sequences), r = 0, 0.5, 1, seed 0, 1 member epoch")
+    p.add_argument("--datasets", nargs="+", choices=list(DATASETS), help="default: all (--quick: digits, mnist1d)")
     args = p.parse_args()
     import torch
     torch.set_num_threads(1)
     from importlib.metadata import version
 
-    import onnxruntime
-    from reconstruction import git_state
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    started, t0 = datetime.datetime.now().astimezone(), time.perf_counter()
-    ratios, seeds, member_epochs = ([0.0, 0.5, 1.0], [0], 5) if args.quick else \
+    from reconstruction import HELDOUT
+    st, started, t0 = stamp(), datetime.datetime.now().astimezone(), time.perf_counter()
+    ratios, seeds, member_epochs = ([0.0, 0.5, 1.0], [0], 1) if args.quick else \
         ([round(0.1 * i, 1) for i in range(11)], [0, 1, 2], 50)
+    datasets = args.datasets or (["digits", "mnist1d"] if args.quick else list(DATASETS))
     results, meta = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for ds in args.datasets:
+        for ds in datasets:
             log(ds)
-            paths, train, val, meta[ds] = DATASETS[ds](Path(tmp), member_epochs, log)
+            paths, train, val, meta[ds] = DATASETS[ds](Path(tmp), member_epochs, log, 2000 if args.quick else HELDOUT)
             results[ds] = sweep(paths, train, val, ratios, seeds, log)
     result = {
         "config": {"ratios": ratios, "seeds": seeds, "epochs": EPOCHS, "quick": args.quick},
-        "environment": {
-            "machine": f"nproc {len(os.sched_getaffinity(0))} ({os.cpu_count()} CPUs), {platform.system()} "
-                       f"{platform.release()} {platform.machine()}",
-            "versions": f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
-                        f"numpy {np.__version__}, mnist1d {version('mnist1d')}, onnxfuse {onnxfuse.__version__}, "
-                        f"Python {platform.python_version()}",
-            "git": git_state(), "date": started.strftime("%Y-%m-%d %H:%M %Z")},
+        "environment": {"mnist1d": version("mnist1d"), "date": started.strftime("%Y-%m-%d %H:%M %Z")},
         "datasets": meta, "results": results, "paper": PAPER,
         "verdicts": {ds: verdicts(res) for ds, res in results.items()},
     }
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     md = render(result)
     print(md)
-    out = args.out or (None if args.quick else HERE / "results")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "transplant_sweep.md").write_text(md)
-        (out / "transplant_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, out / "transplant_sweep.png")
-        log(f"wrote {out / 'transplant_sweep.md'}, .json and .png in {result['wall_seconds']} s")
+    write_results(args.out, "transplant_sweep", md, result, st)
+    plot(result, args.out / "transplant_sweep.png")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ Torch-Pruning (DepGraph, L2 magnitude importance, ratio 0.5, the classifier igno
 models as the peer row (ok: the pruned module runs; fail otherwise); --tp-path names a folder that holds
 torch_pruning if this interpreter lacks it (it is appended to the worker's sys.path).
 
-    python benchmarks/zoo.py --quick                  # a few models, legacy exporter
+    python benchmarks/zoo.py --quick --out /tmp/q     # SqueezeNet 1.1 (both exporters), timm's RegNetX-002
     python benchmarks/zoo.py --models resnet18,timm:convnext_atto --exporters legacy,dynamo
     python benchmarks/zoo.py --budget 1200            # everything, until 20 minutes are spent
 
-Writes benchmarks/results/zoo.md and zoo.json, stamped with the commit; models not run (budget, options) are
-listed there.
+Writes benchmarks/results/zoo.md and zoo.json (--name: another name), stamped with the commit of every row;
+models not run (budget, options) are listed there.
 """
 from __future__ import annotations
 
@@ -32,10 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-from _common import ROOT, git_state
+from _common import child_env, cli, export as torch_export, md_table, stamp, write_results
 
 TORCHVISION = [   # <= 40 M parameters (torchvision's 1000-class counts)
     "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small",
@@ -49,8 +48,9 @@ TORCHVISION = [   # <= 40 M parameters (torchvision's 1000-class counts)
 TIMM = ["resnet18", "resnet50d", "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv4_conv_small",
         "convnext_atto", "regnetx_002", "ghostnet_100", "repvgg_a0", "densenet121", "dla34", "hrnet_w18_small",
         "cspresnet50", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s", "mixer_s16_224"]
-QUICK = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny",
-         "timm:convnext_atto", "timm:vit_tiny_patch16_224"]
+FIRST = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny",
+         "timm:convnext_atto", "timm:vit_tiny_patch16_224"]    # a second exporter runs these first
+QUICK = ["squeezenet1_1", "timm:regnetx_002"]
 SIZE = {"inception_v3": 96, "maxvit_t": 224, "levit_128s": 224, "mixer_s16_224": 64}
 OPS = ["inspect", "concat", "merge", "prune", "weight-matching", "ot"]
 TOLERANCE = 1e-4
@@ -83,16 +83,10 @@ def export(spec: str, seed: int, exporter: str, cache: Path) -> Path:
     path = cache / f"{source}_{name}_{exporter}_{size}_{seed}.onnx"
     if path.exists():
         return path
-    net, x = build(spec, seed), torch.randn(1, 3, size, size)
     tmp = path.with_suffix(".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            torch.onnx.export(net, (x,), str(tmp), dynamo=True, input_names=["x"], output_names=["y"],
-                              verbose=False, external_data=False)
-        else:
-            torch.onnx.export(net, x, str(tmp), dynamo=False, input_names=["x"], output_names=["y"],
-                              opset_version=17)
+    dynamo = exporter == "dynamo"
+    torch_export(build(spec, seed), torch.randn(1, 3, size, size), tmp, dynamo=dynamo, output="y", batch=False,
+                 **({"external_data": False} if dynamo else {"opset": 17}))
     os.replace(tmp, path)
     return path
 
@@ -191,7 +185,7 @@ def tp_worker(spec: str) -> dict:
 
 
 def _in_process(args: list[str], timeout: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**child_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     try:
         done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -202,23 +196,20 @@ def _in_process(args: list[str], timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def write(results: list[dict], skipped: list[str], args, out: Path, command: str | None = None,
+def write(results: list[dict], skipped: list[str], args, st: dict, command: str | None = None,
           note: str = "") -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stamp = {"commit": args.commit or git_state(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-             "command": command or " ".join(["python benchmarks/zoo.py", *sys.argv[1:]]), "note": note}
-    out.with_suffix(".json").write_text(json.dumps({**stamp, "results": results, "not_run": skipped}, indent=1))
+    """The table of `results` (rows may come from earlier runs, each with its commit)."""
+    command = command or st["command"]
     counts = {op: {} for op in OPS + ["torch-pruning"]}
-    commits = sorted({r.get("commit", stamp["commit"]) for r in results})
-    lines = [f"# The vision zoo\n\ncommit {', '.join(commits)}, {stamp['date']}: `{stamp['command']}`\n",
+    commits = sorted({r.get("commit", st["commit"]) for r in results})
+    lines = [f"# The vision zoo\n\ncommit {', '.join(commits)}, {st['date']}: `{command}`\n",
              "Random init, a different seed per member (2 members), batch 1, 64x64 inputs (inception_v3 96, "
              "maxvit_t / levit 224). ok = written and runs in onnxruntime (concat: within 1e-4 of the members' mean "
              "where exact is claimed); ref = refused with one line; INVALID = written but does not run / not exact; "
              "CRASH = other exception. concat column: relative max error vs the members' mean. "
              "TP = Torch-Pruning DepGraph L2 ratio 0.5. Seconds are wall time of one worker on a 2-core machine "
-             "shared with other jobs.\n" + (f"\n{note}\n" if note else ""),
-             "| model | exporter | params | " + " | ".join(OPS) + " | TP |", "|" + "---|" * (len(OPS) + 4)]
-    notes = []
+             "shared with other jobs.\n" + (f"\n{note}\n" if note else "")]
+    table, notes = [], []
     for r in results:
         cells = []
         if "export_error" in r or "timeout" in r or "worker_error" in r:
@@ -243,15 +234,13 @@ def write(results: list[dict], skipped: list[str], args, out: Path, command: str
             if tp != "ok":
                 notes.append(f"- {r['model']} Torch-Pruning: {r['tp'].get('detail', '')[:240]}")
         params = f"{r['parameters'] / 1e6:.1f}M" if "parameters" in r else "-"
-        lines.append(f"| {r['model']} | {r['exporter']} | {params} | " + " | ".join(cells) + f" | {tp} |")
-    lines += ["", "## Counts per operation", "", "| operation | " + " | ".join(["ok", "refused", "invalid", "crash"])
-              + " |", "|---|---|---|---|---|"]
-    for op, c in counts.items():
-        if op == "torch-pruning":
-            lines.append(f"| {op} | {c.get('ok', 0)} | fail {c.get('fail', 0)}, timeout {c.get('timeout', 0)} | - | - |")
-        else:
-            lines.append(f"| {op} | " + " | ".join(str(c.get(s, 0)) for s in ("ok", "refused", "invalid", "crash"))
-                         + " |")
+        table.append([r["model"], r["exporter"], params, *cells, tp])
+    lines += md_table(["model", "exporter", "params", *OPS, "TP"], table, "l" * (len(OPS) + 4))
+    lines += ["", "## Counts per operation", "", *md_table(
+        ["operation", "ok", "refused", "invalid", "crash"],
+        [[op, c.get("ok", 0), f"fail {c.get('fail', 0)}, timeout {c.get('timeout', 0)}", "-", "-"]
+         if op == "torch-pruning" else [op, *(c.get(s, 0) for s in ("ok", "refused", "invalid", "crash"))]
+         for op, c in counts.items()], "lllll")]
     lines += ["", "## Why not ok", ""] + (notes or ["(every operation ok)"])
     swept = {(r["model"], r["exporter"]) for r in results}
     listed = {s.rsplit("): ", 1)[0] + ")" for s in skipped}
@@ -261,54 +250,60 @@ def write(results: list[dict], skipped: list[str], args, out: Path, command: str
     if rest:
         lines += ["", f"Not in this sweep ({len(rest)} of {2 * (len(TORCHVISION) + len(TIMM))} model x exporter "
                   f"pairs; options or time): " + ", ".join(rest)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, args.name, "\n".join(lines), {"command": command, "note": note, "results": results,
+                                                         "not_run": skipped}, st)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    p = cli(__doc__, f"{' and '.join(QUICK)} (the second exporter: the first only), a fresh cache")
+    p.add_argument("--name", default="zoo", help="results file name (default zoo)")
     p.add_argument("--models", help="comma-separated: torchvision names, or timm:NAME")
     p.add_argument("--exporters", default="legacy,dynamo")
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--budget", type=float, default=1200, help="seconds for the whole sweep; the rest is listed")
     p.add_argument("--timeout", type=float, default=420, help="seconds per model and exporter")
-    p.add_argument("--cache", default="/tmp/zoo-cache")
+    p.add_argument("--cache", default="/tmp/zoo-cache", help="exported members, reused (not with --quick)")
     p.add_argument("--tp-path", default="", help="a site-packages folder holding torch_pruning")
     p.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning row")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo"))
-    p.add_argument("--report", action="store_true", help="only rewrite the table from --out's json")
+    p.add_argument("--report", action="store_true", help="only rewrite the table from the json in --out")
     p.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")
     p.add_argument("--commit", help="the commit to stamp, when run from an exported copy of it (git archive)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--tp-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    if args.report:
-        earlier = json.loads(Path(args.out).with_suffix(".json").read_text())
-        rows = [{"commit": earlier["commit"], **r} for r in earlier["results"]]
-        write(rows, earlier.get("not_run", []), args, Path(args.out), earlier["command"], earlier.get("note", ""))
-        return
     if args.worker:
         spec, exporter = args.worker.rsplit("@", 1)
-        print(json.dumps(worker(spec, exporter, cache, args.ops.split(","))))
+        print(json.dumps(worker(spec, exporter, Path(args.cache), args.ops.split(","))))
         return
     if args.tp_worker:
         if args.tp_path:
             sys.path.append(args.tp_path)
         print(json.dumps(tp_worker(args.tp_worker)))
         return
+    st = stamp(args.commit)
+    previous, earlier = args.out / f"{args.name}.json", []
+    if args.report or args.resume and previous.exists():   # rows of an earlier (interrupted or budgeted) run
+        old = json.loads(previous.read_text())
+        commit = old.get("stamp", old)["commit"]             # files written before the harness: a top-level commit
+        earlier = [{"commit": commit, **r} for r in old["results"]]
+        if args.report:
+            write(earlier, old.get("not_run", []), args, st, old["command"], old.get("note", ""))
+            return
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) if args.quick else Path(args.cache)
+        cache.mkdir(parents=True, exist_ok=True)
+        sweep(args, st, cache, earlier)
+
+
+def sweep(args, st: dict, cache: Path, results: list[dict]) -> None:
     specs = (QUICK if args.quick else args.models.split(",") if args.models else
              TORCHVISION + [f"timm:{n}" for n in TIMM])
-    quick_first = sorted(specs, key=lambda s: s not in QUICK)      # a second exporter: the quick set first
-    jobs = [(s, e) for i, e in enumerate(args.exporters.split(",")) for s in (specs if i == 0 else quick_first)]
-    results, skipped, start = [], [], time.perf_counter()
-    previous = Path(args.out).with_suffix(".json")
-    if args.resume and previous.exists():      # keep what an earlier (interrupted or budgeted) run found
-        earlier = json.loads(previous.read_text())
-        results = [{"commit": earlier["commit"], **r} for r in earlier["results"]]
-        done = {(r["model"], r["exporter"]) for r in results}
-        jobs = [j for j in jobs if j not in done]
+    quick_first = sorted(specs, key=lambda s: s not in FIRST)      # a second exporter: the first set first
+    jobs = [(s, e) for i, e in enumerate(args.exporters.split(","))
+            for s in (specs if i == 0 else quick_first[:1] if args.quick else quick_first)]
+    done = {(r["model"], r["exporter"]) for r in results}
+    jobs = [j for j in jobs if j not in done]
+    skipped, start = [], time.perf_counter()
     for spec, exporter in jobs:
         if time.perf_counter() - start > args.budget:
             skipped.append(f"{spec} ({exporter}): over the --budget of {args.budget:.0f} s")
@@ -317,14 +312,14 @@ def main() -> None:
                **_in_process(["--worker", f"{spec}@{exporter}", "--ops", args.ops, "--cache", str(cache)],
                              args.timeout)}
         row.setdefault("ops", {})
-        row["commit"] = args.commit or git_state()
+        row["commit"] = st["commit"]
         if exporter == args.exporters.split(",")[0] and model_id(spec)[0] == "torchvision" and not args.no_tp:
             row["tp"] = _in_process(["--tp-worker", spec, "--tp-path", args.tp_path], args.timeout)
         results.append(row)
         print(spec, exporter, {op: o.get("status") for op, o in row["ops"].items()}, row.get("tp", {}).get("status"),
               flush=True)
-        write(results, skipped, args, Path(args.out))
-    write(results, skipped, args, Path(args.out))
+        write(results, skipped, args, st)
+    write(results, skipped, args, st)
 
 
 if __name__ == "__main__":
