@@ -92,20 +92,21 @@ def _child_profile(a: str, b: str, out: str, top: int) -> None:
     idle = proc_status("VmRSS") / 2 ** 20
     phases = []
 
-    def wrap(module, name):
-        fn = getattr(module, name)
-
-        def timed(*args, **kwargs):
+    def timed(name, fn):
+        def run(*args, **kwargs):
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 phases.append((name, time.perf_counter() - t, proc_status("VmRSS") / 2 ** 20, peak_memory() / 2 ** 20))
-        setattr(module, name, timed)
+        return run
 
-    for name in ("load_members", "_analyze_members", "channel_scores", "output_exactness", "transplant",
-                 "save_model", "_count_params"):
-        wrap(api, name)
+    from onnxfuse import select
+    from onnxfuse.methods import nt
+    for name in ("load_members", "_analyze_members", "output_exactness", "save_model", "_count_params"):
+        setattr(api, name, timed(name, getattr(api, name)))
+    nt.transplant = timed("transplant", nt.transplant)
+    select.IMPORTANCE["magnitude"] = timed("channel_scores", select.IMPORTANCE["magnitude"])
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()

@@ -16,58 +16,43 @@ scored on the held-out images, for two fine-tuning seeds.
     python benchmarks/soup_batchnorm.py            # about 10 minutes on 2 CPU cores
     python benchmarks/soup_batchnorm.py --quick    # one set, one seed, K = 2, 1 + 1 epochs
 
-Writes soup_batchnorm.md and .json to --out (default benchmarks/results/).
+Writes benchmarks/results/soup_batchnorm.md and .json (or --out DIR) and prints the table.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from _common import adam_epochs, git_state  # noqa: E402  (benchmarks/ is the script's folder)
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-import onnxfuse  # noqa: E402
+from _common import ROOT, cli, export, fit, md_table, stamp, write_results
+import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 from onnxfuse.batchnorm import reestimate  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
 
-def members(name: str, n: int, xt, yt, work: Path) -> list[str]:
+
+def members(name: str, n: int, xt, yt, work: Path, epochs: int) -> list[str]:
     import torch
     import test_architectures as arch
     paths = []
     for seed in range(n):
         torch.manual_seed(seed)
-        net = adam_epochs(arch.NETS[name](), xt, yt, epochs=15, lr=3e-3, batch=64)
-        path = str(work / f"{name}_{n}_{seed}.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, torch.zeros(2, 1, 8, 8), path, dynamo=False, input_names=["x"],
-                              output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17,
-                              do_constant_folding=False)
-        paths.append(path)
+        net = fit(arch.NETS[name](), xt, yt, epochs, 3e-3, 64)
+        paths.append(export(net.eval(), torch.zeros(2, 1, 8, 8), work / f"{name}_{n}_{seed}.onnx", output="y",
+                            opset=17, do_constant_folding=False))
     return paths
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    args = cli(__doc__, "one set, one seed, K = 2, 1 + 1 epochs").parse_args()
     import torch
     from sklearn.datasets import load_digits
     from graphs import run
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    st, start = stamp(), time.perf_counter()
     x, y = load_digits(return_X_y=True)
     x = (x / 16).astype(np.float32).reshape(-1, 1, 8, 8)
     xt, yt, xv, yv = x[:1200], y[:1200], x[1200:], y[1200:]
@@ -80,7 +65,7 @@ def main() -> None:
         train = Path(tmp) / "train.npz"
         np.savez(train, x=xt, y=yt)
         for name, n in sets:
-            paths = members(name, n, xt, yt, Path(tmp))
+            paths = members(name, n, xt, yt, Path(tmp), 1 if args.quick else 15)
             for seed in seeds:
                 soup = onnxfuse.fuse(paths, "nt", data=str(train), soup=k, soup_epochs=soup_epochs,
                                      training={"epochs": epochs, "seed": seed})
@@ -93,23 +78,20 @@ def main() -> None:
                 print(row, file=sys.stderr, flush=True)
     gains = [r["reestimated"] - r["averaged_statistics"] for r in rows]
     lines = ["# Soups of BatchNorm nets: averaged running statistics or re-estimated ones", "",
-             f"`python benchmarks/soup_batchnorm.py{' --quick' if args.quick else ''}`, onnxfuse git {git_state()}, "
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-             f"{time.perf_counter() - start:.0f} s. NT fine-tuned {epochs} epochs, then a uniform soup of K = {k} "
-             f"copies fine-tuned {soup_epochs} more epochs each (default recipe); re-estimated on the 1200 "
-             "training images. Held-out accuracy (%, 597 images).", "",
-             "| net | N | seed | BN nodes | best member | soup, averaged statistics | soup, re-estimated | gain |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r, g in zip(rows, gains):
-        lines.append(f"| {r['net']} | {r['n']} | {r['seed']} | {r['bn_nodes']} | {r['best_member']:.2f} | "
-                     f"{r['averaged_statistics']:.2f} | {r['reestimated']:.2f} | {g:+.2f} |")
-    lines += ["", f"Re-estimation: mean gain {np.mean(gains):+.2f} pp, better in {sum(g > 0 for g in gains)}, "
-              f"worse in {sum(g < 0 for g in gains)} of {len(gains)} runs."]
+             f"NT fine-tuned {epochs} epochs, then a uniform soup of K = {k} copies fine-tuned {soup_epochs} more "
+             "epochs each (default recipe); re-estimated on the 1200 training images "
+             "(`onnxfuse.batchnorm.reestimate`, i.e. `merge --soup-batchnorm reestimate`). Held-out accuracy (%, "
+             f"597 images); {time.perf_counter() - start:.0f} s" + (" (--quick)" if args.quick else "") + ".", "",
+             *md_table(["net", "N", "seed", "BN nodes", "best member", "soup, averaged statistics",
+                        "soup, re-estimated", "gain"],
+                       [[r["net"], r["n"], r["seed"], r["bn_nodes"], f"{r['best_member']:.2f}",
+                         f"{r['averaged_statistics']:.2f}", f"{r['reestimated']:.2f}", f"{g:+.2f}"]
+                        for r, g in zip(rows, gains)], "lrrrrrrr"),
+             "", f"Re-estimation: mean gain {np.mean(gains):+.2f} pp, better in {sum(g > 0 for g in gains)}, "
+             f"worse in {sum(g < 0 for g in gains)} of {len(gains)} runs."]
     text = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soup_batchnorm.md").write_text(text)
-    (args.out / "soup_batchnorm.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(text)
+    write_results(args.out, "soup_batchnorm", text, {"rows": rows}, st)
 
 
 if __name__ == "__main__":
