@@ -12,6 +12,7 @@ from graphs import session
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 hf_zoo = pytest.importorskip("hf_zoo")
+pytestmark = pytest.mark.slow       # Hugging Face models and three exporters
 
 PAIRS = [("bert", "legacy"), ("bert", "dynamo"), ("gpt2", "dynamo"), ("albert", "optimum"), ("distilbert", "optimum"),
          ("vit", "legacy")]

@@ -75,6 +75,7 @@ def ids(m):
 X = np.random.default_rng(0).normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS, ids=ids)
 def test_concat_is_the_members_mean_and_every_result_runs(zoo, model, tmp_path):
     files = zoo(*model)
@@ -112,6 +113,7 @@ def _permuted_copy(path, seed):
 
 # weight matching's coordinate descent from the identity stops short on efficientnet_b0 (a local optimum, as
 # before it was made faster); OT's layer-by-layer transport finds the permutation
+@pytest.mark.slow
 @pytest.mark.parametrize("model,methods", [(MODELS[0], ("weight-matching", "ot")), (MODELS[1], ("ot",)),
                                            (MODELS[3], ("weight-matching", "ot"))],
                          ids=["resnet18", "efficientnet_b0", "regnet_x_400mf"])
@@ -127,6 +129,7 @@ def test_weight_matching_and_ot_undo_a_permutation(zoo, model, methods):
         assert np.allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max()), method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", ["some", "all but one"])
 def test_tensors_shared_across_members(tmp_path, shared):
     """Members that share the first layers' tensors (frozen layers), or all but the last layer's (sharing none
@@ -185,6 +188,7 @@ def test_grouped_conv_keeps_channels_evenly_per_group(tmp_path):
         api.merge([model, model, model])        # 4 channels per group cannot be kept evenly by 3 members
 
 
+@pytest.mark.slow
 def test_a_result_that_does_not_run_is_refused_and_not_written(zoo, tmp_path, monkeypatch):
     files = zoo("torchvision", "resnet18", "legacy")
     real = api.transplant
