@@ -7,13 +7,14 @@ import sys
 import tempfile
 import traceback
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-SAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
 
 
@@ -206,6 +207,16 @@ def dense_chunks_by_shape(seed, refine="second"):
 
 
 # --------------------------------------------------------------------------- running
+
+def export_cache(name: str, source, *modules) -> Path:
+    """A folder for exports kept between sessions in ONNXFUSE_TEST_CACHE (default: the system's temp folder),
+    keyed by the exporting test file and the versions of `modules` (torch, the model libraries), so that slow
+    exports run once per machine."""
+    import hashlib
+    key = hashlib.sha256(open(source, "rb").read() + "".join(m.__version__ for m in modules).encode())
+    base = os.environ.get("ONNXFUSE_TEST_CACHE") or os.path.join(tempfile.gettempdir(), f"onnxfuse-{name}-tests")
+    return Path(base) / key.hexdigest()[:12]
+
 
 def cli(*args) -> subprocess.CompletedProcess:
     """`python -m onnxfuse ARGS` run in this process by click's test runner, without a Python start-up per call:

@@ -1,7 +1,11 @@
 """Real torchvision and timm models (random init, a different seed per member, 32x32 inputs), as a new user
 would fuse them; onnxruntime is the oracle. The whole zoo is benchmarks/zoo.py; this is a fast subset, exported
-once per session."""
+once per machine (graphs.export_cache)."""
+import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,6 +14,7 @@ import pytest
 
 import onnxfuse
 from onnxfuse import api
+from graphs import export_cache
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -49,18 +54,26 @@ def export(net, path, exporter):
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    cache = {}
+def export_once(source, name, exporter, seed, root) -> str:
+    """The member's export in `root`, made when missing: in a temporary folder, then moved in with the .onnx
+    last (a session that stops half-way, or runs beside another, leaves no partial export under the name)."""
+    path = root / f"{source}_{name}_{exporter}_{seed}.onnx"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export", dir=root))
+        try:
+            export(build(source, name, seed), tmp / path.name, exporter)
+            for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):     # external data first
+                os.replace(f, root / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
 
-    def get(source, name, exporter):
-        key = (source, name, exporter)
-        if key not in cache:
-            cache[key] = [export(build(source, name, s), root / f"{source}_{name}_{exporter}_{s}.onnx", exporter)
-                          for s in (0, 1)]
-        return cache[key]
-    return get
+
+@pytest.fixture(scope="session")
+def zoo():
+    root = export_cache("zoo", __file__, torch, torchvision, timm)
+    return lambda source, name, exporter: [export_once(source, name, exporter, s, root) for s in (0, 1)]
 
 
 def outputs(model, x):
