@@ -1,12 +1,20 @@
 """Tiny ONNX graphs built with onnx.helper, and onnxruntime helpers: the tests' oracle."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-SAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
 
 
@@ -199,6 +207,45 @@ def dense_chunks_by_shape(seed, refine="second"):
 
 
 # --------------------------------------------------------------------------- running
+
+def export_cache(name: str, source, *modules) -> Path:
+    """A folder for exports kept between sessions in ONNXFUSE_TEST_CACHE (default: the system's temp folder),
+    keyed by the exporting test file and the versions of `modules` (torch, the model libraries), so that slow
+    exports run once per machine."""
+    import hashlib
+    key = hashlib.sha256(open(source, "rb").read() + "".join(m.__version__ for m in modules).encode())
+    base = os.environ.get("ONNXFUSE_TEST_CACHE") or os.path.join(tempfile.gettempdir(), f"onnxfuse-{name}-tests")
+    return Path(base) / key.hexdigest()[:12]
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """`python -m onnxfuse ARGS` run in this process by click's test runner, without a Python start-up per call:
+    the exit code, and stdout and stderr as a terminal would show them: what native code (onnxruntime's logger)
+    writes to the file descriptors, Python warnings under the interpreter's default filters, and the traceback
+    of an uncaught exception. Tests of the process itself (entry points, signals, imports) start one."""
+    from click.testing import CliRunner
+    from onnxfuse.cli import main
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, warnings.catch_warnings():
+        warnings.resetwarnings()
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            result = CliRunner().invoke(main, [str(a) for a in args], prog_name="onnxfuse")
+        finally:
+            for fd, copy in enumerate(saved, 1):
+                os.dup2(copy, fd)
+                os.close(copy)
+        native = [f.seek(0) or f.read().decode(errors="replace") for f in (out, err)]
+    stderr = result.stderr + native[1]
+    if result.exc_info and not issubclass(result.exc_info[0], SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout + native[0], stderr)
+
 
 def session(model) -> ort.InferenceSession:
     data = model if isinstance(model, (str, bytes)) else model.SerializeToString()

@@ -14,6 +14,7 @@ from graphs import mean_of, run
 from test_exporters import export
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow       # trains and exports every architecture with both exporters
 nn = torch.nn
 from sklearn.datasets import load_digits  # noqa: E402
 

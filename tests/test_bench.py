@@ -1,7 +1,5 @@
 """`onnxfuse bench`: latency / throughput / size / memory rows for models, an ensemble and its wide graph."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -14,7 +12,7 @@ from onnxfuse._bench_probe import make_session, random_feeds
 from onnxfuse.bench import _Entry, _time_interleaved, check_providers
 from onnxfuse.errors import OnnxFuseError
 
-from graphs import SAMPLES
+from graphs import SAMPLES, cli
 
 MLP = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(2)]
 CNN = [str(SAMPLES / f"digits_cnn_{i}.onnx") for i in range(2)]
@@ -24,8 +22,7 @@ FIELDS = {"name", "kind", "sessions", "batch_size", "provider", "providers", "th
 
 
 def onnxfuse_cli(*args):
-    return subprocess.run([sys.executable, "-m", "onnxfuse", "bench", *map(str, args)], capture_output=True,
-                          text=True)
+    return cli("bench", *args)
 
 
 def test_json_rows_for_models_ensemble_and_wide_graph():

@@ -1,4 +1,6 @@
-"""The command line as a user types it, and its errors: one line, exit code 2, nothing written."""
+"""The command line as a user types it, and its errors: one line, exit code 2, nothing written. Commands run in
+this process (graphs.cli); the tests of the entry points and a merge and an error as the terminal sees them start
+a process."""
 import json
 import subprocess
 import sys
@@ -9,21 +11,21 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import SAMPLES, Builder, cnn, gemm_mlp
+from graphs import SAMPLES, Builder, cli as onnxfuse, cnn, gemm_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(3)]
 CNN = [str(SAMPLES / f"digits_cnn_{i}.onnx") for i in range(3)]
 
 
-def onnxfuse(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "onnxfuse", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
+def process(*args):
+    """`python -m onnxfuse ARGS` in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "onnxfuse", *map(str, args)], capture_output=True, text=True)
 
 
-def expect_error(tmp_path, *args, says):
+def expect_error(tmp_path, *args, says, run=onnxfuse):
     out = tmp_path / "out.onnx"
-    result = onnxfuse(*args, "-o", out) if args[0] != "inspect" else onnxfuse(*args)
+    result = run(*args, "-o", out) if args[0] != "inspect" else run(*args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -33,7 +35,7 @@ def expect_error(tmp_path, *args, says):
 
 
 def test_merge_prints_what_it_did(tmp_path):
-    result = onnxfuse("merge", MLP[0], MLP[1], "-o", tmp_path / "fused.onnx")
+    result = process("merge", MLP[0], MLP[1], "-o", tmp_path / "fused.onnx")
     assert result.returncode == 0, result.stderr
     assert "neuron transplantation" in result.stdout and "kept" in result.stdout
     onnx.checker.check_model(str(tmp_path / "fused.onnx"), full_check=True)
@@ -61,8 +63,9 @@ def test_prune_and_inspect(tmp_path):
     assert "reaches graph output 'logits'" in text and "can be fused: yes" in text
 
 
+@pytest.mark.slow                  # three processes
 def test_entry_points_agree(tmp_path):
-    via_module = onnxfuse("--help").stdout
+    via_module = process("--help").stdout
     via_shim = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True)
     assert via_module == via_shim.stdout and "merge" in via_module
     for cmd in ("merge", "concat", "prune", "inspect"):
@@ -80,7 +83,7 @@ def test_merge_does_not_import_torch(tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 def test_missing_file(tmp_path):
-    expect_error(tmp_path, "merge", MLP[0], tmp_path / "nope.onnx", says="nope.onnx: no such file")
+    expect_error(tmp_path, "merge", MLP[0], tmp_path / "nope.onnx", says="nope.onnx: no such file", run=process)
 
 
 def test_not_onnx_and_truncated(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from graphs import SAMPLES, run
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.slow       # torchrun and fresh processes: start-ups dominate
 
 
 def free_port() -> int:

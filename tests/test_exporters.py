@@ -9,6 +9,7 @@ import onnxfuse
 from graphs import mean_of, run
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow       # both torch exporters, 24 exports
 nn = torch.nn
 
 

@@ -1,7 +1,5 @@
 """The torch bridge (oracle: onnxruntime) and the fine-tuning stage."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -9,7 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxfuse
-from graphs import SAMPLES, cnn, gemm_mlp, random_input, run
+from graphs import SAMPLES, cli, cnn, gemm_mlp, random_input, run
 from test_tiny_graphs import ARCHITECTURES
 
 torch = pytest.importorskip("torch")
@@ -146,10 +144,6 @@ def test_skl2onnx_classifier_is_trained_on_its_logits():
 
 
 # --------------------------------------------------------------------------- CLI and bad input
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "onnxfuse", *map(str, args)], capture_output=True, text=True)
-
 
 def test_eval_command_table_and_json():
     text = cli("eval", *CNN[:2], "--data", DATA["cnn"][1], "--ensemble")

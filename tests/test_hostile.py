@@ -348,7 +348,7 @@ def test_npz_reads_only_the_arrays_it_needs_and_no_more_than_they_declare(tmp_pa
 # --------------------------------------------------------------------------- output files
 
 def test_output_file_errors_are_clean(tmp_path, monkeypatch):
-    from onnxfuse import model_io
+    from onnxfuse.model_io import saving
     out = tmp_path / "out.onnx"
     refused(tmp_path, "merge", *MLP, "-o", tmp_path / ("n" * 300 + ".onnx"), says="not a usable output path")
     long_name = tmp_path / ("n" * 250 + ".onnx")
@@ -360,26 +360,26 @@ def test_output_file_errors_are_clean(tmp_path, monkeypatch):
             raise OSError(error, os.strerror(error))
         return raiser
     with monkeypatch.context() as m:                          # root ignores permissions: simulate them
-        m.setattr(model_io.tempfile, "mkdtemp", fail(errno.EACCES))
+        m.setattr(saving.tempfile, "mkdtemp", fail(errno.EACCES))
         refused(tmp_path, "merge", *MLP, "-o", out, says="permission denied")
     with monkeypatch.context() as m:
-        m.setattr(model_io, "_write_streaming", fail(errno.ENOSPC))
+        m.setattr(saving, "_write_streaming", fail(errno.ENOSPC))
         refused(tmp_path, "merge", *MLP, "-o", out, says="no space left")
     with monkeypatch.context() as m:
-        m.setattr(model_io.os, "link", fail(errno.EXDEV))
-        m.setattr(model_io.os, "replace", fail(errno.EXDEV))
+        m.setattr(saving.os, "link", fail(errno.EXDEV))
+        m.setattr(saving.os, "replace", fail(errno.EXDEV))
         refused(tmp_path, "merge", *MLP, "-o", out, says="cross-device")
 
 
 def test_two_runs_racing_on_one_new_output_cannot_both_succeed(tmp_path, monkeypatch):
-    from onnxfuse import model_io
+    from onnxfuse.model_io import saving
     out = tmp_path / "out.onnx"
-    streaming = model_io._write_streaming
+    streaming = saving._write_streaming
 
     def the_other_run_finishes_first(f, *args):
         out.write_bytes(b"the other run's model")
         streaming(f, *args)
-    monkeypatch.setattr(model_io, "_write_streaming", the_other_run_finishes_first)
+    monkeypatch.setattr(saving, "_write_streaming", the_other_run_finishes_first)
     result = cli("merge", *MLP, "-o", out)
     assert result.exit_code == 2 and "already exists" in result.stderr, result.stderr
     assert out.read_bytes() == b"the other run's model"
@@ -387,8 +387,8 @@ def test_two_runs_racing_on_one_new_output_cannot_both_succeed(tmp_path, monkeyp
 
 
 def test_external_data_file_is_never_replaced_without_force_nor_left_mismatched(tmp_path, monkeypatch):
-    from onnxfuse import model_io
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    from onnxfuse.model_io import saving
+    monkeypatch.setattr(saving, "EXTERNAL_DATA_THRESHOLD", 1000)
     out, data = tmp_path / "out.onnx", tmp_path / "out.onnx.data"
     data.write_bytes(b"someone's weights")
     refused(tmp_path, "merge", *MLP, "-o", out, says="out.onnx.data: already exists")
@@ -399,7 +399,7 @@ def test_external_data_file_is_never_replaced_without_force_nor_left_mismatched(
         if Path(target) == out:
             raise KeyboardInterrupt
         replace(source, target)
-    monkeypatch.setattr(model_io.os, "replace", interrupted_before_the_model)
+    monkeypatch.setattr(saving.os, "replace", interrupted_before_the_model)
     result = cli("merge", *MLP, "-o", out, "--force")
     assert result.exit_code == 130
     assert not out.exists() and data.read_bytes() != b"someone's weights"     # never old .onnx + new .data
@@ -408,14 +408,14 @@ def test_external_data_file_is_never_replaced_without_force_nor_left_mismatched(
 
 def test_sighup_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
     import signal
-    from onnxfuse import model_io
-    streaming = model_io._write_streaming
+    from onnxfuse.model_io import saving
+    streaming = saving._write_streaming
 
     def hangup(f, *args):
         streaming(f, *args)
         os.kill(os.getpid(), signal.SIGHUP)
         time.sleep(1)
-    monkeypatch.setattr(model_io, "_write_streaming", hangup)
+    monkeypatch.setattr(saving, "_write_streaming", hangup)
     result = cli("merge", *MLP, "-o", tmp_path / "out.onnx")
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert list(tmp_path.iterdir()) == []

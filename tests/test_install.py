@@ -9,6 +9,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILDS = {"onnxruntime", "onnxruntime-gpu"}
 
@@ -64,6 +66,7 @@ def stub_wheel(folder: Path, name: str, version: str) -> None:
         z.writestr(f"{info}/RECORD", f"{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
 
 
+@pytest.mark.slow                  # pip resolves the whole dependency tree
 def test_the_gpu_install_resolves_without_the_cpu_build(tmp_path):
     """What pip itself would install for the documented GPU command, dependencies of dependencies included."""
     command = next(c for c in documented_commands() if "[gpu" in c)

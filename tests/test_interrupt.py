@@ -9,6 +9,7 @@ import pytest
 from graphs import SAMPLES
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.slow       # signals need a process of their own; each trains for seconds
 CNN = [str(SAMPLES / f"digits_cnn_{i}.onnx") for i in range(2)]
 TRAIN = str(SAMPLES / "digits_images_train.npz")
 

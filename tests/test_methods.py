@@ -5,8 +5,6 @@ computes the same function (checked with onnxruntime); aligning it back to the o
 return the original exactly.
 """
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -14,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxfuse
-from graphs import (SAMPLES, cnn, conv_concat, conv_split, dense_slices, gemm_mlp, matmul_mlp, random_input,
+from graphs import (SAMPLES, cli, cnn, conv_concat, conv_split, dense_slices, gemm_mlp, matmul_mlp, random_input,
                     residual_mlp, run)
 from onnxfuse.groups import analyze
 from onnxfuse.methods import METHODS as REGISTRY
@@ -165,16 +163,13 @@ def test_aligned_model_can_be_finetuned(tmp_path):
 
 def test_cli_merge_method(tmp_path):
     paths = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(2)]
-    cmd = [sys.executable, "-m", "onnxfuse", "merge"]
-    result = subprocess.run(cmd + [*paths, "-o", str(tmp_path / "out.onnx"), "--method", "weight-matching"],
-                            capture_output=True, text=True)
+    result = cli("merge", *paths, "-o", tmp_path / "out.onnx", "--method", "weight-matching")
     assert result.returncode == 0, result.stderr
     assert "weight matching" in result.stdout and "moved" in result.stdout
     meta = {p.key: p.value for p in onnx.load(tmp_path / "out.onnx").metadata_props}
     assert "Git Re-Basin" in meta["onnxfuse.method"]
-    result = subprocess.run(cmd + [*paths, "-o", str(tmp_path / "o.onnx"), "--method", "ot", "--json"],
-                            capture_output=True, text=True)
+    result = cli("merge", *paths, "-o", tmp_path / "o.onnx", "--method", "ot", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["method"] == "ot"
-    helptext = subprocess.run(cmd + ["--help"], capture_output=True, text=True).stdout
+    helptext = cli("merge", "--help").stdout
     assert all(m in helptext for m in ["--method", "average", "weight-matching", "ot"])

@@ -1,8 +1,6 @@
 """The fine-tuning recipe: lr auto, the best epoch kept, the check against the best member, threads, regression
 targets and in-memory data (issue 16). onnxruntime scores every result."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -11,17 +9,13 @@ from onnx import numpy_helper
 
 import onnxfuse
 import onnxfuse.api
-from graphs import SAMPLES, gemm_mlp, run
+from graphs import SAMPLES, cli, gemm_mlp, run
 
 torch = pytest.importorskip("torch")
 from onnxfuse import training  # noqa: E402
 
 MLP = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(2)]
 TRAIN, VAL = SAMPLES / "digits_train.npz", SAMPLES / "digits_val.npz"
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "onnxfuse", *map(str, args)], capture_output=True, text=True)
 
 
 def weights(model):

@@ -189,6 +189,7 @@ def test_cli_errors(tmp_path):
     expect_error(tmp_path, "merge", *mlp[:2], "--calibrate", nan, says="NaN")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet", "mobilenetv3"])
 def test_real_architectures(name, tmp_path):
     """ResNet (residual groups: each consumer refitted after the group's selection) and MobileNetV3-like

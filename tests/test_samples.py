@@ -101,8 +101,8 @@ def test_streamed_file_equals_the_serialized_model(tmp_path):
 
 
 def test_large_outputs_use_one_external_data_file(tmp_path, monkeypatch):
-    from onnxfuse import model_io
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    from onnxfuse.model_io import saving
+    monkeypatch.setattr(saving, "EXTERNAL_DATA_THRESHOLD", 1000)
     out = tmp_path / "fused.onnx"
     fusion = onnxfuse.fuse(members("mlp", 2), "nt", output=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.onnx", "fused.onnx.data"]

@@ -7,32 +7,20 @@ import pytest
 
 import onnxfuse
 from onnxfuse.data import graph_inputs
-from graphs import session
+from graphs import export_cache, session
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 hf_zoo = pytest.importorskip("hf_zoo")
+pytestmark = pytest.mark.slow       # Hugging Face models and three exporters
 
 PAIRS = [("bert", "legacy"), ("bert", "dynamo"), ("gpt2", "dynamo"), ("albert", "optimum"), ("distilbert", "optimum"),
          ("vit", "legacy")]
 
 
-def cache_folder(tmp_path_factory):
-    """Exports are kept between sessions in ONNXFUSE_TEST_CACHE (default: the system's temp folder), keyed by
-    the zoo's source and the exporters' versions, so that the new exporter's slow exports run once."""
-    import hashlib
-    import os
-    import tempfile
-    import transformers
-    key = hashlib.sha256(open(hf_zoo.__file__, "rb").read() + torch.__version__.encode() +
-                         transformers.__version__.encode()).hexdigest()[:12]
-    base = os.environ.get("ONNXFUSE_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "onnxfuse-hf-tests")
-    return os.path.join(base, key)
-
-
 @pytest.fixture(scope="session")
-def exports(tmp_path_factory):
-    root = cache_folder(tmp_path_factory)
+def exports():
+    root = export_cache("hf", hf_zoo.__file__, torch, transformers)     # the new exporter's exports are slow
     cache = {}
 
     def get(family, exporter, seeds=(0, 1)):

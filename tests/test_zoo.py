@@ -1,7 +1,11 @@
 """Real torchvision and timm models (random init, a different seed per member, 32x32 inputs), as a new user
 would fuse them; onnxruntime is the oracle. The whole zoo is benchmarks/zoo.py; this is a fast subset, exported
-once per session."""
+once per machine (graphs.export_cache)."""
+import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +15,7 @@ import pytest
 import onnxfuse
 from onnxfuse import api
 from onnxfuse.methods import nt
+from graphs import export_cache
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -50,18 +55,26 @@ def export(net, path, exporter):
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    cache = {}
+def export_once(source, name, exporter, seed, root) -> str:
+    """The member's export in `root`, made when missing: in a temporary folder, then moved in with the .onnx
+    last (a session that stops half-way, or runs beside another, leaves no partial export under the name)."""
+    path = root / f"{source}_{name}_{exporter}_{seed}.onnx"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export", dir=root))
+        try:
+            export(build(source, name, seed), tmp / path.name, exporter)
+            for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):     # external data first
+                os.replace(f, root / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
 
-    def get(source, name, exporter):
-        key = (source, name, exporter)
-        if key not in cache:
-            cache[key] = [export(build(source, name, s), root / f"{source}_{name}_{exporter}_{s}.onnx", exporter)
-                          for s in (0, 1)]
-        return cache[key]
-    return get
+
+@pytest.fixture(scope="session")
+def zoo():
+    root = export_cache("zoo", __file__, torch, torchvision, timm)
+    return lambda source, name, exporter: [export_once(source, name, exporter, s, root) for s in (0, 1)]
 
 
 def outputs(model, x):
@@ -76,6 +89,7 @@ def ids(m):
 X = np.random.default_rng(0).normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS, ids=ids)
 def test_concat_is_the_members_mean_and_every_result_runs(zoo, model, tmp_path):
     files = zoo(*model)
@@ -113,6 +127,7 @@ def _permuted_copy(path, seed):
 
 # weight matching's coordinate descent from the identity stops short on efficientnet_b0 (a local optimum, as
 # before it was made faster); OT's layer-by-layer transport finds the permutation
+@pytest.mark.slow
 @pytest.mark.parametrize("model,methods", [(MODELS[0], ("weight-matching", "ot")), (MODELS[1], ("ot",)),
                                            (MODELS[3], ("weight-matching", "ot"))],
                          ids=["resnet18", "efficientnet_b0", "regnet_x_400mf"])
@@ -128,6 +143,7 @@ def test_weight_matching_and_ot_undo_a_permutation(zoo, model, methods):
         assert np.allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max()), method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", ["some", "all but one"])
 def test_tensors_shared_across_members(tmp_path, shared):
     """Members that share the first layers' tensors (frozen layers), or all but the last layer's (sharing none
@@ -186,6 +202,7 @@ def test_grouped_conv_keeps_channels_evenly_per_group(tmp_path):
         api.merge([model, model, model])        # 4 channels per group cannot be kept evenly by 3 members
 
 
+@pytest.mark.slow
 def test_a_result_that_does_not_run_is_refused_and_not_written(zoo, tmp_path, monkeypatch):
     files = zoo("torchvision", "resnet18", "legacy")
     real = nt.transplant
