@@ -13,9 +13,11 @@ import onnx
 
 from . import __version__
 from .errors import IncompatibleMembersError, InputError, OnnxFuseError, UnsupportedGraphError
-from .groups import Analysis, analyze, output_exactness
+from .exactness import output_exactness
+from .groups import Analysis, analyze
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
                        read_model, save_model)
+from .ops import check_trainable
 from .select import channel_scores, select_kept
 from .transplant import MemberTensors, transplant
 from . import methods as alignment
@@ -125,6 +127,8 @@ def fuse(sources, method: str = "nt", keep=None, output=None, force: bool = Fals
     if output is not None:       # and now with every file the members read (their external data)
         check_output_path(output, members, force)
     phases.mark("load")
+    if data is not None and options is not None and options.epochs > 0:    # refused before fusing, not in training
+        check_trainable(members[0].model, options.target_output)
     auto = {}
     try:
         if method == "auto":
