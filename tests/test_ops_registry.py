@@ -1,5 +1,8 @@
 """The op registry (onnxfuse.ops): one spec per op, consistent between the analysis and the torch bridge; adding
 a pass-through op is one spec."""
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -38,7 +41,7 @@ def test_registering_an_op_twice_raises(registry):
         ops.register(unary("Relu", "relu"))
 
 
-def test_an_op_with_a_rule_and_no_forward_must_say_it_is_not_trainable(registry):
+def test_an_op_without_a_forward_must_say_it_is_not_trainable(registry):
     with pytest.raises(ValueError, match="trainable=False"):
         ops.register(unary("Atan"))
     ops.register(unary("Atan", trainable=False))
@@ -81,6 +84,14 @@ def test_merge_with_data_refuses_an_untrainable_op_before_fusing(monkeypatch, tm
     monkeypatch.setattr(onnxfuse.api, "_build", build)
     with pytest.raises(onnxfuse.UnsupportedGraphError, match=r"cannot fine-tune: .*op Shrink \(node '"):
         onnxfuse.merge(members, data=str(data), epochs=1)
+    paths = [tmp_path / f"m{i}.onnx" for i in range(2)]
+    for model, path in zip(members, paths):
+        onnx.save(model, path)
+    out = tmp_path / "out.onnx"
+    result = subprocess.run([sys.executable, "-m", "onnxfuse", "merge", *map(str, paths), "-o", str(out), "--data",
+                             str(data), "--epochs", "1"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Shrink" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_a_new_pass_through_op_is_one_spec(registry, tmp_path):
