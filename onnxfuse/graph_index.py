@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import cache, cached_property
+from types import MappingProxyType
 
 import onnx
 from onnx import helper, shape_inference
@@ -37,19 +38,15 @@ class GraphIndex:
         for at in node.attribute:
             if at.name == name:
                 return helper.get_attribute_value(at)
-        value = self.schema_default(node, name)
-        return default if value is None else value
+        return self._defaults(node).get(name, default)
 
     def attrs(self, node: onnx.NodeProto) -> dict:
         """Every attribute of the node, with the schema's defaults for those it does not set."""
-        domain = "" if node.domain in STANDARD else node.domain
-        values = dict(_schema_defaults(node.op_type, domain, self.opsets.get(domain)))
-        values.update({at.name: helper.get_attribute_value(at) for at in node.attribute})
-        return values
+        return {**self._defaults(node), **{at.name: helper.get_attribute_value(at) for at in node.attribute}}
 
-    def schema_default(self, node: onnx.NodeProto, name: str):
+    def _defaults(self, node: onnx.NodeProto) -> MappingProxyType:
         domain = "" if node.domain in STANDARD else node.domain
-        return dict(_schema_defaults(node.op_type, domain, self.opsets.get(domain))).get(name)
+        return _schema_defaults(node.op_type, domain, self.opsets.get(domain))
 
     def needed_nodes(self, outputs: list[str]) -> list[onnx.NodeProto]:
         """The nodes that `outputs` depend on, in graph order."""
@@ -73,17 +70,17 @@ class GraphIndex:
 
 
 @cache
-def _schema_defaults(op_type: str, domain: str, version: int | None) -> tuple:
-    """(name, default) of the attributes of the op's schema at opset `version` that have a default."""
+def _schema_defaults(op_type: str, domain: str, version: int | None) -> MappingProxyType:
+    """name -> default of the attributes of the op's schema at opset `version` that have a default."""
     try:
         schema = onnx.defs.get_schema(op_type, version or 0, domain)
     except onnx.defs.SchemaError:      # no version yet at that opset (or no opset given): the newest
         try:
             schema = onnx.defs.get_schema(op_type, domain=domain)
         except onnx.defs.SchemaError:
-            return ()
-    return tuple((name, helper.get_attribute_value(at.default_value)) for name, at in schema.attributes.items()
-                 if at.default_value.type != onnx.AttributeProto.UNDEFINED)
+            return MappingProxyType({})
+    return MappingProxyType({name: helper.get_attribute_value(at.default_value) for name, at in
+                             schema.attributes.items() if at.default_value.type != onnx.AttributeProto.UNDEFINED})
 
 
 def value_shapes(inferred: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, list]:
