@@ -38,7 +38,7 @@ class OnnxModule(torch.nn.Module):
         if missing:
             raise UnsupportedGraphError(f"the torch bridge has no implementation of op {missing[0]}")
         nodes = index.needed_nodes(self.outputs)
-        running = {n.input[i] for n in nodes if n.op_type == "BatchNormalization" for i in (3, 4)
+        running = {n.input[i] for n in nodes if spec_of(n) is not None for i in spec_of(n).buffer_inputs
                    if len(n.input) > i}
         self.params = torch.nn.ParameterDict()
         self.onnx_names: dict[str, str] = {}

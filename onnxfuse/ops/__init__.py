@@ -49,6 +49,7 @@ class OpSpec:
     trainable: bool = True
     layout: Callable | None = None        # (index, node) -> Layout, for weight layers
     norm_inputs: tuple = ()               # normalization scale and shift inputs (PERP retrains them)
+    buffer_inputs: tuple = ()             # running statistics: torch buffers that follow train/eval, not parameters
 
 
 REGISTRY: dict[str, OpSpec] = {}

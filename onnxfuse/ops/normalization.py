@@ -43,7 +43,7 @@ def _layernorm(m, at, x, scale, bias=None):
 
 
 register(
-    OpSpec("BatchNormalization", _rule_norm, forward=_batchnorm, norm_inputs=(1, 2)),
+    OpSpec("BatchNormalization", _rule_norm, forward=_batchnorm, norm_inputs=(1, 2), buffer_inputs=(3, 4)),
     OpSpec("InstanceNormalization", _rule_norm, norm_inputs=(1, 2),
            forward=lambda m, at, x, scale, bias: F.instance_norm(x, weight=scale, bias=bias, eps=at["epsilon"])),
     OpSpec("LayerNormalization", _rule_layernorm, forward=_layernorm, norm_inputs=(1, 2)),
