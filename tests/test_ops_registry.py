@@ -114,3 +114,23 @@ def test_a_new_pass_through_op_is_one_spec(registry, tmp_path):
     tuned = onnxfuse.merge(members, data=str(data), epochs=1, lr=0.01)
     onnx.checker.check_model(tuned)
     assert run(tuned, x).shape == (32, 3)
+
+
+@pytest.mark.parametrize("op", ["Conv", "MaxPool", "AveragePool"])
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_bridge_pads_convolutions_and_pools_as_onnxruntime(op, auto_pad):
+    """The bridge pads with the Layout's conv_pads (the reconstruction's), auto_pad included."""
+    torch = pytest.importorskip("torch")
+    from onnx import numpy_helper
+    from onnxfuse.torch_bridge import OnnxModule
+    w = np.random.default_rng(0).normal(size=[4, 3, 3, 3]).astype(np.float32)
+    inputs, attrs = (["x", "w"], {}) if op == "Conv" else (["x"], {"kernel_shape": [3, 3]})
+    node = helper.make_node(op, inputs, ["y"], strides=[2, 2], auto_pad=auto_pad, **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")] if op == "Conv" else [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.random.default_rng(1).normal(size=[2, 3, 7, 7]).astype(np.float32)
+    with torch.no_grad():
+        got = OnnxModule(model).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run(model, x), rtol=1e-5, atol=1e-5)
