@@ -14,10 +14,12 @@ import onnx
 
 from . import __version__
 from .errors import IncompatibleMembersError, InputError, OnnxFuseError, UnsupportedGraphError
-from .groups import Analysis, analyze, output_exactness
+from .exactness import output_exactness
+from .groups import Analysis, analyze
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
                        read_model, save_model)
 from .methods import METHODS, Assembly, FusionMethod, Job
+from .ops import check_trainable
 from .options import FuseOptions, FusionReport
 from .select import importance as importance_of
 from .transplant import MemberTensors
@@ -141,7 +143,8 @@ def fuse(sources, options: FuseOptions | str = "nt", *args, **kwargs) -> Fusion:
     if o.output is not None:       # and now with every file the members read (their external data)
         check_output_path(o.output, members, o.force)
     phases.mark("load")
-    # checks of the loaded members that must refuse before any work is done belong here
+    if o.data is not None and training is not None and training.epochs > 0:    # refused before fusing
+        check_trainable(members[0].model, training.target_output)
     try:
         auto = None
         if method is None:

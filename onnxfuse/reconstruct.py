@@ -33,17 +33,19 @@ benchmarks/bn_reestimation.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import ceil, prod
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .data import batches, load_data, pick_samples
 from .errors import InputError, OnnxFuseError
+from .graph_index import GraphIndex
 from .groups import Analysis
 from .model_io import TensorTable
+from .ops import spec_of
+from .ops.linear import Layout
 from .sessions import session
 
 DEFAULT_SAMPLES = 2048
@@ -55,6 +57,7 @@ BATCH = 256
 class Layer:
     """A Gemm / MatMul / Conv that consumes a fused channel group, and how to read and write it."""
     node: onnx.NodeProto
+    layout: Layout
     x: str                      # its input activation
     target: str                 # the value to reproduce (the layer output, or the Add of a MatMul's bias)
     weight: str
@@ -62,7 +65,6 @@ class Layer:
     out_index: np.ndarray | None   # wide-model channels of `target` that the fused layer keeps (None: all)
     level: int = 0
     fixed_offset: float = 0.0   # a scalar bias that is not refitted (subtracted from the target)
-    attrs: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -71,13 +73,6 @@ class Layer:
     @property
     def op(self) -> str:
         return self.node.op_type
-
-
-def _attr(node, name, default=None):
-    for at in node.attribute:
-        if at.name == name:
-            return helper.get_attribute_value(at)
-    return default
 
 
 def wide_indices(a: Analysis, segs, kept: dict[int, np.ndarray], n: int) -> np.ndarray:
@@ -95,79 +90,72 @@ def wide_indices(a: Analysis, segs, kept: dict[int, np.ndarray], n: int) -> np.n
     return np.concatenate(out)
 
 
-def find_layers(graph: onnx.GraphProto, tensors: TensorTable, a: Analysis, kept: dict[int, np.ndarray],
+def find_layers(model: onnx.ModelProto, tensors: TensorTable, a: Analysis, kept: dict[int, np.ndarray],
                 n: int) -> tuple[list[Layer], list[str]]:
     """The layers to refit, in node order, with their levels; and why other consumers are left alone."""
     widened = a.widened_touches()
-    uses: dict[str, int] = {}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for x in node.input:
-            uses[x] = uses.get(x, 0) + 1
-            consumers.setdefault(x, []).append(node)
+    index = GraphIndex(model)
     layers, skipped = [], []
-    for node in graph.node:
-        if node.op_type not in ("Gemm", "MatMul", "Conv") or len(node.input) < 2:
+    for node in index.nodes:
+        spec = spec_of(node)
+        if spec is None or spec.layout is None or len(node.input) < 2:
             continue
+        layout = spec.layout(index, node)
         w = node.input[1]
         axes = widened.get(w, {})
         label = f"{node.op_type} '{node.name or node.output[0]}'"
-        if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+        if layout.window is not None and layout.window["group"] != 1:
             if axes:
                 skipped.append(f"{label}: grouped or depthwise convolution (each output sees its group's input "
                                f"channels only; kept as transplanted)")
             continue
         if w not in tensors or not any(t.role == "in" for t in axes.values()):
             continue
-        if uses.get(w, 0) > 1:
+        if index.uses(w) > 1:
             skipped.append(f"{label}: its weight is shared with another layer")
             continue
-        out_axis = {"Gemm": 0 if _attr(node, "transB", 0) else 1, "MatMul": 1, "Conv": 0}[node.op_type]
-        out_touch = axes.get(out_axis)
+        out_touch = axes.get(layout.out_axis)
         out_index = wide_indices(a, out_touch.segs, kept, n) if out_touch is not None else None
-        layer = Layer(node, node.input[0], node.output[0], w, None, out_index)
-        out_features = tensors.shape(w)[out_axis]
+        layer = Layer(node, layout, node.input[0], node.output[0], w, None, out_index)
+        out_features = tensors.shape(w)[layout.out_axis]
         if node.op_type == "Conv":
             if len(node.input) > 2 and node.input[2]:
-                if uses.get(node.input[2], 0) > 1 or node.input[2] not in tensors:
+                if index.uses(node.input[2]) > 1 or node.input[2] not in tensors:
                     skipped.append(f"{label}: its bias is shared with another node or not a constant")
                     continue
                 layer.bias = node.input[2]
         elif node.op_type == "Gemm":
-            layer.attrs = {"alpha": _attr(node, "alpha", 1.0), "beta": _attr(node, "beta", 1.0),
-                           "transA": _attr(node, "transA", 0), "transB": _attr(node, "transB", 0)}
             c = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if c is not None and layer.attrs["beta"] != 0:
+            if c is not None and layout.beta != 0:
                 if c not in tensors:
                     skipped.append(f"{label}: its bias is not a constant")
                     continue
                 size = prod(tensors.shape(c))
-                if size == out_features and uses.get(c, 0) == 1:
+                if size == out_features and index.uses(c) == 1:
                     layer.bias = c
                 elif size == 1:
-                    layer.fixed_offset = float(np.asarray(tensors.array(c), np.float64).reshape(-1)[0]) * \
-                        layer.attrs["beta"]
+                    layer.fixed_offset = float(np.asarray(tensors.array(c), np.float64).reshape(-1)[0]) * layout.beta
                 else:
                     skipped.append(f"{label}: its bias C of shape {list(tensors.shape(c))} is not per output")
                     continue
         else:   # MatMul: a following Add of a per-output constant is its bias
-            after = consumers.get(node.output[0], [])
+            after = index.consumers.get(node.output[0], [])
             if len(after) == 1 and after[0].op_type == "Add":
                 other = [x for x in after[0].input if x != node.output[0]]
-                if len(other) == 1 and other[0] in tensors and uses.get(other[0], 0) == 1 and \
+                if len(other) == 1 and other[0] in tensors and index.uses(other[0]) == 1 and \
                         tensors.shape(other[0])[-1:] == (out_features,) and \
                         prod(tensors.shape(other[0])) == out_features:
                     layer.bias, layer.target = other[0], after[0].output[0]
         layers.append(layer)
-    _assign_levels(graph, layers)
+    _assign_levels(index.nodes, layers)
     return layers, skipped
 
 
-def _assign_levels(graph: onnx.GraphProto, layers: list[Layer]) -> None:
+def _assign_levels(nodes: list[onnx.NodeProto], layers: list[Layer]) -> None:
     """level = how many refitted layers lie on the longest path before the layer's input."""
     by_node = {id(layer.node): layer for layer in layers}
     depth: dict[str, int] = {}
-    for node in graph.node:
+    for node in nodes:
         d = max((depth.get(x, 0) for x in node.input if x), default=0)
         layer = by_node.get(id(node))
         if layer is not None:
@@ -179,97 +167,31 @@ def _assign_levels(graph: onnx.GraphProto, layers: list[Layer]) -> None:
 
 # ----------------------------------------------------------------------------- rows of the regression
 
-def conv_pads(node, spatial_in: tuple[int, ...], kernel, strides, dilations) -> list[int]:
-    nd = len(kernel)
-    auto = _attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for size, k, s, d in zip(spatial_in, kernel, strides, dilations):
-            total = max((ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small = total // 2
-            begin.append(small if auto == "SAME_UPPER" else total - small)
-            end.append(total - begin[-1])
-        return begin + end
-    if auto == "VALID":
-        return [0] * 2 * nd
-    return list(_attr(node, "pads", [0] * 2 * nd))
-
-
-def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
-    """[B, C, *S] -> [B * prod(out S), C * prod(kernel)], columns in the order of a [O, C, *kernel] weight."""
-    nd = len(kernel)
-    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
-    windows = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    v = np.lib.stride_tricks.sliding_window_view(x, windows, axis=tuple(range(2, 2 + nd)))
-    v = v[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
-          + tuple(slice(None, None, d) for d in dilations)]
-    v = v.transpose([0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)])
-    return v.reshape(-1, x.shape[1] * prod(kernel))
-
-
 def layer_rows(layer: Layer, x: np.ndarray, tensors: TensorTable) -> np.ndarray:
     """The layer's input as the rows of a linear regression (one row per output position)."""
-    x = np.asarray(x)
-    if layer.op == "Conv":
-        kernel = list(tensors.shape(layer.weight)[2:])
-        nd = len(kernel)
-        strides = list(_attr(layer.node, "strides", [1] * nd))
-        dilations = list(_attr(layer.node, "dilations", [1] * nd))
-        pads = conv_pads(layer.node, x.shape[2:], kernel, strides, dilations)
-        return im2col(x, kernel, strides, pads, dilations)
-    if layer.op == "Gemm" and layer.attrs["transA"]:
-        x = x.T
-    return x.reshape(-1, x.shape[-1])
+    return layer.layout.rows(x, tensors.shape(layer.weight))
 
 
 def target_rows(layer: Layer, y: np.ndarray) -> np.ndarray:
     """The wide model's output of the layer as rows, at the channels the fused layer keeps."""
-    y = np.asarray(y)
-    if layer.op == "Conv":
-        y = np.moveaxis(y, 1, -1)
-    y = y.reshape(-1, y.shape[-1])
+    y = layer.layout.target_rows(y)
     if layer.out_index is not None:
         y = y[:, layer.out_index]
     return y - layer.fixed_offset if layer.fixed_offset else y
-
-
-def rows_per_sample(layer: Layer, x: np.ndarray, y: np.ndarray) -> int:
-    """Regression rows one calibration sample gives (output positions of a conv, tokens of a MatMul)."""
-    if layer.op == "Conv":
-        return int(prod(y.shape[2:]))
-    if layer.op == "Gemm":
-        return 1
-    return int(prod(x.shape[1:-1]))
 
 
 # ----------------------------------------------------------------------------- weights as x @ W
 
 def get_linear(layer: Layer, tensors: TensorTable) -> tuple[np.ndarray, np.ndarray | None]:
     """The layer as Y = X W + b (X rows from layer_rows)."""
-    w = np.asarray(tensors.array(layer.weight), np.float64)
     b = np.asarray(tensors.array(layer.bias), np.float64).reshape(-1) if layer.bias else None
-    if layer.op == "Conv":
-        return w.reshape(w.shape[0], -1).T, b
-    if layer.op == "Gemm":
-        w = (w.T if layer.attrs["transB"] else w) * layer.attrs["alpha"]
-        return w, (b * layer.attrs["beta"] if b is not None else None)
-    return w, b
+    return layer.layout.matrix(tensors.array(layer.weight)), (b * layer.layout.beta if b is not None else None)
 
 
 def set_linear(layer: Layer, tensors: TensorTable, w: np.ndarray, b: np.ndarray | None) -> None:
-    shape = tensors.shape(layer.weight)
-    if layer.op == "Conv":
-        value = w.T.reshape(shape)
-    elif layer.op == "Gemm":
-        value = (w.T if layer.attrs["transB"] else w) / layer.attrs["alpha"]
-    else:
-        value = w
-    tensors.set(layer.weight, value)
+    tensors.set(layer.weight, layer.layout.weight(w, tensors.shape(layer.weight)))
     if layer.bias is not None and b is not None:
-        if layer.op == "Gemm":
-            b = b / layer.attrs["beta"]
-        tensors.set(layer.bias, b.reshape(tensors.shape(layer.bias)))
+        tensors.set(layer.bias, (b / layer.layout.beta).reshape(tensors.shape(layer.bias)))
 
 
 class NormalEquations:
@@ -343,7 +265,7 @@ def reconstruct(graph: onnx.ModelProto, tensors: TensorTable, wide: onnx.ModelPr
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             raise InputError(f"{calibrate}: the calibration array for input '{name}' has NaN or infinite values")
     count = len(next(iter(feeds.values())))
-    layers, skipped = find_layers(graph.graph, tensors, a, kept, n)
+    layers, skipped = find_layers(graph, tensors, a, kept, n)
     if not layers:
         return {"calibration": str(calibrate), "samples": count, "layers": [], "skipped": skipped,
                 "seconds": round(time.perf_counter() - start, 3)}
@@ -392,7 +314,7 @@ def _check_enough(layers: list[Layer], model: onnx.ModelProto, tensors: TensorTa
         x, y = values[layer.x], values[layer.node.output[0]]
         d = layer_rows(layer, x, tensors).shape[1]
         unknowns = d + (layer.bias is not None)
-        per = rows_per_sample(layer, x, y)
+        per = layer.layout.rows_per_sample(x, y)
         need = ceil(unknowns / per)
         if count < need:
             if layer.op == "Conv":

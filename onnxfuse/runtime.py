@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from .data import Dataset
 from .errors import OnnxFuseError
+from .graph_index import GraphIndex
 from .model_io import read_model
 from .sessions import session
 
@@ -19,7 +20,7 @@ PASS_THROUGH = {"Identity", "Cast"}
 def logits_output(model: onnx.ModelProto, requested: str | None = None) -> str:
     """The value to train and score on: the one float output (or `requested`), traced back through a final
     Softmax/LogSoftmax to the logits that feed it (classifiers such as skl2onnx's end in probabilities)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = GraphIndex(model).producer
     if requested:
         if requested not in producer and requested not in {o.name for o in model.graph.output}:
             raise OnnxFuseError(f"no value named '{requested}' in the graph")

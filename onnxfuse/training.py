@@ -25,10 +25,11 @@ import onnx
 
 from .data import Dataset
 from .errors import OnnxFuseError
+from .graph_index import GraphIndex
+from .ops import spec_of
 from .options import option
 
 
-NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization"}
 CANDIDATES = {"sgd": (0.1, 0.03, 0.01, 0.003, 0.001), "adam": (3e-3, 1e-3, 3e-4, 1e-4)}
 PROBE_BUDGET = 0.2         # probes' steps as a fraction of the fine-tuning steps they serve
 PROBE_SCHEDULE = "hold-decay"
@@ -96,12 +97,15 @@ def bias_norm_tensors(model: onnx.ModelProto) -> set[str]:
     """Biases and normalization scales/shifts: the small, expressive subset PERP retrains."""
     constants = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
                                                              for o in n.output}
+    index = GraphIndex(model)
     names = set()
-    for node in model.graph.node:
-        if node.op_type in ("Gemm", "Conv") and len(node.input) > 2:
-            names.add(node.input[2])
-        elif node.op_type in NORM_OPS:
-            names.update(node.input[1:3])
+    for node in index.nodes:
+        spec = spec_of(node)
+        bias = spec.layout(index, node).bias if spec is not None and spec.layout is not None else None
+        if bias is not None and len(node.input) > bias:
+            names.add(node.input[bias])
+        elif spec is not None and spec.norm_inputs:
+            names.update(node.input[i] for i in spec.norm_inputs if i < len(node.input))
         elif node.op_type in ("Add", "Sub"):
             names.update(x for x in node.input if x in constants)
     return names & constants

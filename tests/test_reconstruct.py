@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxfuse
 from graphs import SAMPLES, cnn, conv_concat, conv_split, dense_slices, gemm_mlp, matmul_mlp, mean_of, \
     random_input, residual_mlp, run
-from onnxfuse.reconstruct import conv_pads, im2col
+from onnxfuse.ops.linear import conv_pads, im2col
 from test_cli import expect_error, onnxfuse as cli
 
 MLP = [str(SAMPLES / f"digits_mlp_{i}.onnx") for i in range(3)]
@@ -108,7 +108,7 @@ def test_im2col_matches_onnxruntime_conv(dims, kernel, strides, dilations, auto_
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     expected = run(model, x)
-    rows = im2col(x, kernel, strides, conv_pads(node, x.shape[2:], kernel, strides, dilations), dilations)
+    rows = im2col(x, kernel, strides, conv_pads(attrs, x.shape[2:], kernel, strides, dilations), dilations)
     got = (rows @ w.reshape(4, -1).T).reshape([2, *expected.shape[2:], 4])
     np.testing.assert_allclose(np.moveaxis(got, -1, 1), expected, rtol=1e-4, atol=1e-4)
 
