@@ -60,7 +60,10 @@ def output_exactness(a, differing: set[str]) -> dict[str, str | None]:
         elif _spec(node).layout is not None and in_wide:
             result = ("mean", None)
         elif any(s[0] in ("mean", "wide") for s in ins) or averaged:
-            linear = is_linear(node) and (not averaged or node.op_type in ("Add", "Sub"))
+            kinds = [s[0] for s in ins]        # a mean scaled by a value every member has: still a mean
+            scaled = not averaged and (node.op_type == "Mul" and sorted(kinds) == ["mean", "same"] or
+                                       node.op_type == "Div" and kinds == ["mean", "same"])
+            linear = scaled or is_linear(node) and (not averaged or node.op_type in ("Add", "Sub"))
             why = (f"{node.op_type} at node '{node.name}' is applied to averaged values" if not averaged else
                    f"tensor '{averaged[0]}' of node '{node.name}' differs between members and is averaged")
             result = ("mean", None) if linear else ("derived", why)

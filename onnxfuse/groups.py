@@ -49,6 +49,8 @@ class ShapeConst:
     segs: tuple[Seg, ...]
     use: tuple[int, int] | None = None      # (node index, input position) where the graph reads it
     private: bool = False                   # shared with other uses: the rewrite goes into a copy for `use`
+    computed: np.ndarray | None = None      # the graph computes it (from some tensor's shape): its value now,
+                                            # replaced at `use` by a constant of the kept width (segs () : kept)
 
 
 @dataclass

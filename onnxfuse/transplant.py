@@ -132,14 +132,18 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
     widths = {r: (len(kept[r]) if r in kept else a.space_width[r]) for r in {a.find(s) for s in a.parent}}
     _check_runtime_sizes(a, widths)
     written: dict[tuple, int] = {}
+    resized = any(widths[r] != a.space_width[r] for r in widths)
     for const in a.shape_consts:
-        target = tensors.array(const.tensor).copy()
-        target.reshape(-1)[const.index] = a.axis_size(const.segs, widths)
+        if const.computed is not None and not resized:     # at the members' widths the graph computes it right
+            continue
+        target = (tensors.array(const.tensor) if const.computed is None else const.computed).copy()
+        size = a.axis_size(const.segs, widths) if const.segs else int(const.computed[0])     # () : a fixed size
+        target.reshape(-1)[const.index] = size
         where = (const.tensor, const.use if const.private else None, const.index)
-        if written.setdefault(where, a.axis_size(const.segs, widths)) != a.axis_size(const.segs, widths):
+        if written.setdefault(where, size) != size:
             raise UnsupportedGraphError(f"shape constant '{const.tensor}' is shared by channel groups that keep "
-                                        f"different widths ({written[where]} and "
-                                        f"{a.axis_size(const.segs, widths)}): use a --keep that keeps them equal")
+                                        f"different widths ({written[where]} and {size}): use a --keep that "
+                                        f"keeps them equal")
         if const.private:
             private_shape_const(model, const, target)
         else:
@@ -153,7 +157,7 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
             attr.i = a.axis_size(const.segs, widths)
         else:
             attr.ints[const.index] = a.axis_size(const.segs, widths)
-    if any(widths[r] != a.space_width[r] for r in widths):     # shape annotations of resized values go
+    if resized:                                                # shape annotations of resized values go
         resized = set(a.chan) | set(widened)
         keep = [v for v in model.graph.value_info if v.name not in resized]
         del model.graph.value_info[:]

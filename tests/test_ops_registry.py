@@ -134,3 +134,41 @@ def test_bridge_pads_convolutions_and_pools_as_onnxruntime(op, auto_pad):
     with torch.no_grad():
         got = OnnxModule(model).eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, run(model, x), rtol=1e-5, atol=1e-5)
+
+
+RESIZES = [({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, "scales"),
+           ({"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, "scales"),
+           ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, "sizes"),
+           ({"mode": "cubic", "coordinate_transformation_mode": "half_pixel"}, "scales")]
+
+
+@pytest.mark.parametrize("attrs,by", RESIZES, ids=[f"{a['mode']}-{a['coordinate_transformation_mode']}-{b}"
+                                                  for a, b in RESIZES])
+def test_resize_of_the_spatial_axes_fuses_exactly_and_bridges_as_onnxruntime(attrs, by):
+    """conv -> Resize x2 (HRNet's upsampling) -> conv -> global pool: the channels pass through the Resize;
+    by sizes, the channel element of the sizes is rewritten with the wide width."""
+    torch = pytest.importorskip("torch")
+    from onnx import numpy_helper
+    from onnxfuse.torch_bridge import OnnxModule
+
+    def member(seed):
+        rng = np.random.default_rng(seed)
+        inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+                 for n, s in (("w1", (4, 3, 3, 3)), ("w2", (2, 4, 3, 3)))]
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales") if by == "scales" else
+                     numpy_helper.from_array(np.array([2, 4, 10, 10], np.int64), "sizes"))
+        resize_in = ["c1", "", "scales"] if by == "scales" else ["c1", "", "", "sizes"]
+        nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Resize", resize_in, ["r"], **attrs),
+                 helper.make_node("Conv", ["r", "w2"], ["c2"]), helper.make_node("GlobalAveragePool", ["c2"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 7])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 1, 1])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    members = [member(s) for s in (0, 1)]
+    x = np.random.default_rng(2).normal(size=[2, 3, 7, 7]).astype(np.float32)
+    wide = onnxfuse.api.fuse(members, "concat")
+    assert wide.summary["exact"]
+    np.testing.assert_allclose(run(wide.model, x), np.mean([run(m, x) for m in members], axis=0), atol=1e-5)
+    with torch.no_grad():
+        got = OnnxModule(wide.model).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run(wide.model, x), rtol=1e-4, atol=1e-5)
+    assert run(onnxfuse.prune(members[0], 0.5), x).shape == (2, 2, 1, 1)

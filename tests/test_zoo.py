@@ -56,25 +56,33 @@ def export(net, path, exporter):
 
 
 def export_once(source, name, exporter, seed, root) -> str:
-    """The member's export in `root`, made when missing: in a temporary folder, then moved in with the .onnx
-    last (a session that stops half-way, or runs beside another, leaves no partial export under the name)."""
-    path = root / f"{source}_{name}_{exporter}_{seed}.onnx"
+    return cached(root / f"{source}_{name}_{exporter}_{seed}.onnx",
+                  lambda path: export(build(source, name, seed), path, exporter))
+
+
+def cached(path: Path, write) -> str:
+    """The export at `path`, made by write(path) when missing: in a temporary folder, then moved in with the
+    .onnx last (a session that stops half-way, or runs beside another, leaves no partial export under the name)."""
     if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".export", dir=root))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export", dir=path.parent))
         try:
-            export(build(source, name, seed), tmp / path.name, exporter)
+            write(tmp / path.name)
             for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):     # external data first
-                os.replace(f, root / f.name)
+                os.replace(f, path.parent / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
 
 @pytest.fixture(scope="session")
-def zoo():
-    root = export_cache("zoo", __file__, torch, torchvision, timm)
-    return lambda source, name, exporter: [export_once(source, name, exporter, s, root) for s in (0, 1)]
+def cache_root():
+    return export_cache("zoo", __file__, torch, torchvision, timm)
+
+
+@pytest.fixture(scope="session")
+def zoo(cache_root):
+    return lambda source, name, exporter: [export_once(source, name, exporter, s, cache_root) for s in (0, 1)]
 
 
 def outputs(model, x):
@@ -280,3 +288,58 @@ def test_one_stored_tensor_for_several_layers(via_identity):
     for method in ("nt", "weight-matching", "ot"):
         assert outputs(api.merge(members, method=method), x).shape == (1, 2)
     assert outputs(api.prune(members[0], 0.5), x).shape == (1, 2)
+
+
+def _legacy(net, x, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.from_numpy(x), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                          opset_version=17)
+
+
+@pytest.mark.slow
+def test_swin_window_attention_computes_its_head_size_from_the_stream(cache_root, tmp_path):
+    """torchvision's shifted-window attention reshapes qkv to [B, N, 3, heads, C // heads] and its output back
+    to [B, N, C] with C = x.size(-1) of the residual stream, computed at run time: in the wide and the pruned
+    model those sizes come from the kept widths (heads and head size of the attention groups), not from the
+    stream's width, which another group decides."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    def swin(seed):
+        torch.manual_seed(seed)
+        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[2, 2],
+                               num_classes=10).eval()
+    files = [cached(cache_root / f"swin_small_{s}.onnx", lambda p, s=s: _legacy(swin(s), X, p)) for s in (0, 1)]
+    mean = np.mean([outputs(f, X).astype(np.float64) for f in files], axis=0)
+    wide = api.fuse(files, "concat", output=tmp_path / "wide.onnx")
+    assert not wide.summary["exact"] and "LayerNormalization" in wide.summary["outputs"]["y"]
+    for method, sources, keep in (("nt", files, None), ("prune", files[:1], 0.5), ("prune", files[:1], 0.75)):
+        out = tmp_path / f"{method}{keep}.onnx"
+        api.fuse(sources, method, keep, output=out)
+        y = outputs(out, X)
+        assert y.shape == mean.shape and np.isfinite(y).all()
+
+
+# timm models with patterns of their own: GhostNet adds a shortcut to the concat of a conv and its depthwise
+# copy; HRNet upsamples its branches with Resize; LeViT adds per-head attention biases read through a Gather
+# and averages two heads (a Div by 2 of the mean: linear, still exact)
+TIMM_PATTERNS = [("ghostnet_050", {}, 32), ("hrnet_w18_small", {}, 32), ("levit_128s", {"img_size": 64}, 64)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kwargs,size", TIMM_PATTERNS, ids=[m[0] for m in TIMM_PATTERNS])
+def test_timm_patterns(cache_root, tmp_path, name, kwargs, size):
+    x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    files = [cached(cache_root / f"timm_{name}_{size}_{s}.onnx", lambda p, s=s: _legacy(net(s), x, p)) for s in (0, 1)]
+    mean = np.mean([outputs(f, x).astype(np.float64) for f in files], axis=0)
+    wide = api.fuse(files, "concat", output=tmp_path / "wide.onnx")
+    assert wide.summary["exact"], wide.summary["outputs"]
+    assert np.abs(outputs(tmp_path / "wide.onnx", x) - mean).max() <= 1e-4 * np.abs(mean).max()
+    for method, sources, keep in (("nt", files, None), ("prune", files[:1], 0.5)):
+        out = tmp_path / f"{method}.onnx"
+        api.fuse(sources, method, keep, output=out)
+        assert outputs(out, x).shape == mean.shape

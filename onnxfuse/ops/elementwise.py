@@ -2,8 +2,11 @@
 their inputs and touch the constants they combine with."""
 from __future__ import annotations
 
+import numpy as np
 from onnx import helper
 
+from ..groups import Touch
+from ..model_io import FLOAT_TYPES
 from . import F, OpSpec, register, torch
 from .linear import bias_touch
 
@@ -21,6 +24,10 @@ def binary_rule(a, node):
     ref_x, (ref_axis, ref_segs) = laid[0]
     ref_from_end = (a.rank(ref_x) or ref_axis + 1) - ref_axis
     for x, (axis, segs) in laid[1:]:
+        if (a.rank(x) or axis + 1) - axis == ref_from_end and (len(segs) != len(ref_segs) or
+                                                               any(s.inner != r.inner for s, r in zip(segs, ref_segs))):
+            _align(a, x, ref_x)
+            (axis, segs), (ref_axis, ref_segs) = a.chan[x], a.chan[ref_x]
         if (a.rank(x) or axis + 1) - axis != ref_from_end or len(segs) != len(ref_segs) or \
                 any(s.inner != r.inner for s, r in zip(segs, ref_segs)):
             return a.unsupported(node, "combines tensors whose channels are laid out differently")
@@ -36,8 +43,34 @@ def binary_rule(a, node):
         else:
             shape = a.shapes.get(x)
             b_axis = None if shape is None else out_axis - ((out_rank or 0) - len(shape))
-            if shape is None or (b_axis is not None and b_axis >= 0 and shape[b_axis] != 1):
+            if b_axis == 0 and _gathered_param(a, x, a.size(ref_segs)):
+                a.touches.append(Touch(a.index.producer[x].input[0], 0, ref_segs, "param", node.name))
+            elif shape is None or (b_axis is not None and b_axis >= 0 and shape[b_axis] != 1):
                 return a.unsupported(node, f"input '{x}' has no channel layout but spans the channel axis")
+
+
+def _gathered_param(a, x: str, size: int) -> bool:
+    """x = Gather(T, constant indices, axis >= 1) of a float parameter T with `size` rows: a per-channel
+    parameter read through a lookup (LeViT's attention biases: biases[:, bias_idxs], one row per head)."""
+    gather = a.index.producer.get(x)
+    if gather is None or gather.op_type != "Gather" or a.attr(gather, "axis", 0) < 1:
+        return False
+    table, idx = gather.input[0], gather.input[1]
+    return table in a.tensors and idx in a.tensors and a.tensors.dtype(table) in FLOAT_TYPES and \
+        a.tensors.shape(table)[0] == size
+
+
+def _align(a, x: str, ref: str) -> None:
+    """Cut two layouts of one channel axis at each other's segment boundaries, so that they pair segment by
+    segment (GhostNet adds its shortcut to the concat of a conv's output and of its depthwise copy)."""
+    def bounds(value):
+        sizes = [a.width(s.space) * s.inner for s in a.chan[value][1]]
+        return set(np.cumsum(sizes)[:-1].tolist()), sum(sizes)
+    (mine, total), (theirs, ref_total) = bounds(x), bounds(ref)
+    if total == ref_total:
+        cuts = sorted(mine | theirs)
+        a.cut(x, a.chan[x][0], cuts)
+        a.cut(ref, a.chan[ref][0], cuts)
 
 
 def _rule_where(a, node):

@@ -198,7 +198,8 @@ def _rule_conv(a, node):
 
 def _depthwise_conv(a, node, group: int):
     """group == input channels: output channel o comes from input channel o // multiplier, so the output
-    keeps the input's channels (each repeated `multiplier` times) and the group count is their width."""
+    keeps the input's channels (each repeated `multiplier` times, segment by segment) and the group count is
+    their width."""
     x, w = node.input[0], node.input[1]
     if x not in a.chan or w not in a.tensors:
         return a.unsupported(node, f"grouped convolution (group={group}) of a graph input")
@@ -206,11 +207,11 @@ def _depthwise_conv(a, node, group: int):
     if axis == 1 and len(segs) == 1 and segs[0].inner == 1 and a.size(segs) % group == 0 and \
             a.size(segs) != group:
         return _grouped_conv(a, node, group)
-    if axis != 1 or len(segs) != 1 or segs[0].inner != 1 or a.size(segs) != group:
+    if axis != 1 or any(s.inner != 1 for s in segs) or a.size(segs) != group:
         return a.unsupported(node, f"grouped convolution with group={group} (only depthwise, group = input "
                                    f"channels, is supported)")
     multiplier = a.tensors.shape(w)[0] // group
-    out_segs = (Seg(segs[0].space, multiplier),)
+    out_segs = tuple(Seg(s.space, multiplier) for s in segs)     # several segments: a concat's parts
     a.touches.append(Touch(w, 0, out_segs, "out", node.name))
     if len(node.input) > 2 and node.input[2]:
         a.touches.append(Touch(node.input[2], 0, out_segs, "param", node.name))

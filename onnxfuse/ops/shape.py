@@ -8,7 +8,7 @@ from math import prod
 import numpy as np
 from onnx import helper
 
-from . import OpSpec, register, torch
+from . import F, OpSpec, register, torch
 from ..groups import EqualPart, Seg, ShapeConst
 from ..shape_functions import dim_value, shape_elements
 
@@ -165,17 +165,20 @@ def _reshape_leading(a, node, axis: int, segs, dims_in, dims_out) -> bool:
     return True
 
 
-def record_target(a, node, axis: int, segs) -> None:
+def record_target(a, node, axis: int, segs, keep: int | None = None) -> None:
     """The element of a Reshape target that spells out the channel axis' size, to be rewritten with the width.
 
     The target is a constant, or (legacy torch exports of x.view(b, t, h, d)) a Concat of pieces of which
-    the one holding that element is a constant.
+    the one holding that element is a constant, or is computed from a shape: then the piece is replaced by a
+    constant of the kept width (Swin computes x.size(-1) of the residual stream, whose width another group
+    decides). `keep`: the element must keep this value instead (a head size, C // heads, computed).
     """
     if node.op_type != "Reshape":
         return
     name, index = node.input[1], axis
     producer, position = a.index.producer, a.index.position
     use = (position[id(node)], 1) if id(node) in position else None
+    piece_use = None          # the Concat input that holds the element, when the graph computes that piece
     while name not in a.tensors and name in producer and producer[name].op_type == "Concat":
         offset = 0
         for j, piece in enumerate(producer[name].input):
@@ -185,6 +188,7 @@ def record_target(a, node, axis: int, segs) -> None:
                 return
             if offset <= index < offset + length:
                 use = (position[id(producer[name])], j)
+                piece_use = (piece, use) if shape == [1] else None
                 name, index = piece, index - offset
                 break
             offset += length
@@ -196,8 +200,12 @@ def record_target(a, node, axis: int, segs) -> None:
             name = producer[name].input[0]
     if name in a.tensors:
         value = np.asarray(a.tensors.array(name)).reshape(-1)
-        if index < len(value) and value[index] > 0:
+        if keep is None and index < len(value) and value[index] > 0:
             a.shape_consts.append(ShapeConst(name, index, segs, use))
+    elif piece_use is not None:
+        piece, use = piece_use
+        a.shape_consts.append(ShapeConst(piece, 0, () if keep is not None else segs, use, private=True,
+                                         computed=np.array([a.size(segs) if keep is None else keep], np.int64)))
 
 
 def _prod(dims):
@@ -276,6 +284,7 @@ def _split_fused_projection(a, node, x, y, dims_in, dims_out) -> bool:
     for part in part_segs:
         a.equal_parts.append(EqualPart(node.name or y, part))
     record_target(a, node, axis + 1, part_segs[0])
+    record_target(a, node, axis + 2, (), keep=dims_out[axis + 2])     # the head size stays
     return True
 
 
@@ -462,7 +471,59 @@ def _shape(m, at, x):
     return torch.tensor(x.shape[at.get("start", 0):at.get("end", x.dim())], dtype=torch.int64)
 
 
+def _rule_resize(a, node):
+    """Resizing of other axes (HRNet's and FPNs' upsampling of H and W) passes the channels on: the channel
+    axis' scale is 1, or its target size is the width (rewritten with the kept width)."""
+    x, y = node.input[0], node.output[0]
+    axis, segs = a.chan[x]
+    inputs = list(node.input) + [""] * 4
+    scales = a.const(inputs[2] if node.op_type == "Resize" else inputs[1])
+    sizes = a.const(inputs[3]) if node.op_type == "Resize" else None
+    axes = a.attr(node, "axes")
+    if axes is not None:
+        rank = a.rank(x)
+        axes = [d % rank if rank else d for d in axes]
+        if axis not in axes:                   # only other axes are resized
+            a.chan[y] = (axis, segs)
+            return
+    index = axis if axes is None else axes.index(axis)
+    if scales is not None and scales.size > index and float(scales.reshape(-1)[index]) == 1.0:
+        a.chan[y] = (axis, segs)
+    elif sizes is not None and sizes.size > index and int(sizes.reshape(-1)[index]) == a.size(segs):
+        a.chan[y] = (axis, segs)
+        a.shape_consts.append(ShapeConst(inputs[3], index, segs, (a.index.index(node), 3)))
+    else:
+        a.unsupported(node, "resizes the channel axis, or by sizes the analysis cannot read")
+
+
+def _resize(m, at, x, roi=None, scales=None, sizes=None):
+    """ONNX Resize / Upsample of the spatial axes by torch's interpolate, for the modes both define alike:
+    nearest with asymmetric coordinates and floor (torch 'nearest'), (bi/tri)linear with half_pixel or
+    align_corners, cubic (A = -0.75) likewise on 2-D."""
+    text = lambda v: v.decode() if isinstance(v, bytes) else v          # noqa: E731
+    mode, coords = text(at.get("mode", "nearest")), text(at.get("coordinate_transformation_mode", "asymmetric"))
+    spatial = x.dim() - 2
+    if sizes is not None and sizes.numel():
+        target = {"size": [int(v) for v in sizes.tolist()[-spatial:]]}
+    else:
+        target = {"scale_factor": [float(v) for v in scales.tolist()[-spatial:]]}
+    if mode == "nearest" and coords == "asymmetric" and text(at.get("nearest_mode", "floor")) == "floor":
+        return F.interpolate(x, mode="nearest", **target)
+    kinds = {"linear": {1: "linear", 2: "bilinear", 3: "trilinear"}, "cubic": {2: "bicubic"}}
+    if mode in kinds and spatial in kinds[mode] and coords in ("half_pixel", "pytorch_half_pixel", "align_corners") \
+            and (mode != "cubic" or at.get("cubic_coeff_a", -0.75) == -0.75):
+        return F.interpolate(x, mode=kinds[mode][spatial], align_corners=coords == "align_corners", **target)
+    raise NotImplementedError(f"Resize mode {mode} with {coords} coordinates has no torch equivalent here")
+
+
+def _upsample(m, at, x, scales):
+    return _resize(m, {**at, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, x, None,
+                   scales)
+
+
 register(
+    OpSpec("Resize", _rule_resize, linear=True, size_inputs=frozenset({1, 2, 3}), forward=_resize),
+    OpSpec("Upsample", _rule_resize, linear=True, size_inputs=frozenset({1}), forward=_upsample),
     OpSpec("Reshape", _rule_reshape_heads, linear=True, shape_arithmetic=True, size_inputs=frozenset({1}),
            batchwise=True, forward=_reshape),
     OpSpec("Flatten", _rule_flatten_last, linear=True, forward=_flatten),
