@@ -252,7 +252,7 @@ def _souped(model: onnx.ModelProto, sources, o: FuseOptions, options, report: Fu
             if world > 1 and i != rank:
                 continue
             copy = replace(options, seed=options.seed + 1 + i + k * r, epochs=min(every, epochs - r * every),
-                           lr=lr, checkpoint_dir=None, resume=False, require_gain=False)
+                           lr=lr, checkpoint_dir=None, resume=False, require_gain=False, last_epoch=True)
             tuned.append(finetune(begin, train_set, copy, None, teacher, o.progress).model)
         if world > 1:                     # every process gets every copy (and computes the same soup)
             import torch.distributed as dist

@@ -74,6 +74,8 @@ class TrainOptions:
                             min=0, max=1, max_open=True)
     threads: int = option(1, "torch and onnxruntime intra-op threads. Results are byte-identical for a given "
                              "thread count; more threads than idle cores slow training down many times.", min=1)
+    last_epoch: bool = option(False, "Return the last epoch's weights, not the best epoch's (soup copies do: "
+                                     "kept at their best, most copies were the start itself).")
     require_gain: bool = option(False, "Exit with code 3 and write nothing when the fine-tuned result is below the "
                                        "best member on --val (or on the held-out slice of --data).")
     independent: bool = False           # under torchrun: train alone in this process (soup copies), no all-reduce
@@ -258,7 +260,7 @@ def _finetune(model, train, options, val, teacher_logits, progress) -> TrainResu
                       f"{'--val' if val is not None else 'the held-out slice'}")
     if bar is not None:
         bar.close()
-    if best is not None:
+    if best is not None and not options.last_epoch:
         module.load_state_dict(best.state)
     module.eval()
     seconds = round(time.process_time() - clock, 3)
@@ -266,7 +268,8 @@ def _finetune(model, train, options, val, teacher_logits, progress) -> TrainResu
            "task": "regression" if loop.regression else "classification",
            "trained_on": len(train), "held_out": 0 if holdout is None else len(holdout),
            "selected_on": None if select_on is None else ("val" if val is not None else "holdout"),
-           "selected_epoch": options.epochs if best is None else best.epoch, "run_cpu_seconds": seconds}
+           "selected_epoch": options.epochs if best is None or options.last_epoch else best.epoch,
+           "run_cpu_seconds": seconds}
     if world > 1:
         run["ranks_agree"] = _ranks_agree(module)
         if not run["ranks_agree"]:
@@ -475,7 +478,8 @@ class Checkpoints:
     It holds the chosen learning rate (the probes are not rerun) and the best epoch's weights."""
 
     SAME_RUN = ("epochs", "lr", "batch_size", "optimizer", "schedule", "momentum", "weight_decay", "distill",
-                "temperature", "distill_weight", "train_only", "seed", "target_output", "holdout", "threads")
+                "temperature", "distill_weight", "last_epoch", "train_only", "seed", "target_output", "holdout",
+                "threads")
 
     def __init__(self, options: TrainOptions, model: onnx.ModelProto, samples: int, writer: bool = True):
         import json

@@ -94,10 +94,12 @@ def test_merge_soup_branches_copies_from_the_fine_tuned_model_and_writes_their_a
     assert s["soup"]["kept"] == [0, 1] and s["soup"]["epochs_per_copy"] == 1
     assert [k for k in s["accuracy"] if k.startswith("copy")] == ["copy 0 (+1 epochs, seed 1)",
                                                                   "copy 1 (+1 epochs, seed 2)"]
-    # the written weights are the mean of two copies fine-tuned from the same fine-tuned model
+    # the written weights are the mean of two copies fine-tuned from the same fine-tuned model, each its last
+    # epoch (kept at their best epoch, copies that did not improve on the held-out slice were the start itself)
     start = tmp_path / "start.onnx"
     onnxfuse.merge(MLP, output=start, data=TRAIN, epochs=1, lr=0.05)
-    ones = [onnxfuse.finetune(str(start), TRAIN, epochs=1, lr=0.05, seed=1 + i) for i in range(2)]
+    ones = [onnxfuse.finetune(str(start), TRAIN, epochs=1, lr=0.05, seed=1 + i, last_epoch=True)
+            for i in range(2)]
     soup = weights(str(out))
     for t in ones[0].graph.initializer:
         other = next(u for u in ones[1].graph.initializer if u.name == t.name)
@@ -118,8 +120,8 @@ def test_periodic_averaging_restarts_the_copies_from_their_average(tmp_path):
     # by hand: round 0 copies from the fine-tuned start, their mean, round 1 copies from it, their mean
     start = onnxfuse.merge(MLP, data=TRAIN, epochs=1, lr=0.05)
     mean = lambda models: onnxfuse.soup(models)                     # noqa: E731
-    first = mean([onnxfuse.finetune(start, TRAIN, epochs=1, lr=0.05, seed=1 + i) for i in range(2)])
-    second = mean([onnxfuse.finetune(first, TRAIN, epochs=1, lr=0.05, seed=3 + i) for i in range(2)])
+    first = mean([onnxfuse.finetune(start, TRAIN, epochs=1, lr=0.05, seed=1 + i, last_epoch=True) for i in (0, 1)])
+    second = mean([onnxfuse.finetune(first, TRAIN, epochs=1, lr=0.05, seed=3 + i, last_epoch=True) for i in (0, 1)])
     got = {t.name: numpy_helper.to_array(t) for t in periodic.model.graph.initializer}
     for t in second.graph.initializer:
         np.testing.assert_allclose(got[t.name], numpy_helper.to_array(t), atol=1e-6)
