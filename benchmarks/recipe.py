@@ -245,7 +245,7 @@ def report(results, args, seconds, st):
          f"mean {statistics.mean(costs):.0%}, worst {max(costs):.0%} (probe s / run s)"),
     ]
     header = (f"1 thread, {seconds / 60:.1f} min{', --quick' if args.quick else ''}")
-    md = [f"# Fine-tuning recipe: lr auto + best epoch vs fixed rates\n", f"{header}\n",
+    md = ["# Fine-tuning recipe: lr auto + best epoch vs fixed rates\n", f"{header}\n",
           "Produced by `benchmarks/recipe.py` (see its docstring for the member sets). Test-set accuracy "
           "(onnxruntime); fine-tuning sees only the training data (10% held out by default: the lr probes and "
           "the epoch selection use it). Default = `merge --data` with no other option. One run per cell "
