@@ -291,6 +291,31 @@ def digits(shape=None):
     return [(a.reshape(-1, *shape) if shape else a, b.astype(np.int64)) for a, b in ((xtr, ytr), (xva, yva))]
 
 
+def digits_images_1200():
+    """scikit-learn's digits as 1x8x8 images / 16, the first 1200 for training and the other 597 held out (the
+    BatchNorm benchmarks' split): x_train, y_train, x_val, y_val."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32).reshape(-1, 1, 8, 8)
+    return x[:1200], y[:1200], x[1200:], y[1200:]
+
+
+def batchnorm_members(name: str, seeds, x, y, work: Path, epochs: int) -> list[str]:
+    """tests/test_architectures.py's net `name` trained with Adam (lr 3e-3, batch 64) from each seed, exported
+    with the legacy exporter and do_constant_folding=False so that its BatchNormalization nodes stay."""
+    import torch
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_architectures as arch
+    paths = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        net = fit(arch.NETS[name](), x, y, epochs, 3e-3, 64)
+        paths.append(export(net.eval(), torch.zeros(2, 1, 8, 8), work / f"{name}_{len(seeds)}_{seed}.onnx",
+                            output="y", opset=17, do_constant_folding=False))
+    return paths
+
+
 def mnist1d():
     """MNIST-1D with the package's default arguments, generated locally (nothing is downloaded):
     x_train, y_train, x_test, y_test."""

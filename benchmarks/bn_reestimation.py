@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, cli, export, fit, md_table, pct, stamp, write_results
+from _common import ROOT, batchnorm_members, cli, digits_images_1200, md_table, pct, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -55,26 +55,17 @@ def main() -> None:
     args = cli(__doc__, "the ResNet-like pair, 1 epoch").parse_args()
     import onnx
     import torch
-    from sklearn.datasets import load_digits
-    import test_architectures as arch
     from graphs import run
     torch.set_num_threads(1)
     st, start = stamp(), time.perf_counter()
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16).astype(np.float32).reshape(-1, 1, 8, 8)
-    xt, yt, xv, yv = x[:1200], y[:1200], x[1200:], y[1200:]
+    xt, yt, xv, yv = digits_images_1200()
     acc = lambda m: float((run(m, xv).argmax(1) == yv).mean())     # noqa: E731
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "train.npz"
         np.savez(calib, x=xt, y=yt)
         for name in ("resnet",) if args.quick else ("resnet", "mobilenetv3"):
-            paths = []
-            for seed in (0, 1):
-                torch.manual_seed(seed)
-                net = fit(arch.NETS[name](), xt, yt, 1 if args.quick else 15, 3e-3, 64)
-                paths.append(export(net, torch.zeros(2, 1, 8, 8), Path(tmp) / f"{name}_{seed}.onnx", output="y",
-                                    opset=17, do_constant_folding=False))
+            paths = batchnorm_members(name, (0, 1), xt, yt, Path(tmp), 1 if args.quick else 15)
             models = [onnx.load(p) for p in paths]
             rec = onnxfuse.fuse(paths, "nt", calibrate=calib)
             refitted = {layer["layer"] for layer in rec.summary["reconstruction"]["layers"]}

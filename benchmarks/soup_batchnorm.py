@@ -27,35 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, cli, export, fit, md_table, stamp, write_results
+from _common import ROOT, batchnorm_members, cli, digits_images_1200, md_table, stamp, write_results
 import onnxfuse  # noqa: E402  (the checkout's: _common puts it first on sys.path)
 from onnxfuse.batchnorm import reestimate  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def members(name: str, n: int, xt, yt, work: Path, epochs: int) -> list[str]:
-    import torch
-    import test_architectures as arch
-    paths = []
-    for seed in range(n):
-        torch.manual_seed(seed)
-        net = fit(arch.NETS[name](), xt, yt, epochs, 3e-3, 64)
-        paths.append(export(net.eval(), torch.zeros(2, 1, 8, 8), work / f"{name}_{n}_{seed}.onnx", output="y",
-                            opset=17, do_constant_folding=False))
-    return paths
-
-
 def main() -> None:
     args = cli(__doc__, "one set, one seed, K = 2, 1 + 1 epochs").parse_args()
     import torch
-    from sklearn.datasets import load_digits
     from graphs import run
     torch.set_num_threads(1)
     st, start = stamp(), time.perf_counter()
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16).astype(np.float32).reshape(-1, 1, 8, 8)
-    xt, yt, xv, yv = x[:1200], y[:1200], x[1200:], y[1200:]
+    xt, yt, xv, yv = digits_images_1200()
     acc = lambda m: 100 * float((run(m, xv).argmax(1) == yv).mean())     # noqa: E731
     sets = [("resnet", 2)] if args.quick else [("resnet", 2), ("resnet", 3), ("mobilenetv3", 2), ("mobilenetv3", 3)]
     k, epochs, soup_epochs = (2, 1, 1) if args.quick else (4, 3, 2)
@@ -65,7 +50,7 @@ def main() -> None:
         train = Path(tmp) / "train.npz"
         np.savez(train, x=xt, y=yt)
         for name, n in sets:
-            paths = members(name, n, xt, yt, Path(tmp), 1 if args.quick else 15)
+            paths = batchnorm_members(name, range(n), xt, yt, Path(tmp), 1 if args.quick else 15)
             for seed in seeds:
                 soup = onnxfuse.fuse(paths, "nt", data=str(train), soup=k, soup_epochs=soup_epochs,
                                      training={"epochs": epochs, "seed": seed})
