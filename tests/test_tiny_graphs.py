@@ -203,3 +203,37 @@ def test_split_and_slice_make_one_group_per_part():
     assert sorted(g["width"] for g in groups) == [2, 3, 3]
     groups = onnxfuse.fuse([dense_slices(s) for s in range(2)], "nt").summary["groups"]
     assert sorted(g["width"] for g in groups) == [4, 5]
+
+
+def _heads_by_shape(seed):
+    """x [2, 5, 6] -> MatMul (2 heads of 4) -> Reshape to [B, T, 2, C // 2] with C = h.size(-1) computed at run
+    time (as torchvision's Swin writes its head size) -> Relu -> Reshape back [B, T, -1] -> MatMul -> y."""
+    h = onnx.helper
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in (("w1", (6, 8)),
+                                                                                          ("w2", (8, 3)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("i0", 0), ("i1", 1), ("i2", 2), ("heads", [2]), ("two", 2), ("axes", [0]), ("back", [0, 0, -1]))]
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["m"]), h.make_node("Shape", ["m"], ["s"])]
+    for i in range(3):
+        nodes.append(h.make_node("Gather", ["s", f"i{i}"], [f"d{i}"], axis=0))
+    nodes += [h.make_node("Div", ["d2", "two"], ["hd"]),
+              h.make_node("Unsqueeze", ["d0", "axes"], ["u0"]), h.make_node("Unsqueeze", ["d1", "axes"], ["u1"]),
+              h.make_node("Unsqueeze", ["hd", "axes"], ["u3"]),
+              h.make_node("Concat", ["u0", "u1", "heads", "u3"], ["target"], axis=0),
+              h.make_node("Reshape", ["m", "target"], ["r"]), h.make_node("Relu", ["r"], ["a"]),
+              h.make_node("Reshape", ["a", "back"], ["b"]), h.make_node("MatMul", ["b", "w2"], ["y"])]
+    graph = h.make_graph(nodes, "heads", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 5, 6])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5, 3])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_a_head_size_computed_from_the_shape_stays_the_head_size():
+    """In the wide model h is 16 wide: the graph would compute 16 // 2 = 8 as the head size; the head count is
+    rewritten to 4 and the head size pinned to 4, so concat is the members' mean; merge writes nothing new."""
+    members = [_heads_by_shape(s) for s in (0, 1)]
+    x = np.random.default_rng(3).normal(size=(2, 5, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(onnxfuse.concat(members), x), mean_of(members, x), rtol=1e-5, atol=1e-5)
+    assert run(onnxfuse.prune(members[0], 0.5), x).shape == (2, 5, 3)
+    merged = onnxfuse.merge(members)
+    assert [t.name for t in merged.graph.initializer] == [t.name for t in members[0].graph.initializer]

@@ -48,6 +48,7 @@ def _rule_reshape(a, node):
         head_segs = (Seg(segs[0].space),)
         a.chan[y] = (axis, head_segs)
         record_target(a, node, axis, head_segs)
+        record_target(a, node, axis + 1, (), keep=dims_out[axis + 1])     # the head size stays
         return
     if _reshape_leading(a, node, axis, segs, dims_in, dims_out):
         return
@@ -109,6 +110,7 @@ def _rule_reshape_heads(a, node):
         a.batch_merged.add(y)
         if factor is not None:
             a.shape_consts.append(ShapeConst(factor[0], 0, head_segs, factor[1]))
+        record_target(a, node, axis, (), keep=dims_out[axis])               # the head size stays
         return
     rest = dims_in[axis + 1:]
     if len(dims_out) == 1 and all(d == 1 for d in rest):       # [B, C, 1, 1] -> [B*C]
