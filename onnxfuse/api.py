@@ -221,7 +221,6 @@ def _souped(model: onnx.ModelProto, sources, o: FuseOptions, options, report: Fu
     one fine-tuned model, as the sparse-model-soups recipe retrains copies of one good pruned model: branched
     straight from the transplanted model they drift into different basins and their average lost to each of
     them (benchmarks/soup.py)."""
-    from dataclasses import replace
     from .data import load_data
     from .runtime import Runner, scores
     from .soups import average, make_soup
@@ -267,14 +266,14 @@ def _souped(model: onnx.ModelProto, sources, o: FuseOptions, options, report: Fu
         graph, tensors = average([load_member(t, i) for i, t in enumerate(tuned)])
         tuned = round_of_copies(tensors.materialize(graph), r)
     copies = [load_member(t, i) for i, t in enumerate(tuned)]
+    seeds = [options.seed + 1 + i + k * (rounds - 1) for i in range(k)]      # the last round's
     for i, t in enumerate(tuned):
         if val_set is not None:
-            report.accuracy[f"copy {i} (+{epochs} epochs, seed {options.seed + 1 + i})"] = scores(
-                Runner(t)(val_set), val_set.y)
+            report.accuracy[f"copy {i} (+{epochs} epochs, seed {seeds[i]})"] = scores(Runner(t)(val_set), val_set.y)
     from .training import split_holdout
     ranked_on = val if val is not None else split_holdout(train_set, options.holdout)[1]   # greedy: never trained on
     result = make_soup(copies, o.soup_mode, _held_out_score(ranked_on, copies[0]) if ranked_on is not None else None)
-    result.report["ingredients"] = [f"copy {i} (seed {options.seed + 1 + i})" for i in range(k)]
+    result.report["ingredients"] = [f"copy {i} (seed {seeds[i]})" for i in range(k)]
     result.report.update(epochs_per_copy=epochs, processes=world, averaged_every=every, rounds=rounds)
     if o.soup_batchnorm == "reestimate":
         from .batchnorm import reestimate

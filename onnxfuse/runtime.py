@@ -246,7 +246,9 @@ def check_runs(path, reference, label: str) -> None:
             try:                # a node of onnxruntime's own fusions: name the graph's node instead
                 outputs(optimize=False)
             except Exception as plain:
-                where, detail = failure(plain) if failure(plain)[0] is not None else (where, detail)
+                named = failure(plain)
+                if named[0] is not None:
+                    where, detail = named
         place = f"node '{where[0]}' ({where[1]})" if where else "the graph"
         raise UnsupportedGraphError(f"{label}: the result does not run in onnxruntime at {place}: "
                                     f"{detail[:200]}; nothing written") from None
