@@ -98,6 +98,19 @@ class GroupedConv:
 
 
 @dataclass
+class ChannelPermutation:
+    """A fixed permutation of a channel axis (ShuffleNet's channel shuffle, Reshape -> Transpose -> Reshape, or a
+    Gather of constant indices). Every input channel is a group of its own (`segs`: single channels, so that any
+    kept channels can be permuted), and output segment k is input segment `order[k]`. Where the widths change,
+    the nodes are replaced by one Gather whose indices follow the kept channels."""
+    nodes: tuple[int, ...]         # positions of the nodes: the first reads the input, the last writes the output
+    axis: int
+    segs: tuple[Seg, ...]
+    out_segs: tuple[Seg, ...]
+    order: tuple[int, ...]
+
+
+@dataclass
 class Group:
     id: int
     width: int
@@ -131,11 +144,14 @@ class Analysis:
     equal_parts: list[EqualPart] = field(default_factory=list)
     derived_bounds: list[DerivedBound] = field(default_factory=list)
     grouped: list[GroupedConv] = field(default_factory=list)
+    permutations: list[ChannelPermutation] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)    # unsupported ops touching channels
     mixing: dict[str, str] = field(default_factory=dict)  # node -> why it mixes channels of one axis
     retired: set[int] = field(default_factory=set)          # spaces replaced by their parts (refine)
     batch_merged: set[str] = field(default_factory=set)     # values whose channels are merged into axis 0
     stacked: dict = field(default_factory=dict)   # value -> (stack axis, [segs of part i]): fused q/k/v
+    _unions: int = 0                                 # unions made (the cache of _fixed_roots follows it)
+    _fixed: tuple | None = field(default=None, repr=False)
 
     # -- for the rules
     def attr(self, node, name: str, default=None):
@@ -207,6 +223,7 @@ class Analysis:
             raise UnsupportedGraphError(f"node '{node}' combines channel axes of widths "
                                         f"{self.space_width[ra]} and {self.space_width[rb]}")
         self.parent[max(ra, rb)] = min(ra, rb)
+        self._unions += 1
 
     def regrain(self, space: int, factor: int) -> None:
         """Make the unit of a group `factor` consecutive channels (an attention head of `factor` dims):
@@ -240,6 +257,17 @@ class Analysis:
                                                                             else [g.space]))
         self._rewrite(split)
 
+    def singles(self, x: str) -> tuple[Seg, ...] | None:
+        """Refine every group on x's channel axis into groups of one channel each (a permutation of the axis can
+        then follow any kept channels); None if a segment covers several indices per channel."""
+        axis, segs = self.chan[x]
+        if any(s.inner != 1 for s in segs):
+            return None
+        for root in dict.fromkeys(self.find(s.space) for s in segs):
+            if self.space_width[root] > 1:
+                self.refine(root, list(range(1, self.space_width[root])))
+        return self.chan[x][1]
+
     def _rewrite(self, fn) -> None:
         for value, (axis, segs) in self.chan.items():
             self.chan[value] = (axis, fn(segs))
@@ -249,7 +277,7 @@ class Analysis:
             item.segs = fn(item.segs)
         for item in self.derived_bounds:
             item.axis_segs = fn(item.axis_segs)
-        for item in self.grouped:
+        for item in self.grouped + self.permutations:
             item.segs, item.out_segs = fn(item.segs), fn(item.out_segs)
 
     def width(self, space: int) -> int:
@@ -264,9 +292,17 @@ class Analysis:
             self.blocked.setdefault(seg.space, []).append(reason)
 
     def is_widened(self, space: int) -> bool:
-        root = self.find(space)
-        return not any(self.find(s) == root and (self.frozen[s] if s in self.frozen else self.blocked[s])
-                       for s in list(self.frozen) + list(self.blocked) if s not in self.retired)
+        return self.find(space) not in self._fixed_roots()
+
+    def _fixed_roots(self) -> set[int]:
+        """The roots of the groups that keep their width (frozen or blocked), cached until the groups change."""
+        key = (len(self.parent), self._unions, sum(map(len, self.frozen.values())),
+               sum(map(len, self.blocked.values())))
+        if self._fixed is None or self._fixed[0] != key:
+            fixed = {self.find(s) for reasons in (self.frozen, self.blocked) for s, why in reasons.items()
+                     if why and s not in self.retired}
+            self._fixed = (key, fixed)
+        return self._fixed[1]
 
     def axis_size(self, segs, widths) -> int:
         """Size of an axis laid out as `segs`, given a width per group root."""
@@ -302,9 +338,12 @@ class Analysis:
         for space, reasons in self.blocked.items():
             if space not in self.retired:
                 blocked[self.find(space)] += [r for r in reasons if r not in blocked[self.find(space)]]
-        result = []
+        result, members = [], {}
+        for s in self.parent:
+            if s not in self.retired:
+                members.setdefault(self.find(s), []).append(s)
         for root in roots:
-            spaces = [s for s in self.parent if self.find(s) == root and s not in self.retired]
+            spaces = members[root]
             layers = list(dict.fromkeys(self.space_layer[s] for s in spaces))     # parts of one layer: once
             result.append(Group(root, self.space_width[root], spaces, layers,
                                 frozen[root], blocked[root]))

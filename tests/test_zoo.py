@@ -343,3 +343,48 @@ def test_timm_patterns(cache_root, tmp_path, name, kwargs, size):
         out = tmp_path / f"{method}.onnx"
         api.fuse(sources, method, keep, output=out)
         assert outputs(out, x).shape == mean.shape
+
+
+def _shufflenet(seed):
+    from torchvision.models.shufflenetv2 import ShuffleNetV2
+    torch.manual_seed(seed)
+    return ShuffleNetV2([2, 3, 2], [8, 16, 24, 40, 64], num_classes=10).eval()
+
+
+def _params(path):
+    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_shufflenet_channel_shuffle_is_a_permutation(cache_root, tmp_path, exporter):
+    """torchvision's ShuffleNetV2 interleaves the two halves of its channels (Reshape [B, 2, C/2, H, W],
+    Transpose, Reshape back) and splits them again in the next block: each channel on that path is its own group,
+    and where the widths change the shuffle is written as one Gather of the kept channels."""
+    from onnxfuse.torch_bridge import OnnxModule
+    files = [cached(cache_root / f"shufflenet_small_{exporter}_{s}.onnx",
+                    lambda p, s=s: export(_shufflenet(s), p, exporter)) for s in (0, 1)]
+    mean = np.mean([outputs(f, X).astype(np.float64) for f in files], axis=0)
+    wide = api.fuse(files, "concat", output=tmp_path / "wide.onnx")
+    assert wide.summary["exact"], wide.summary["outputs"]
+    assert np.abs(outputs(tmp_path / "wide.onnx", X) - mean).max() <= 1e-4 * np.abs(mean).max()
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "wide.onnx")).graph.node]
+    member_ops = [n.op_type for n in onnx.load(files[0]).graph.node]
+    assert "Transpose" not in ops and ops.count("Gather") == member_ops.count("Gather") + 7
+    api.fuse(files, "nt", output=tmp_path / "nt.onnx")          # the members' widths: the shuffle as exported
+    nt_ops = [n.op_type for n in onnx.load(str(tmp_path / "nt.onnx")).graph.node]
+    assert nt_ops.count("Transpose") == 7 and nt_ops.count("Gather") == member_ops.count("Gather")
+    assert outputs(tmp_path / "nt.onnx", X).shape == mean.shape
+    api.fuse(files[:1], "prune", 0.5, output=tmp_path / "pruned.onnx")
+    assert _params(tmp_path / "pruned.onnx") < 0.75 * _params(files[0])
+    again = tmp_path / "pruned_again.onnx"      # the Gathers it wrote are permutations it reads back
+    api.fuse([tmp_path / "pruned.onnx"], "prune", 0.5, output=again)
+    assert _params(again) < _params(tmp_path / "pruned.onnx")
+    y = outputs(again, X)
+    module = OnnxModule(onnx.load(str(again))).eval()
+    with torch.no_grad():
+        got = module(torch.from_numpy(X))
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    assert np.abs(got.numpy() - y).max() <= 1e-4 * max(np.abs(y).max(), 1e-6)
+    api.fuse(files, "weight-matching", output=tmp_path / "wm.onnx")
+    assert outputs(tmp_path / "wm.onnx", X).shape == mean.shape

@@ -9,7 +9,7 @@ import numpy as np
 from onnx import helper
 
 from . import F, OpSpec, register, torch
-from ..groups import EqualPart, Seg, ShapeConst
+from ..groups import ChannelPermutation, EqualPart, Seg, ShapeConst
 from ..shape_functions import dim_value, shape_elements
 
 
@@ -59,6 +59,8 @@ def _rule_reshape_heads(a, node):
     """Reshapes of a channel axis beyond _rule_reshape's: heads merged into the batch axis and back (the new
     exporter's attention), and reshapes that move only the leading axes while the channel axis stays last
     ([B*T, C] -> [B, T, C], window partitions, channel-independent patches)."""
+    if _channel_shuffle(a, node):
+        return
     x, y = node.input[0], node.output[0]
     axis, segs = a.chan[x]
     dims_in = a.shapes.get(x)
@@ -123,6 +125,40 @@ def _rule_reshape_heads(a, node):
     if _channels_last(a, node, x, y, dims_in, dims_out):
         return
     return _rule_reshape(a, node)
+
+
+def _channel_shuffle(a, node) -> bool:
+    """[.., C, ..] -> [.., g, C/g, ..] -> the two swapped -> [.., C, ..]: ShuffleNet's channel shuffle, a fixed
+    permutation of the channel axis (output channel i*g + j is input channel j*C/g + i), recorded as one."""
+    x, y = node.input[0], node.output[0]
+    axis, segs = a.chan[x]
+    dims_in, dims_out = a.shapes.get(x), a.shapes.get(y)
+    if dims_in is None or dims_out is None or len(dims_out) != len(dims_in) + 1 or \
+            not all(isinstance(d, int) and d > 1 for d in (*dims_out[axis:axis + 2], dims_in[axis])) or \
+            dims_out[axis] * dims_out[axis + 1] != dims_in[axis] or \
+            not _same_dims(dims_in[:axis], dims_out[:axis]) or not _same_dims(dims_in[axis + 1:], dims_out[axis + 2:]):
+        return False
+    swap = list(range(len(dims_out)))
+    swap[axis], swap[axis + 1] = axis + 1, axis
+    chain, value = [node], y
+    for op in ("Transpose", "Reshape"):
+        users = a.index.consumers.get(value, [])
+        if len(users) != 1 or users[0].op_type != op or value in {o.name for o in a.index.model.graph.output}:
+            return False
+        chain.append(users[0])
+        value = users[0].output[0]
+    if list(a.attr(chain[1], "perm") or []) != swap or a.shapes.get(value) is None or \
+            not _same_dims(a.shapes[value], dims_in):
+        return False
+    singles = a.singles(x)
+    if singles is None:
+        return False
+    g, k = dims_out[axis], dims_out[axis + 1]
+    order = tuple(j * k + i for i in range(k) for j in range(g))
+    out_segs = tuple(singles[o] for o in order)
+    a.chan[value] = (axis, out_segs)
+    a.permutations.append(ChannelPermutation(tuple(a.index.index(n) for n in chain), axis, singles, out_segs, order))
+    return True
 
 
 def _traced_target(a, node, dims_in):

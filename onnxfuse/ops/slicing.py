@@ -6,7 +6,7 @@ import numpy as np
 from onnx import helper
 
 from . import F, OpSpec, register, torch
-from ..groups import AttrConst, DerivedBound, EqualPart, Seg, ShapeConst, Touch
+from ..groups import AttrConst, ChannelPermutation, DerivedBound, EqualPart, Seg, ShapeConst, Touch
 from ..model_io import FLOAT_TYPES
 from ..shape_functions import shape_elements, shape_function
 from .elementwise import binary_rule
@@ -80,9 +80,31 @@ def _rule_gather(a, node):
     rank = a.rank(x)
     g = a.attr(node, "axis", 0) % rank if rank else None
     idx_rank = a.rank(idx) if idx not in a.tensors else len(a.tensors.shape(idx))
+    if g == axis and _gather_permutes(a, node):
+        return
     if g is None or g == axis or idx_rank is None:
         return a.unsupported(node, "gathers along the channel axis")
     a.chan[node.output[0]] = (axis if g > axis else axis + idx_rank - 1, segs)
+
+
+def _gather_permutes(a, node) -> bool:
+    """A Gather of constant indices that permute the channel axis (a channel shuffle written as one Gather, as
+    onnxfuse writes it where the widths change): recorded as a ChannelPermutation."""
+    x, idx = node.input
+    axis, segs = a.chan[x]
+    order = a.const(idx)
+    size = a.size(segs)
+    if order is None or order.ndim != 1 or not np.issubdtype(order.dtype, np.integer) or \
+            sorted((order % size).tolist()) != list(range(size)):
+        return False
+    singles = a.singles(x)
+    if singles is None:
+        return False
+    order = tuple(int(i) % size for i in order)
+    out_segs = tuple(singles[i] for i in order)
+    a.chan[node.output[0]] = (axis, out_segs)
+    a.permutations.append(ChannelPermutation((a.index.index(node),), axis, singles, out_segs, order))
+    return True
 
 
 def _is_lookup(a, node) -> bool:
