@@ -15,6 +15,7 @@ import onnx
 from . import __version__
 from .errors import IncompatibleMembersError, InputError, OnnxFuseError, UnsupportedGraphError
 from .exactness import output_exactness
+from .folding import fold_problem_inputs
 from .groups import Analysis, analyze
 from .model_io import (Member, TensorTable, check_compatible, check_output_path, light_model, load_member,
                        read_model, save_model)
@@ -86,8 +87,20 @@ def load_members(sources) -> list[Member]:
 
 def _analyze_members(members: list[Member]) -> tuple[Analysis, list[dict[str, str]]]:
     maps = check_compatible(members)
+    a = _analysis(members)
+    return a, (check_compatible(members) if a.folded else maps)
+
+
+def _analysis(members: list[Member]) -> Analysis:
+    """Member 0's analysis; parameters the graph computes from constants alone, which the analysis cannot cut,
+    are folded into initializers in every member first (onnxfuse.folding)."""
     a = analyze(members[0].model, members[0].tensors, members[0].name)
-    return a, maps
+    if a.problems:
+        folded = fold_problem_inputs(members, a.problems)
+        if folded:
+            a = analyze(members[0].model, members[0].tensors, members[0].name)
+            a.folded = folded
+    return a
 
 
 def _require_fusable(a: Analysis, source: str) -> None:
@@ -538,7 +551,7 @@ def inspect(models, data=None) -> dict:
     sources = _sources(models)
     members = load_members(sources)
     report = {"models": [m.name for m in members]}
-    a = analyze(members[0].model, members[0].tensors, members[0].name)
+    a = _analysis(members)
     report["groups"] = [{"id": g.id, "width": g.width, "layers": g.layers, "prunable": g.prunable,
                          "why_fixed": g.frozen + g.blocked} for g in a.groups()]
     report["problems"] = a.problems

@@ -9,6 +9,8 @@ without a rule that touches a channel axis blocks its group and is reported, nev
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,6 +152,7 @@ class Analysis:
     retired: set[int] = field(default_factory=set)          # spaces replaced by their parts (refine)
     batch_merged: set[str] = field(default_factory=set)     # values whose channels are merged into axis 0
     stacked: dict = field(default_factory=dict)   # value -> (stack axis, [segs of part i]): fused q/k/v
+    folded: list[str] = field(default_factory=list)      # values folded into initializers first (folding)
     _unions: int = 0                                 # unions made (the cache of _fixed_roots follows it)
     _fixed: tuple | None = field(default=None, repr=False)
 
@@ -379,7 +382,8 @@ def symbolic_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
     Reshape of a Concat of Shape pieces) where onnx's own inference gives up or invents new symbols."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        inferred = SymbolicShapeInference.infer_shapes(light_model(model), auto_merge=True)
+        with contextlib.redirect_stdout(io.StringIO()):      # it prints its guesses ("Unable to determine ...")
+            inferred = SymbolicShapeInference.infer_shapes(light_model(model), auto_merge=True)
     except Exception:
         return None
     if inferred is None:

@@ -298,18 +298,27 @@ def _legacy(net, x, path):
 
 
 @pytest.mark.slow
-def test_swin_window_attention_computes_its_head_size_from_the_stream(cache_root, tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_window_attention_computes_its_head_size_from_the_stream(cache_root, tmp_path, version):
     """torchvision's shifted-window attention reshapes qkv to [B, N, 3, heads, C // heads] and its output back
     to [B, N, C] with C = x.size(-1) of the residual stream, computed at run time: in the wide and the pruned
     model those sizes come from the kept widths (heads and head size of the attention groups), not from the
-    stream's width, which another group decides."""
-    from torchvision.models.swin_transformer import SwinTransformer
+    stream's width, which another group decides. Swin V2 also computes parameters from constants (its q/k/v
+    bias with the key part zeroed by a ScatterND, exp(clip(logit_scale))): they are folded (onnxfuse.folding)."""
+    from torchvision.models import swin_transformer as st
 
     def swin(seed):
         torch.manual_seed(seed)
-        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[2, 2],
-                               num_classes=10).eval()
-    files = [cached(cache_root / f"swin_small_{s}.onnx", lambda p, s=s: _legacy(swin(s), X, p)) for s in (0, 1)]
+        v2 = {"block": st.SwinTransformerBlockV2, "downsample_layer": st.PatchMergingV2} if version == 2 else {}
+        return st.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                  window_size=[2, 2], num_classes=10, **v2).eval()
+    name = "swin_small" if version == 1 else "swin_v2_small"
+    files = [cached(cache_root / f"{name}_{s}.onnx", lambda p, s=s: _legacy(swin(s), X, p)) for s in (0, 1)]
+    if version == 2:
+        from onnxfuse.groups import analyze
+        from onnxfuse.model_io import load_member
+        member = load_member(files[0])
+        assert analyze(member.model, member.tensors).problems          # as exported: not analysable
     mean = np.mean([outputs(f, X).astype(np.float64) for f in files], axis=0)
     wide = api.fuse(files, "concat", output=tmp_path / "wide.onnx")
     assert not wide.summary["exact"] and "LayerNormalization" in wide.summary["outputs"]["y"]
