@@ -27,7 +27,8 @@ MODELS = [("torchvision", "resnet18", "legacy"), ("torchvision", "efficientnet_b
           ("torchvision", "mobilenet_v3_small", "legacy"), ("torchvision", "regnet_x_400mf", "legacy"),
           ("torchvision", "mnasnet0_5", "legacy"), ("torchvision", "googlenet", "legacy"),
           ("torchvision", "squeezenet1_1", "dynamo"), ("timm", "regnetx_002", "legacy"),
-          ("timm", "mobilenetv3_small_100", "legacy"), ("timm", "convnext_atto", "legacy")]
+          ("timm", "mobilenetv3_small_100", "legacy"), ("timm", "convnext_atto", "legacy"),
+          ("timm", "convnext_atto", "dynamo")]       # its head's as_strided: Reshape [-1] + Gather of every index
 WEIGHT_MATCHING = {"efficientnet_b0", "convnext_atto"}
 # the wide model is not the members' mean, and says why: a ReLU after the last conv (squeezenet), a LayerNorm
 # over the members' channels together (convnext)

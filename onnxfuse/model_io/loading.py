@@ -61,6 +61,7 @@ def load_member(source, index: int = 0) -> Member:
                 raise
             member = Member(str(path), model, tensors, digest.result(), path, files)
     member.tensors = unshare_constants(member.model, member.tensors)
+    drop_identity_gathers(member.model, member.tensors)
     _refuse_unsupported(member)
     return member
 
@@ -152,6 +153,53 @@ def unshare_constants(model: onnx.ModelProto, tensors: "TensorTable") -> "Tensor
             del graph.initializer[i]
             tensors.arrays.pop(name, None)
     return TensorTable(graph, tensors.arrays)
+
+
+def drop_identity_gathers(model: onnx.ModelProto, tensors: "TensorTable") -> None:
+    """The new exporter lowers some `as_strided` views (ConvNeXt's head, after its mean) to Reshape(x, [-1]) and
+    a Gather of every index in order, shaped like x: the same tensor. Such pairs go (their readers read x), so
+    that the channel axis does not seem to be taken apart."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    pairs = []
+    for node in graph.node:
+        flat = producer.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if flat is None or flat.op_type != "Reshape" or node.output[0] in outputs or \
+                node.input[1] not in tensors or flat.input[1] not in tensors or \
+                tensors.array(flat.input[1]).tolist() != [-1] or dict(
+                    (a.name, helper.get_attribute_value(a)) for a in node.attribute).get("axis", 0) != 0:
+            continue
+        idx = tensors.array(node.input[1])
+        if idx.dtype.kind in "iu" and np.array_equal(idx.reshape(-1), np.arange(idx.size)):
+            pairs.append((flat, node, tuple(idx.shape)))
+    if not pairs:
+        return
+    from onnx import shape_inference
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in shape_inference.infer_shapes(light_model(model)).graph.value_info}
+    renamed, gone = {}, set()
+    for flat, gather, shape in pairs:
+        if shapes.get(flat.input[0]) != list(shape):
+            continue
+        renamed[gather.output[0]] = flat.input[0]
+        gone.add(id(gather))
+        if sum(x == flat.output[0] for n in graph.node for x in n.input) == 1:
+            gone.add(id(flat))
+    if not renamed:
+        return
+    kept = [n for n in graph.node if id(n) not in gone]
+    for node in kept:
+        for i, x in enumerate(node.input):
+            if x in renamed:
+                node.input[i] = renamed[x]
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = {x for n in kept for x in n.input}
+    dropped = {x for flat, gather, _ in pairs for x in (flat.input[1], gather.input[1]) if x not in read}
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name in dropped:
+            del graph.initializer[i]
 
 
 def _uniform(tensors: "TensorTable", name: str) -> bool:
