@@ -160,6 +160,9 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
     if resized:                                                # shape annotations of resized values go
         gone = _permute_by_gather(model, tensors, a, widths)
         resized = set(a.chan) | set(widened) | gone
+        for node in model.graph.node:         # and what is computed from them (a bias read through a lookup)
+            if any(x in resized for x in node.input):
+                resized.update(node.output)
         keep = [v for v in model.graph.value_info if v.name not in resized]
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)

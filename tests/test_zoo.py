@@ -333,18 +333,30 @@ def test_swin_window_attention_computes_its_head_size_from_the_stream(cache_root
 # timm models with patterns of their own: GhostNet adds a shortcut to the concat of a conv and its depthwise
 # copy; HRNet upsamples its branches with Resize; LeViT adds per-head attention biases read through a Gather
 # and averages two heads (a Div by 2 of the mean: linear, still exact)
-TIMM_PATTERNS = [("ghostnet_050", {}, 32), ("hrnet_w18_small", {}, 32), ("levit_128s", {"img_size": 64}, 64)]
+# (the new exporter: LeViT's biases are a GatherND of the transposed table, then a Transpose, and its q/k/v
+# Reshape adds the batch axis while it splits heads: [N, H*D] -> [1, N, H, D])
+TIMM_PATTERNS = [("ghostnet_050", {}, 32, "legacy"), ("hrnet_w18_small", {}, 32, "legacy"),
+                 ("levit_128s", {"img_size": 64}, 64, "legacy"), ("levit_128s", {"img_size": 64}, 64, "dynamo")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kwargs,size", TIMM_PATTERNS, ids=[m[0] for m in TIMM_PATTERNS])
-def test_timm_patterns(cache_root, tmp_path, name, kwargs, size):
+@pytest.mark.parametrize("name,kwargs,size,exporter", TIMM_PATTERNS, ids=[f"{m[0]}-{m[3]}" for m in TIMM_PATTERNS])
+def test_timm_patterns(cache_root, tmp_path, name, kwargs, size, exporter):
     x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
 
     def net(seed):
         torch.manual_seed(seed)
         return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
-    files = [cached(cache_root / f"timm_{name}_{size}_{s}.onnx", lambda p, s=s: _legacy(net(s), x, p)) for s in (0, 1)]
+
+    def write(path, seed):
+        if exporter == "legacy":
+            return _legacy(net(seed), x, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net(seed), (torch.from_numpy(x),), str(path), dynamo=True, input_names=["x"],
+                              output_names=["y"], verbose=False)
+    tag = "" if exporter == "legacy" else "_dynamo"
+    files = [cached(cache_root / f"timm_{name}_{size}{tag}_{s}.onnx", lambda p, s=s: write(p, s)) for s in (0, 1)]
     mean = np.mean([outputs(f, x).astype(np.float64) for f in files], axis=0)
     wide = api.fuse(files, "concat", output=tmp_path / "wide.onnx")
     assert wide.summary["exact"], wide.summary["outputs"]

@@ -43,21 +43,42 @@ def binary_rule(a, node):
         else:
             shape = a.shapes.get(x)
             b_axis = None if shape is None else out_axis - ((out_rank or 0) - len(shape))
-            if b_axis == 0 and _gathered_param(a, x, a.size(ref_segs)):
-                a.touches.append(Touch(a.index.producer[x].input[0], 0, ref_segs, "param", node.name))
+            found = None if b_axis is None or b_axis < 0 else _gathered_param(a, x, b_axis, a.size(ref_segs))
+            if found is not None:
+                a.touches.append(Touch(*found, ref_segs, "param", node.name))
             elif shape is None or (b_axis is not None and b_axis >= 0 and shape[b_axis] != 1):
                 return a.unsupported(node, f"input '{x}' has no channel layout but spans the channel axis")
 
 
-def _gathered_param(a, x: str, size: int) -> bool:
-    """x = Gather(T, constant indices, axis >= 1) of a float parameter T with `size` rows: a per-channel
-    parameter read through a lookup (LeViT's attention biases: biases[:, bias_idxs], one row per head)."""
-    gather = a.index.producer.get(x)
-    if gather is None or gather.op_type != "Gather" or a.attr(gather, "axis", 0) < 1:
-        return False
-    table, idx = gather.input[0], gather.input[1]
-    return table in a.tensors and idx in a.tensors and a.tensors.dtype(table) in FLOAT_TYPES and \
-        a.tensors.shape(table)[0] == size
+def _gathered_param(a, x: str, axis: int, size: int) -> tuple[str, int] | None:
+    """x = a lookup of rows of a float parameter T by constant indices, whose axis `axis` is an axis of T with
+    `size` entries: a per-channel parameter read through a lookup (LeViT's attention biases: biases[:, idxs], one
+    row per head; the new exporter's GatherND of the transposed table, then a Transpose). (T, its axis) or None."""
+    node = a.index.producer.get(x)
+    if node is not None and node.op_type == "Transpose":
+        rank = a.rank(x)
+        perm = list(a.attr(node, "perm") or reversed(range(rank or 0)))
+        if axis >= len(perm):
+            return None
+        axis, node = perm[axis], a.index.producer.get(node.input[0])
+    if node is None or node.op_type not in ("Gather", "GatherND") or len(node.input) < 2:
+        return None
+    table, idx = node.input[0], node.input[1]
+    idx_shape = a.tensors.shape(idx) if idx in a.tensors else a.shapes.get(idx)
+    if table not in a.tensors or idx in a.chan or idx_shape is None or not isinstance(idx_shape[-1], int) or \
+            a.tensors.dtype(table) not in FLOAT_TYPES:
+        return None
+    shape = a.tensors.shape(table)
+    if node.op_type == "Gather":
+        g = a.attr(node, "axis", 0) % len(shape)
+        t_axis = axis if axis < g else None            # axes before the gathered one are the table's
+    else:                                              # rows of the table's first axis: [..., 1] indices
+        lead = len(idx_shape) - 1
+        t_axis = axis - lead + 1 if a.attr(node, "batch_dims", 0) == 0 and idx_shape[-1] == 1 and axis >= lead \
+            else None
+    if t_axis is None or not 0 <= t_axis < len(shape) or shape[t_axis] != size:
+        return None
+    return table, t_axis
 
 
 def _align(a, x: str, ref: str) -> None:

@@ -40,15 +40,16 @@ def _rule_reshape(a, node):
         a.chan[y] = (axis, new_segs)
         record_target(a, node, axis, new_segs)
         return
-    if len(dims_out) == len(dims_in) + 1 and _same_dims(dims_in[:axis], dims_out[:axis]) and \
-            _same_dims(dims_in[axis + 1:], dims_out[axis + 2:]) and len(segs) == 1 and segs[0].inner == 1 and \
-            isinstance(dims_out[axis + 1], int) and isinstance(dims_out[axis], int) and \
-            dims_out[axis] * dims_out[axis + 1] == dims_in[axis]:     # [.., H*D, ..] -> [.., H, D, ..]: heads
-        a.regrain(segs[0].space, dims_out[axis + 1])
+    k = axis + len(dims_out) - len(dims_in) - 1        # [.., H*D, ..] -> [.., H, D, ..]: heads (leading 1s may come)
+    if k >= axis and _same_dims([d for d in dims_in[:axis] if d != 1], [d for d in dims_out[:k] if d != 1]) and \
+            _same_dims(dims_in[axis + 1:], dims_out[k + 2:]) and len(segs) == 1 and segs[0].inner == 1 and \
+            isinstance(dims_out[k + 1], int) and isinstance(dims_out[k], int) and \
+            dims_out[k] * dims_out[k + 1] == dims_in[axis]:
+        a.regrain(segs[0].space, dims_out[k + 1])
         head_segs = (Seg(segs[0].space),)
-        a.chan[y] = (axis, head_segs)
-        record_target(a, node, axis, head_segs)
-        record_target(a, node, axis + 1, (), keep=dims_out[axis + 1])     # the head size stays
+        a.chan[y] = (k, head_segs)
+        record_target(a, node, k, head_segs)
+        record_target(a, node, k + 1, (), keep=dims_out[k + 1])     # the head size stays
         return
     if _reshape_leading(a, node, axis, segs, dims_in, dims_out):
         return
