@@ -600,8 +600,10 @@ def _check_shape_consts(a: Analysis) -> None:
         count = len({(c.index, tuple(c.segs)) for c in a.shape_consts if c.tensor == tensor}) and \
             sum(1 for c in a.shape_consts if c.tensor == tensor)
         mine = [c for c in a.shape_consts if c.tensor == tensor]
-        if a.index.uses(tensor) > len({c.use for c in mine}) and all(c.use is not None for c in mine) and \
-                tensor not in getattr(a.tensors, "alias", {}):
+        groups = {(c.index, tuple(a.find(g.space) for g in c.segs)) for c in mine}
+        several = len(groups) > len({c.index for c in mine})      # one element, widths of different groups
+        if (a.index.uses(tensor) > len({c.use for c in mine}) or several) and all(c.use is not None for c in mine) \
+                and tensor not in getattr(a.tensors, "alias", {}):
             for c in mine:          # each rewritten use reads its own copy (transplant.private_shape_const)
                 c.private = True
         elif a.index.uses(tensor) > count:

@@ -299,8 +299,8 @@ def _legacy(net, x, path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", [1, 2])
-def test_swin_window_attention_computes_its_head_size_from_the_stream(cache_root, tmp_path, version):
+@pytest.mark.parametrize("version,exporter", [(1, "legacy"), (2, "legacy"), (1, "dynamo")])
+def test_swin_window_attention_computes_its_head_size_from_the_stream(cache_root, tmp_path, version, exporter):
     """torchvision's shifted-window attention reshapes qkv to [B, N, 3, heads, C // heads] and its output back
     to [B, N, C] with C = x.size(-1) of the residual stream, computed at run time: in the wide and the pruned
     model those sizes come from the kept widths (heads and head size of the attention groups), not from the
@@ -313,8 +313,9 @@ def test_swin_window_attention_computes_its_head_size_from_the_stream(cache_root
         v2 = {"block": st.SwinTransformerBlockV2, "downsample_layer": st.PatchMergingV2} if version == 2 else {}
         return st.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                   window_size=[2, 2], num_classes=10, **v2).eval()
-    name = "swin_small" if version == 1 else "swin_v2_small"
-    files = [cached(cache_root / f"{name}_{s}.onnx", lambda p, s=s: _legacy(swin(s), X, p)) for s in (0, 1)]
+    name = ("swin_small" if version == 1 else "swin_v2_small") + ("" if exporter == "legacy" else "_dynamo")
+    files = [cached(cache_root / f"{name}_{s}.onnx", lambda p, s=s: _legacy(swin(s), X, p) if exporter == "legacy"
+                    else export(swin(s), p, exporter)) for s in (0, 1)]
     if version == 2:
         from onnxfuse.groups import analyze
         from onnxfuse.model_io import load_member
