@@ -166,6 +166,7 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
         keep = [v for v in model.graph.value_info if v.name not in resized]
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)
+    _drop_unread(model, {const.tensor for const in a.shape_consts if const.private})   # every use has a copy
     return model, tensors
 
 

@@ -411,3 +411,31 @@ def test_shufflenet_channel_shuffle_is_a_permutation(cache_root, tmp_path, expor
     assert np.abs(got.numpy() - y).max() <= 1e-4 * max(np.abs(y).max(), 1e-6)
     api.fuse(files, "weight-matching", output=tmp_path / "wm.onnx")
     assert outputs(tmp_path / "wm.onnx", X).shape == mean.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_maxvit_einsum_attention(cache_root, tmp_path, exporter):
+    """torchvision's MaxViT writes its attention products as Einsum ("B G H I D, B G H J D -> B G H I J" and
+    back): they are loaded as the MatMul (and Transpose) other exporters write, the same function."""
+    from torchvision.models.maxvit import MaxVit
+    from onnxfuse.model_io import load_member
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return MaxVit(input_size=(SIZE, SIZE), stem_channels=8, partition_size=2, block_channels=[16, 32],
+                      block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+    files = [cached(cache_root / f"maxvit_small_{exporter}_{s}.onnx", lambda p, s=s: export(net(s), p, exporter))
+             for s in (0, 1)]
+    assert "Einsum" in [n.op_type for n in onnx.load(files[0]).graph.node]
+    member = load_member(files[0])
+    assert "Einsum" not in [n.op_type for n in member.model.graph.node]
+    loaded = outputs(member.tensors.materialize(member.model), X)
+    assert np.abs(loaded - outputs(files[0], X)).max() <= 1e-5 * np.abs(loaded).max()
+    mean = np.mean([outputs(f, X).astype(np.float64) for f in files], axis=0)
+    for method, sources, keep in (("concat", files, None), ("nt", files, None), ("prune", files[:1], 0.5)):
+        out = tmp_path / f"{method}.onnx"
+        api.fuse(sources, method, keep, output=out)
+        y = outputs(out, X)
+        assert y.shape == mean.shape and np.isfinite(y).all()
+    assert _params(tmp_path / "prune.onnx") < 0.75 * _params(files[0])

@@ -62,6 +62,7 @@ def load_member(source, index: int = 0) -> Member:
             member = Member(str(path), model, tensors, digest.result(), path, files)
     member.tensors = unshare_constants(member.model, member.tensors)
     drop_identity_gathers(member.model, member.tensors)
+    einsum_as_matmul(member.model)
     _refuse_unsupported(member)
     return member
 
@@ -200,6 +201,43 @@ def drop_identity_gathers(model: onnx.ModelProto, tensors: "TensorTable") -> Non
     for i in reversed(range(len(graph.initializer))):
         if graph.initializer[i].name in dropped:
             del graph.initializer[i]
+
+
+def einsum_as_matmul(model: onnx.ModelProto) -> None:
+    """An Einsum that is a batched matrix product ("bhid,bhjd->bhij": q times k transposed; "bhij,bhjd->bhid")
+    becomes the MatMul (after a Transpose of the second input's last two axes) that other exporters write:
+    the same product, in ops the analysis and the torch bridge know (torchvision's MaxViT attention)."""
+    graph = model.graph
+    if not any(n.op_type == "Einsum" for n in graph.node):
+        return
+    nodes = []
+    for node in graph.node:
+        eq = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "equation"), b"")
+        eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+        parts = eq.replace("->", ",").split(",")
+        if node.op_type != "Einsum" or len(node.input) != 2 or "->" not in eq or len(parts) != 3 or "." in eq:
+            nodes.append(node)
+            continue
+        x, y, out = parts
+        batch = x[:-2]
+        if len(x) < 2 or len(x) != len(y) or len(set(x)) != len(x) or y[:-2] != batch or out[:-2] != batch \
+                or len(out) != len(x):
+            nodes.append(node)
+            continue
+        (i, k), (y1, y2), (o1, o2) = x[-2:], y[-2:], out[-2:]
+        if i == o1 and y1 == k and y2 == o2 and len({i, k, o2}) == 3:          # x @ y
+            other = node.input[1]
+        elif i == o1 and y2 == k and y1 == o2 and len({i, k, o2}) == 3:        # x @ y^T
+            other = f"{node.output[0]}__onnxfuse_transposed"
+            perm = list(range(len(y) - 2)) + [len(y) - 1, len(y) - 2]
+            nodes.append(helper.make_node("Transpose", [node.input[1]], [other], name=f"{node.name}_transpose",
+                                          perm=perm))
+        else:
+            nodes.append(node)
+            continue
+        nodes.append(helper.make_node("MatMul", [node.input[0], other], list(node.output), name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _uniform(tensors: "TensorTable", name: str) -> bool:
