@@ -236,11 +236,12 @@ def write(results: list[dict], skipped: list[str], args, st: dict, command: str 
         params = f"{r['parameters'] / 1e6:.1f}M" if "parameters" in r else "-"
         table.append([r["model"], r["exporter"], params, *cells, tp])
     lines += md_table(["model", "exporter", "params", *OPS, "TP"], table, "l" * (len(OPS) + 4))
+    share = lambda c: f"{100 * c.get('ok', 0) / max(sum(c.values()), 1):.1f}%"
     lines += ["", "## Counts per operation", "", *md_table(
-        ["operation", "ok", "refused", "invalid", "crash"],
-        [[op, c.get("ok", 0), f"fail {c.get('fail', 0)}, timeout {c.get('timeout', 0)}", "-", "-"]
-         if op == "torch-pruning" else [op, *(c.get(s, 0) for s in ("ok", "refused", "invalid", "crash"))]
-         for op, c in counts.items()], "lllll")]
+        ["operation", "ok", "refused", "invalid", "crash", "ok share"],
+        [[op, c.get("ok", 0), f"fail {c.get('fail', 0)}, timeout {c.get('timeout', 0)}", "-", "-", share(c)]
+         if op == "torch-pruning" else [op, *(c.get(s, 0) for s in ("ok", "refused", "invalid", "crash")), share(c)]
+         for op, c in counts.items()], "llllll")]
     lines += ["", "## Why not ok", ""] + (notes or ["(every operation ok)"])
     swept = {(r["model"], r["exporter"]) for r in results}
     listed = {s.rsplit("): ", 1)[0] + ")" for s in skipped}
