@@ -145,6 +145,8 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
                                         f"different widths ({written[where]} and {size}): use a --keep that "
                                         f"keeps them equal")
         if const.private:
+            if const.computed is None and np.array_equal(target, tensors.array(const.tensor)):
+                continue                     # the width it already spells: no copy
             private_shape_const(model, const, target)
         else:
             tensors.set(const.tensor, target)
