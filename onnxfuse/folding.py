@@ -15,27 +15,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .model_io import FLOAT_TYPES, Member, TensorTable
+from .graph_index import GraphIndex
+from .model_io import FLOAT_TYPES, Member, TensorTable, drop_unread
 from .sessions import session
 
 
 def constant_subgraph(model: onnx.ModelProto, tensors: TensorTable, value: str) -> list[onnx.NodeProto] | None:
-    """The nodes that compute `value` from constants alone (in graph order), or None if it reads a graph input."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    """The nodes that compute `value` from constants alone (in graph order), or None if one reads a graph input or
+    holds a subgraph."""
+    nodes = GraphIndex(model).needed_nodes([value])
     inputs = {i.name for i in model.graph.input} - set(tensors.names())
-    needed, todo = set(), [value]
-    while todo:
-        v = todo.pop()
-        if v in inputs:
-            return None
-        node = producer.get(v)
-        if node is None or id(node) in needed:
-            continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            return None
-        needed.add(id(node))
-        todo.extend(x for x in node.input if x)
-    return [n for n in model.graph.node if id(n) in needed]
+    if any(x in inputs for n in nodes for x in n.input) or \
+            any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return None
+    return nodes
 
 
 def _leaves(nodes, tensors: TensorTable) -> list[str]:
@@ -88,16 +81,10 @@ def _replace_by_initializer(member: Member, value: str, array: np.ndarray, leave
     graph = member.model.graph
     graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), value))
     keep = [n for n in graph.node if value not in n.output]
-    while True:                       # drop nodes whose outputs nothing reads any more
-        read = {x for n in keep for x in n.input} | {o.name for o in graph.output}
-        alive = [n for n in keep if any(o in read for o in n.output)]
-        if len(alive) == len(keep):
-            break
-        keep = alive
     del graph.node[:]
     graph.node.extend(keep)
-    unread = set(leaves) - {x for n in keep for x in n.input} - {o.name for o in graph.output}
-    inits = [t for t in graph.initializer if t.name not in unread]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    keep = GraphIndex(member.model).needed_nodes([o.name for o in graph.output])     # what only computed it goes
+    del graph.node[:]
+    graph.node.extend(keep)
+    drop_unread(member.model, set(leaves), member.tensors.arrays)
     member.tensors = TensorTable(graph, member.tensors.arrays)

@@ -9,8 +9,7 @@ without a rule that touches a channel axis blocks its group and is reported, nev
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,8 +152,7 @@ class Analysis:
     batch_merged: set[str] = field(default_factory=set)     # values whose channels are merged into axis 0
     stacked: dict = field(default_factory=dict)   # value -> (stack axis, [segs of part i]): fused q/k/v
     folded: list[str] = field(default_factory=list)      # values folded into initializers first (folding)
-    _unions: int = 0                                 # unions made (the cache of _fixed_roots follows it)
-    _fixed: tuple | None = field(default=None, repr=False)
+    _fixed: set[int] | None = field(default=None, repr=False)    # _fixed_roots, until the groups change
 
     # -- for the rules
     def attr(self, node, name: str, default=None):
@@ -207,6 +205,7 @@ class Analysis:
     # -- union-find
     def new_space(self, width: int, layer: str) -> int:
         space = len(self.parent)
+        self._fixed = None
         self.parent[space] = space
         self.space_width[space] = int(width)
         self.space_layer[space] = layer
@@ -226,7 +225,7 @@ class Analysis:
             raise UnsupportedGraphError(f"node '{node}' combines channel axes of widths "
                                         f"{self.space_width[ra]} and {self.space_width[rb]}")
         self.parent[max(ra, rb)] = min(ra, rb)
-        self._unions += 1
+        self._fixed = None
 
     def regrain(self, space: int, factor: int) -> None:
         """Make the unit of a group `factor` consecutive channels (an attention head of `factor` dims):
@@ -260,16 +259,23 @@ class Analysis:
                                                                             else [g.space]))
         self._rewrite(split)
 
-    def singles(self, x: str) -> tuple[Seg, ...] | None:
-        """Refine every group on x's channel axis into groups of one channel each (a permutation of the axis can
-        then follow any kept channels); None if a segment covers several indices per channel."""
+    def permute(self, x: str, y: str, nodes: list, order: tuple[int, ...]) -> bool:
+        """y is x with its channel axis permuted (output index k is input index order[k]). Every group on x's axis
+        is refined into one-channel groups, so that the permutation can follow any kept channels; y's layout is
+        those channels in that order, and a ChannelPermutation records `nodes`. False (nothing recorded) if a
+        segment covers several indices per channel."""
         axis, segs = self.chan[x]
         if any(s.inner != 1 for s in segs):
-            return None
+            return False
         for root in dict.fromkeys(self.find(s.space) for s in segs):
             if self.space_width[root] > 1:
                 self.refine(root, list(range(1, self.space_width[root])))
-        return self.chan[x][1]
+        singles = self.chan[x][1]
+        out_segs = tuple(singles[i] for i in order)
+        self.chan[y] = (axis, out_segs)
+        self.permutations.append(ChannelPermutation(tuple(self.index.index(n) for n in nodes), axis, singles,
+                                                    out_segs, tuple(order)))
+        return True
 
     def _rewrite(self, fn) -> None:
         for value, (axis, segs) in self.chan.items():
@@ -287,10 +293,12 @@ class Analysis:
         return self.space_width[self.find(space)]
 
     def freeze(self, segs, reason: str) -> None:
+        self._fixed = None
         for seg in segs:
             self.frozen.setdefault(seg.space, []).append(reason)
 
     def block(self, segs, reason: str) -> None:
+        self._fixed = None
         for seg in segs:
             self.blocked.setdefault(seg.space, []).append(reason)
 
@@ -298,14 +306,12 @@ class Analysis:
         return self.find(space) not in self._fixed_roots()
 
     def _fixed_roots(self) -> set[int]:
-        """The roots of the groups that keep their width (frozen or blocked), cached until the groups change."""
-        key = (len(self.parent), self._unions, sum(map(len, self.frozen.values())),
-               sum(map(len, self.blocked.values())))
-        if self._fixed is None or self._fixed[0] != key:
-            fixed = {self.find(s) for reasons in (self.frozen, self.blocked) for s, why in reasons.items()
-                     if why and s not in self.retired}
-            self._fixed = (key, fixed)
-        return self._fixed[1]
+        """The roots of the groups that keep their width (frozen or blocked); new spaces, unions, freeze and block
+        drop the cache (refine makes new spaces)."""
+        if self._fixed is None:
+            self._fixed = {self.find(s) for reasons in (self.frozen, self.blocked) for s, why in reasons.items()
+                           if why and s not in self.retired}
+        return self._fixed
 
     def axis_size(self, segs, widths) -> int:
         """Size of an axis laid out as `segs`, given a width per group root."""
@@ -382,8 +388,13 @@ def symbolic_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
     Reshape of a Concat of Shape pieces) where onnx's own inference gives up or invents new symbols."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        with contextlib.redirect_stdout(io.StringIO()):      # it prints its guesses ("Unable to determine ...")
+        log = logging.getLogger(SymbolicShapeInference.__module__)     # it logs its guesses ("Unable to
+        level = log.level                                               # determine if ...") as warnings
+        log.setLevel(logging.ERROR)
+        try:
             inferred = SymbolicShapeInference.infer_shapes(light_model(model), auto_merge=True)
+        finally:
+            log.setLevel(level)
     except Exception:
         return None
     if inferred is None:

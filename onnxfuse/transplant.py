@@ -10,7 +10,7 @@ import onnx
 
 from .errors import IncompatibleMembersError, UnsupportedGraphError
 from .groups import Analysis
-from .model_io import FLOAT_TYPES, Member, TensorTable
+from .model_io import FLOAT_TYPES, Member, TensorTable, drop_unread, fresh_name
 from .select import tensor_scale
 
 
@@ -168,14 +168,16 @@ def transplant(members: list[Member], load: MemberTensors, a: Analysis, kept: di
         keep = [v for v in model.graph.value_info if v.name not in resized]
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)
-    _drop_unread(model, {const.tensor for const in a.shape_consts if const.private})   # every use has a copy
+    drop_unread(model, {const.tensor for const in a.shape_consts if const.private},     # every use has a copy
+                tensors.arrays)
     return model, tensors
 
 
-def _permute_by_gather(model: onnx.ModelProto, tensors: TensorTable, a: Analysis, widths: dict[int, int]) -> set[str]:
+def _permute_by_gather(model: onnx.ModelProto, tensors: TensorTable, a: Analysis,
+                       widths: dict[int, int]) -> set[str]:
     """Each channel permutation becomes one Gather of the kept channels in their permuted order (the channel
     shuffle's Reshape/Transpose/Reshape only fits the members' widths). Returns the values that are gone."""
-    gone, drop = set(), []
+    gone, replaced, drop = set(), set(), []
     for perm in a.permutations:
         sizes = [widths[a.find(s.space)] * s.inner for s in perm.segs]
         starts = np.cumsum([0, *sizes])
@@ -184,34 +186,18 @@ def _permute_by_gather(model: onnx.ModelProto, tensors: TensorTable, a: Analysis
         if first.op_type == "Gather" and first.input[1] in tensors and a.index.uses(first.input[1]) == 1:
             tensors.set(first.input[1], order)        # a permutation onnxfuse wrote before: its own indices
             continue
-        name, taken = f"{last.output[0]}__onnxfuse_order", {t.name for t in model.graph.initializer}
-        while name in taken:
-            name += "_"
+        name = fresh_name(f"{last.output[0]}__onnxfuse_order", {t.name for t in model.graph.initializer})
         model.graph.initializer.append(onnx.numpy_helper.from_array(order, name))
         gather = onnx.helper.make_node("Gather", [first.input[0], name], [last.output[0]],
                                        name=first.name or last.output[0], axis=perm.axis)
         gone.update(o for i in perm.nodes[:-1] for o in model.graph.node[i].output)
+        replaced.update(x for i in perm.nodes for x in model.graph.node[i].input)
         drop.extend(perm.nodes[1:])
         first.CopyFrom(gather)
-    read = {x for i in drop for x in model.graph.node[i].input}
     for i in sorted(drop, reverse=True):
         del model.graph.node[i]
-    _drop_unread(model, read)
+    drop_unread(model, replaced, tensors.arrays)
     return gone
-
-
-def _drop_unread(model: onnx.ModelProto, names: set[str]) -> None:
-    """Initializers and Constant nodes among `names` that no node reads any more (the shuffle's shape targets)."""
-    read = {x for node in model.graph.node for x in node.input} | {o.name for o in model.graph.output}
-    unread = names - read
-    keep = [t for t in model.graph.initializer if t.name not in unread]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-    for i in reversed(range(len(model.graph.node))):
-        node = model.graph.node[i]
-        if node.op_type == "Constant" and node.output[0] in unread:
-            del model.graph.node[i]
 
 
 def private_shape_const(model: onnx.ModelProto, const, value: np.ndarray) -> None:

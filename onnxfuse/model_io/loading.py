@@ -137,7 +137,7 @@ def unshare_constants(model: onnx.ModelProto, tensors: "TensorTable") -> "Tensor
                 continue
             copy = graph.initializer.add()
             copy.CopyFrom(t)
-            copy.name = _fresh(f"{x}__{node.name or node.output[0]}", constants)
+            copy.name = fresh_name(f"{x}__{node.name or node.output[0]}", constants)
             constants[copy.name] = copy
             if x in tensors.arrays:
                 tensors.arrays[copy.name] = tensors.arrays[x]
@@ -176,9 +176,8 @@ def drop_identity_gathers(model: onnx.ModelProto, tensors: "TensorTable") -> Non
             pairs.append((flat, node, tuple(idx.shape)))
     if not pairs:
         return
-    from onnx import shape_inference
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in shape_inference.infer_shapes(light_model(model)).graph.value_info}
+              for v in onnx.shape_inference.infer_shapes(light_model(model)).graph.value_info}
     renamed, gone = {}, set()
     for flat, gather, shape in pairs:
         if shapes.get(flat.input[0]) != list(shape):
@@ -196,11 +195,25 @@ def drop_identity_gathers(model: onnx.ModelProto, tensors: "TensorTable") -> Non
                 node.input[i] = renamed[x]
     del graph.node[:]
     graph.node.extend(kept)
-    read = {x for n in kept for x in n.input}
-    dropped = {x for flat, gather, _ in pairs for x in (flat.input[1], gather.input[1]) if x not in read}
-    for i in reversed(range(len(graph.initializer))):
-        if graph.initializer[i].name in dropped:
-            del graph.initializer[i]
+    drop_unread(model, {x for flat, gather, _ in pairs for x in (flat.input[1], gather.input[1])}, tensors.arrays)
+
+
+def drop_unread(model: onnx.ModelProto, names: set[str], arrays: dict | None = None) -> None:
+    """The initializers and Constant nodes among `names` that no node (and no graph output) reads any more go,
+    and their arrays from `arrays`: what a rewrite left behind (shape targets, folded-away parameters)."""
+    graph = model.graph
+    unread = set(names) - {x for node in graph.node for x in node.input} - {o.name for o in graph.output}
+    if not unread:
+        return
+    keep = [t for t in graph.initializer if t.name not in unread]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    for i in reversed(range(len(graph.node))):
+        if graph.node[i].op_type == "Constant" and graph.node[i].output[0] in unread:
+            del graph.node[i]
+    for name in unread if arrays is not None else ():
+        arrays.pop(name, None)
 
 
 def einsum_as_matmul(model: onnx.ModelProto) -> None:
@@ -245,7 +258,7 @@ def _uniform(tensors: "TensorTable", name: str) -> bool:
     return value.size > 0 and bool(np.all(value == value.reshape(-1)[0]))
 
 
-def _fresh(name: str, taken) -> str:
+def fresh_name(name: str, taken) -> str:
     out, k = name, 1
     while out in taken:
         out, k = f"{name}_{k}", k + 1

@@ -179,7 +179,7 @@ def _rule_matmul_free(a, node):
     if not any(x in a.chan for x in node.input) and not (w in a.tensors and len(a.tensors.shape(w)) == 2):
         return
     if all(x in a.chan for x in node.input):      # GQA: query heads meet repeated kv heads
-        (ax1, s1), (ax2, s2) = a.chan[node.input[0]], a.chan[node.input[1]]
+        s1, s2 = a.chan[node.input[0]][1], a.chan[node.input[1]][1]
         if len(s1) == len(s2) == 1 and a.size(s1) == a.size(s2) and s1[0].inner != s2[0].inner:
             fine, coarse = sorted((s1[0], s2[0]), key=lambda g: g.inner)
             if coarse.inner % fine.inner == 0:

@@ -9,7 +9,7 @@ import numpy as np
 from onnx import helper
 
 from . import F, OpSpec, register, torch
-from ..groups import ChannelPermutation, EqualPart, Seg, ShapeConst
+from ..groups import EqualPart, Seg, ShapeConst
 from ..shape_functions import dim_value, shape_elements
 
 
@@ -151,15 +151,8 @@ def _channel_shuffle(a, node) -> bool:
     if list(a.attr(chain[1], "perm") or []) != swap or a.shapes.get(value) is None or \
             not _same_dims(a.shapes[value], dims_in):
         return False
-    singles = a.singles(x)
-    if singles is None:
-        return False
     g, k = dims_out[axis], dims_out[axis + 1]
-    order = tuple(j * k + i for i in range(k) for j in range(g))
-    out_segs = tuple(singles[o] for o in order)
-    a.chan[value] = (axis, out_segs)
-    a.permutations.append(ChannelPermutation(tuple(a.index.index(n) for n in chain), axis, singles, out_segs, order))
-    return True
+    return a.permute(x, value, chain, tuple(j * k + i for i in range(k) for j in range(g)))
 
 
 def _traced_target(a, node, dims_in):

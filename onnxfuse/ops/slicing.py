@@ -6,7 +6,7 @@ import numpy as np
 from onnx import helper
 
 from . import F, OpSpec, register, torch
-from ..groups import AttrConst, ChannelPermutation, DerivedBound, EqualPart, Seg, ShapeConst, Touch
+from ..groups import AttrConst, DerivedBound, EqualPart, Seg, ShapeConst, Touch
 from ..model_io import FLOAT_TYPES
 from ..shape_functions import shape_elements, shape_function
 from .elementwise import binary_rule
@@ -97,14 +97,7 @@ def _gather_permutes(a, node) -> bool:
     if order is None or order.ndim != 1 or not np.issubdtype(order.dtype, np.integer) or \
             sorted((order % size).tolist()) != list(range(size)):
         return False
-    singles = a.singles(x)
-    if singles is None:
-        return False
-    order = tuple(int(i) % size for i in order)
-    out_segs = tuple(singles[i] for i in order)
-    a.chan[node.output[0]] = (axis, out_segs)
-    a.permutations.append(ChannelPermutation((a.index.index(node),), axis, singles, out_segs, order))
-    return True
+    return a.permute(x, node.output[0], [node], tuple(int(i) % size for i in order))
 
 
 def _is_lookup(a, node) -> bool:
