@@ -38,3 +38,27 @@ def test_without_labels_the_weight_does_not_matter():
 def test_a_weight_outside_0_1_is_refused():
     with pytest.raises(TrainingError, match="between 0 and 1"):
         tuned(distill=True, distill_weight=1.5)
+
+
+def _tuned_with_teacher(teacher_class_offset, margin=60.0, **training):
+    """Fine-tune member 0 on the digits with a teacher whose logit for class (y + offset) % 10 is `margin` above
+    the others'."""
+    import onnx
+    from onnxfuse.data import load_data
+    from onnxfuse.training import TrainOptions, finetune
+    model = onnx.load(MLP[0])
+    data = load_data(TRAIN, model)
+    teacher = np.zeros((len(data), 10), np.float32)
+    teacher[np.arange(len(data)), (data.y + teacher_class_offset) % 10] = margin
+    options = TrainOptions(**{"epochs": 1, "lr": 0.05, "holdout": 0, **training})
+    return finetune(model, data, options, teacher_logits=teacher).model
+
+
+def test_members_teach_a_sample_as_far_as_they_get_it_right():
+    """Per sample, the distillation term is weighted by the teacher's probability of the true label: a teacher
+    that is wrong everywhere leaves plain label training; one that is right (and soft) everywhere teaches."""
+    labels = _tuned_with_teacher(1)
+    wrong = _tuned_with_teacher(1, distill=True)
+    right = _tuned_with_teacher(0, margin=2.0, distill=True)
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(weights(labels), weights(wrong)))
+    assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(weights(labels), weights(right)))
