@@ -187,7 +187,11 @@ def main():
     ap.add_argument("--mnist1d", default=None)
     ap.add_argument("--only", default=None, help="comma-separated dataset names")
     ap.add_argument("--cache", default=None, help="folder that keeps the trained members for reruns")
+    ap.add_argument("--member-seeds", default="0,1,2", help="training seeds of each set's 3 members (other seeds: "
+                                                             "member sets not used to tune the recipe)")
+    ap.add_argument("--name", default="recipe", help="results file name (default recipe: recipe.md, recipe.json)")
     args = ap.parse_args()
+    member_seeds = [int(v) for v in args.member_seeds.split(",")]
     import torch
     torch.set_num_threads(1)
     names = ["digits"] if args.quick else args.only.split(",") if args.only else ["digits", "mnist1d"]
@@ -209,7 +213,7 @@ def main():
         key = (dataset, family, recipe)
         if key not in cache:
             cache[key] = [member(args.cache, dataset, family, recipe, s, data[dataset], member_epochs[dataset])
-                          for s in range(3)]
+                          for s in member_seeds]
         row = run_set(cache[key][:n], data[dataset], family, grid)
         row.update(dataset=dataset, family=family, recipe=recipe, n=n)
         results.append(row)
@@ -270,7 +274,8 @@ def report(results, args, seconds, st):
     below_by_seed = [sum(v[i] < max(r["members"]) for v, r in zip(seeds, results)) for i in range(len(SEEDS))]
     below_mean = sum(statistics.mean(v) < max(r["members"]) for v, r in zip(seeds, results))
     same = sum(r[k]["same_as_fixed"] for r in results for k in ("default E=3", "default E=8", "distill E=8"))
-    header = (f"1 thread, {seconds / 60:.1f} min{', --quick' if args.quick else ''}")
+    header = (f"1 thread, {seconds / 60:.1f} min{', --quick' if args.quick else ''}; members trained with seeds "
+              f"{args.member_seeds}")
     md = ["# Fine-tuning recipe: lr auto + best epoch vs fixed rates\n", f"{header}\n",
           "Produced by `benchmarks/recipe.py` (see its docstring for the member sets). Test-set accuracy "
           "(onnxruntime); fine-tuning sees only the training data (10% held out by default: the lr probes and "
@@ -311,7 +316,7 @@ def report(results, args, seconds, st):
                       "SGD 0.05 E=8 (old default)", "regret pp", "best member fine-tuned alone E=8 (lr)"], rows,
                      "l" * 13), ""]
     print("\n".join(md))
-    write_results(args.out, "recipe", "\n".join(md), {"targets": targets, "sets": results}, st)
+    write_results(args.out, args.name, "\n".join(md), {"targets": targets, "sets": results}, st)
 
 
 if __name__ == "__main__":
