@@ -29,7 +29,8 @@ Targets (issue 16), evaluated in the report:
   4. the automatic choice costs at most 30% of the fine-tuning time it serves: probe CPU seconds / run CPU
      seconds of one call (runs under TIMING_FLOOR are repeated up to 5 times and the median counts: tiny runs
      are noise on a shared machine); the same run at the chosen rate given with --lr is timed too.
-Also: the default at E = 8 with fine-tuning seeds 1 and 2 (other batch orders), for the spread between seeds.
+Also: the default and distillation at E = 8 with fine-tuning seeds 1 and 2 (other batch orders); the distillation
+target compares the means of the three seeds (seed 0 alone is reported too).
 
     python benchmarks/recipe.py --mnist1d /tmp/mnist1d.npz            # every set
     python benchmarks/recipe.py --quick --out /tmp/q                  # smoke run (see --help)
@@ -157,6 +158,7 @@ def run_set(members, data, family, grid):
     out["distill E=8"] = tuned(epochs=8, distill=True)
     for seed in SEEDS[1:]:                 # the same defaults with other batch orders (fine-tuning seeds)
         out[f"default E=8 seed {seed}"] = tuned(epochs=8, seed=seed)
+        out[f"distill E=8 seed {seed}"] = tuned(epochs=8, distill=True, seed=seed)
     for key, extra in (("default E=3", {}), ("default E=8", {}), ("distill E=8", {"distill": True})):
         # the same run at the rate lr auto chose: what the automatic choice adds is the difference. Runs of
         # less than TIMING_FLOOR seconds are repeated (both) and the fastest repetition of each is taken
@@ -230,8 +232,13 @@ def summary_line(r) -> str:
             f"{r['control E=8']['test']:.4f}")
 
 
+def seed_runs(r, kind: str) -> list[float]:
+    """Test accuracies of the E = 8 run of `kind` (default or distill) for every fine-tuning seed."""
+    return [r[f"{kind} E=8 seed {s}" if s else f"{kind} E=8"]["test"] for s in SEEDS]
+
+
 def report(results, args, seconds, st):
-    rows, regrets, below, distill_gaps, costs, added = [], [], [], [], [], []
+    rows, regrets, below, distill_gaps, distill_mean_gaps, costs, added = [], [], [], [], [], [], []
     for r in results:
         best_member = max(r["members"])
         d8, d3 = r["default E=8"], r["default E=3"]
@@ -240,6 +247,8 @@ def report(results, args, seconds, st):
         regrets.append(regret)
         below.append(d8["test"] < best_member)
         distill_gaps.append(100 * (d8["test"] - r["distill E=8"]["test"]))
+        distill_mean_gaps.append(100 * (statistics.mean(seed_runs(r, "default")) -
+                                        statistics.mean(seed_runs(r, "distill"))))
         costs += [v["probe_share"] for v in (d3, d8, r["distill E=8"])]
         added += [(v["auto_seconds"] - v["fixed_run_seconds"]) / v["fixed_run_seconds"]
                   for v in (d3, d8, r["distill E=8"])]
@@ -265,12 +274,15 @@ def report(results, args, seconds, st):
          f"{sum(below)} of {len(below)} sets below"),
         ("mean regret vs best fixed rate <= 0.5 pp", mean_regret <= 0.5, f"{mean_regret:.2f} pp"),
         ("worst regret <= 1.5 pp", worst_regret <= 1.5, f"{worst_regret:.2f} pp"),
-        ("distillation within 1 pp of cross-entropy (every set)", max(abs(g) for g in distill_gaps) <= 1.0,
-         f"mean {statistics.mean(distill_gaps):+.2f} pp, worst {max(distill_gaps, key=abs):+.2f} pp (CE - distill)"),
+        ("distillation within 1 pp of cross-entropy (every set; means of 3 seeds)",
+         max(abs(g) for g in distill_mean_gaps) <= 1.0,
+         f"mean {statistics.mean(distill_mean_gaps):+.2f} pp, worst {max(distill_mean_gaps, key=abs):+.2f} pp "
+         f"(CE - distill); seed 0 alone: mean {statistics.mean(distill_gaps):+.2f}, worst "
+         f"{max(distill_gaps, key=abs):+.2f}"),
         ("auto choice <= 30% of the fine-tuning time it serves", max(costs) <= 0.30,
          f"mean {statistics.mean(costs):.0%}, worst {max(costs):.0%} (probe s / run s)"),
     ]
-    seeds = [[r[f"default E=8 seed {s}" if s else "default E=8"]["test"] for s in SEEDS] for r in results]
+    seeds = [seed_runs(r, "default") for r in results]
     below_by_seed = [sum(v[i] < max(r["members"]) for v, r in zip(seeds, results)) for i in range(len(SEEDS))]
     below_mean = sum(statistics.mean(v) < max(r["members"]) for v, r in zip(seeds, results))
     same = sum(r[k]["same_as_fixed"] for r in results for k in ("default E=3", "default E=8", "distill E=8"))
@@ -298,6 +310,10 @@ def report(results, args, seconds, st):
            f"the fixed rate, fastest repetitions, is mean {statistics.mean(added):.0%}, worst {max(added):.0%}: a "
            f"difference of two timings, noisier on a shared machine. The run after the probes reproduced the "
            f"fixed-rate run's test accuracy in {same} of {3 * len(results)} cases.",
+           f"- Sets whose ensemble (the wide model NT starts from) is not above the best member: "
+           f"{sum(r['ensemble'] <= max(r['members']) for r in results)}; the default at E = 8 is below the best "
+           f"member in {sum(r['ensemble'] <= max(r['members']) and r['default E=8']['test'] < max(r['members']) for r in results)} "
+           f"of them.",
            f"- Default at E = 3 below the best member: {e3_below} of {len(results)} sets.",
            f"- The previous default rate, SGD 0.05 (here with the held-out slice and the best epoch kept), at E = 8: "
            f"below the best member in {old_below} sets, mean regret {statistics.mean(old_regret):.2f} pp, worst "
