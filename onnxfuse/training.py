@@ -66,7 +66,8 @@ class TrainOptions:
     temperature: float = option(1.0, "Distillation temperature.", min=0, min_open=True, needs_data=True)
     distill_weight: float = option(0.5, "With --distill and labels, per sample: loss = w * p * distillation + "
                                         "(1 - w * p) * labels, p the members' probability of the true label "
-                                        "(1: the members alone).", min=0, max=1, needs_data=True)
+                                        "where it exceeds the student's, else 0 (1: the members alone).",
+                                   min=0, max=1, needs_data=True)
     train_only: str = option("all", "bias-norm: train only biases and normalization parameters (PERP).",
                              choices=("all", "bias-norm"))
     seed: int = option(0, "Shuffling and dropout seed.", min=0, max=2 ** 63 - 1)
@@ -377,9 +378,10 @@ class _Loop:
     def mixed_loss(self, out, teacher, y):
         """Distillation with labels. Regression: w * MSE to the teacher + (1 - w) * MSE to the targets. Classes:
         per sample, w * p * distillation + (1 - w * p) * cross-entropy, where p is the teacher's probability of
-        the true class: the members teach a sample as far as they get it right, and the labels the rest. A plain
-        mix lets weak members (an ensemble far below what the labels teach) pull the student down (10 pp in
-        benchmarks/results/recipe.md)."""
+        the true class where it exceeds the student's, else 0: the members teach a sample as far as they get it
+        right and only where they know it better than the student; the labels teach the rest. A plain mix let
+        weak members (an ensemble far below what the labels teach) pull the student down by up to 10 pp
+        (benchmarks/results/recipe.md at 955c5ed)."""
         import torch.nn.functional as F
         w = self.options.distill_weight
         if self.regression:
@@ -387,7 +389,8 @@ class _Loop:
         T = self.options.temperature
         kl = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(teacher / T, 1), reduction="none",
                       log_target=True).sum(1) * T * T
-        trust = w * F.softmax(teacher, 1).gather(1, y[:, None])[:, 0]
+        known = F.softmax(teacher, 1).gather(1, y[:, None])[:, 0]
+        trust = w * known * (known > F.softmax(out.detach(), 1).gather(1, y[:, None])[:, 0])
         return (trust * kl + (1 - trust) * F.cross_entropy(out, y, reduction="none")).mean()
 
     def distill_loss(self, out, teacher):

@@ -55,10 +55,28 @@ def _tuned_with_teacher(teacher_class_offset, margin=60.0, **training):
 
 
 def test_members_teach_a_sample_as_far_as_they_get_it_right():
-    """Per sample, the distillation term is weighted by the teacher's probability of the true label: a teacher
-    that is wrong everywhere leaves plain label training; one that is right (and soft) everywhere teaches."""
+    """Per sample, the distillation term is weighted by the teacher's probability of the true label where it
+    exceeds the student's: a teacher that is wrong everywhere leaves plain label training, as does one that is
+    right but less sure than the student everywhere; one that is surer than the student teaches."""
     labels = _tuned_with_teacher(1)
     wrong = _tuned_with_teacher(1, distill=True)
-    right = _tuned_with_teacher(0, margin=2.0, distill=True)
+    right = _tuned_with_teacher(0, margin=6.0, distill=True)       # p(label) = 0.98: above most students'
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(weights(labels), weights(wrong)))
     assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(weights(labels), weights(right)))
+
+
+def test_members_less_sure_than_the_student_do_not_teach():
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from onnxfuse.training import TrainOptions, _Loop
+    loop = types.SimpleNamespace(options=TrainOptions(distill=True), regression=False)
+    loop.distill_loss = types.MethodType(_Loop.distill_loss, loop)
+    y = torch.tensor([0, 1])
+    student = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])            # p(label) = 0.91
+    unsure = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])             # p(label) = 0.58
+    surer = torch.tensor([[6.0, 0.0, 1.0], [0.0, 6.0, 1.0]])              # p(label) = 0.99, another shape
+    ce = F.cross_entropy(student, y)
+    assert torch.allclose(_Loop.mixed_loss(loop, student, unsure, y), ce)
+    assert not torch.allclose(_Loop.mixed_loss(loop, student, surer, y), ce)
