@@ -321,7 +321,8 @@ def report(results, args, seconds, st):
            f"- Probe steps / fine-tuning steps: mean {statistics.mean(step_costs):.0%}, worst {max(step_costs):.0%}.",
            f"- Distillation minus the ensemble (its teacher): mean {statistics.mean(distill_vs_ensemble):+.2f} pp, "
            f"worst {min(distill_vs_ensemble):+.2f} pp (labels mixed in at --distill-weight 0.5, each sample's "
-           f"distillation weighted by the members' probability of its label; temperature 1).",
+           f"distillation weighted by the members' probability of its label where it exceeds the student's; "
+           f"temperature 1).",
            *[f"- `--calibrate` (reconstruction on the training inputs) before the default fine-tuning, E = {e}: "
              f"{statistics.mean(d):+.2f} pp on average against the default without it (better in "
              f"{sum(v > 0 for v in d)}, worse in {sum(v < 0 for v in d)} of {len(d)} sets; range {min(d):+.2f} to "
