@@ -19,10 +19,17 @@ def command(out, *extra):
             "--batch-size", "8", "--quiet", *extra]
 
 
+def _as_from_a_terminal():
+    """Ctrl-C reaches a process run from a terminal; a job started in the background by a non-interactive shell
+    (as CI may start this suite) inherits SIGINT ignored, and Python then keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_interrupted_finetuning_writes_nothing_and_resumes_to_the_same_model(tmp_path, sig):
     out, checkpoints = tmp_path / "fused.onnx", tmp_path / "checkpoints"
-    proc = subprocess.Popen(command(out, "--checkpoint-dir", str(checkpoints)), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(out, "--checkpoint-dir", str(checkpoints)), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     deadline = time.time() + 120
     while not (checkpoints / "onnxfuse-finetune.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
