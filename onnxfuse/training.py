@@ -386,21 +386,27 @@ class _Loop:
         w = self.options.distill_weight
         if self.regression:
             return w * self.distill_loss(out, teacher) + (1 - w) * self.label_loss(out, y)
-        T = self.options.temperature
-        kl = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(teacher / T, 1), reduction="none",
-                      log_target=True).sum(1) * T * T
-        known = F.softmax(teacher, 1).gather(1, y[:, None])[:, 0]
-        trust = w * known * (known > F.softmax(out.detach(), 1).gather(1, y[:, None])[:, 0])
-        return (trust * kl + (1 - trust) * F.cross_entropy(out, y, reduction="none")).mean()
+        known = _label_probability(teacher, y)
+        trust = w * known * (known > _label_probability(out.detach(), y))
+        return (trust * self.distill_loss(out, teacher, per_sample=True) +
+                (1 - trust) * F.cross_entropy(out, y, reduction="none")).mean()
 
-    def distill_loss(self, out, teacher):
-        """KL(softmax(t/T) || softmax(s/T)) * T^2 for classes; MSE to the teacher's mean output for regression."""
+    def distill_loss(self, out, teacher, per_sample: bool = False):
+        """KL(softmax(t/T) || softmax(s/T)) * T^2 for classes (the batch mean, or one per sample); MSE to the
+        teacher's mean output for regression."""
         import torch.nn.functional as F
         if self.regression:
             return F.mse_loss(out, teacher)
         T = self.options.temperature
-        return F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean",
-                        log_target=True) * T * T
+        kl = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(teacher / T, 1),
+                      reduction="none" if per_sample else "batchmean", log_target=True)
+        return (kl.sum(1) if per_sample else kl) * T * T
+
+
+def _label_probability(logits, y):
+    """softmax(logits)[i, y[i]] for every sample i."""
+    import torch.nn.functional as F
+    return F.softmax(logits, 1).gather(1, y[:, None])[:, 0]
 
 
 def _looks_like_classes(module, xs) -> bool:
