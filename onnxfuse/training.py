@@ -33,6 +33,7 @@ from .options import option
 # SGD 0.001 was dropped: chosen in none of 168 runs (benchmarks/results/recipe.md at 955c5ed); the probes of
 # the other rates are longer for it
 CANDIDATES = {"sgd": (0.1, 0.03, 0.01, 0.003), "adam": (3e-3, 1e-3, 3e-4, 1e-4)}
+REFERENCE_BATCH = 64       # CANDIDATES were measured at this batch size; smaller batches scale them (candidate_rates)
 PROBE_BUDGET = 0.15        # probes' steps as a fraction of the fine-tuning steps they serve (each probe also
                            # scores the held-out slice: in time they cost about a fifth)
 PROBE_SCHEDULE = "hold-decay"
@@ -428,8 +429,19 @@ def _probe_loss(row: dict, distill: bool):
     return row.get("distill_loss") if distill else row.get("loss")
 
 
+def candidate_rates(optimizer: str, batch_size: int) -> tuple[float, ...]:
+    """CANDIDATES[optimizer]; for SGD below REFERENCE_BATCH times sqrt(batch_size / REFERENCE_BATCH) (the
+    square-root scaling rule: a smaller batch takes noisier steps at the same rate). Measured on 8 member sets
+    (benchmarks/results/recipe_batch.md): at batch 8 the unscaled SGD grid let the probes choose 0.1, which
+    collapsed later in the run (a probe is too short to show it: 30 pp lost on MNIST-1D, 29% accuracy on the
+    sample CNNs); linear scaling lost more than square-root; scaling up above 64 chose rates that collapsed (up
+    to 61 pp lost at batch 256); Adam's grid did best unscaled at batch 8."""
+    scale = math.sqrt(batch_size / REFERENCE_BATCH) if optimizer == "sgd" and batch_size < REFERENCE_BATCH else 1.0
+    return tuple(float(f"{lr * scale:.3g}") for lr in CANDIDATES[optimizer])
+
+
 def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
-    """Probe every rate of CANDIDATES: train `length` steps from the starting weights (PROBE_SCHEDULE: the rate
+    """Probe every rate of candidate_rates: train `length` steps from the starting weights (PROBE_SCHEDULE: the rate
     held for half the probe, so that a rate that kills the network early shows, then decaying linearly to 0
     so that transient damage can settle; PROBE_BUDGET * `total` steps in all) and take the loss on the
     held-out slice. The choice is the largest rate whose probe loss is at most (1 + TOLERANCE) x the best's: a
@@ -437,7 +449,8 @@ def choose_lr(loop: _Loop, holdout: Dataset, total: int) -> tuple[float, dict]:
     recovers later in the run), so it is trusted to rule out rates that do lasting damage or diverge, not to
     rank the others. Deterministic, and the same on every data-parallel rank."""
     import torch
-    candidates = CANDIDATES[loop.options.optimizer]
+    # the batch of one step: under torchrun every rank's gradients are averaged
+    candidates = candidate_rates(loop.options.optimizer, loop.options.batch_size * loop.world)
     length = max(1, int(PROBE_BUDGET * total / len(candidates)))
     start = {k: v.detach().clone() for k, v in loop.module.state_dict().items()}
     probes = []
