@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 from _common import cli, md_table, stamp, write_results
 import recipe as R
@@ -55,7 +56,12 @@ def rules_of(optimizer):
 def main():
     ap = cli(__doc__, "digits MLP adam, SGD at batch 8, E = 1, two fixed rates")
     ap.add_argument("--cache", default=None, help="folder that keeps the trained members for reruns")
+    ap.add_argument("--from-json", default=None, help="write the report again from an earlier run's .json")
     args = ap.parse_args()
+    if args.from_json:
+        import json
+        earlier = json.loads(Path(args.from_json).read_text())
+        return report(earlier["rows"], args, earlier.get("seconds", 0), earlier["stamp"])
     import torch
     torch.set_num_threads(1)
     sets, cases = (SETS[:1], CASES[:1]) if args.quick else (SETS, CASES)
@@ -94,7 +100,7 @@ def main():
 
 def report(rows, args, seconds, st):
     md = ["# lr auto at other batch sizes: the candidate grid\n",
-          f"1 thread, {seconds / 60:.1f} min{', --quick' if args.quick else ''}\n",
+          f"1 thread, {seconds / 60:.1f} min{', --quick' if args.quick else ''}\n" if seconds else "1 thread\n",
           "Produced by `benchmarks/recipe_batch.py` (see its docstring). Regret: the best fixed rate's test accuracy "
           "minus lr auto's, pp (negative: lr auto above every fixed rate). Below: runs under the best member.\n",
           "## Summary\n"]
@@ -106,7 +112,7 @@ def report(rows, args, seconds, st):
             summary.append([optimizer, batch, name, f"{statistics.mean(regret):.2f}", f"{max(regret):.2f}",
                             sum(r[name]["test"] < r["best_member"] for r in case), len(case)])
     md += md_table(["optimizer", "batch", "grid", "mean regret pp", "worst regret pp", "below best member", "sets"],
-                   summary, "llllrrr")
+                   summary, "lllrrrr")
     md += ["", "## Per set\n"]
     per = []
     for r in rows:
@@ -115,8 +121,8 @@ def report(rows, args, seconds, st):
                     *[f"{r[n]['test']:.4f} ({r[n]['lr']:g})" if n in r else "-"
                       for n in ("shipped", "unscaled", "sqrt", "linear")]])
     md += md_table(["set", "optimizer", "batch", "best member", "best fixed rate", "shipped", "unscaled", "sqrt",
-                    "linear"], per, "llll")
-    write_results(args.out, "recipe_batch", "\n".join(md) + "\n", {"rows": rows}, st)
+                    "linear"], per, "lll" + "r" * 6)
+    write_results(args.out, "recipe_batch", "\n".join(md) + "\n", {"seconds": seconds, "rows": rows}, st)
 
 
 if __name__ == "__main__":
