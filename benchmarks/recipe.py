@@ -8,9 +8,12 @@ Member sets (seeds 0, 1, 2 per set; members 0..N-1 fused):
   with seed 7). MNIST-1D comes from `--mnist1d FILE.npz` (x, y, x_test, y_test) or the `mnist1d` package;
 - families: MLP (digits 64-64-64-10, MNIST-1D 40-100-100-10, ReLU) and CNN (digits Conv2d 1-16-32 3x3 +
   Linear; MNIST-1D Conv1d 1-32-32 + Linear 320-64-10), torch, legacy exporter;
+- a transformer family on digits: transformers' BertForSequenceClassification (2 layers, hidden 64, 4 heads,
+  10 labels) reading the 64 pixels of a digit as tokens (intensity 0..16), exported by torch.onnx's new
+  exporter (dynamo=True) with inputs input_ids and attention_mask;
 - member recipes: "adam" (lr 1e-3), "sgd-high" (SGD momentum 0.9, lr 0.1), "sgd-low" (SGD momentum 0.9,
-  lr 0.003), each constant lr, batch 64, MEMBER_EPOCHS; "sklearn" (MLPClassifier (W, W), adam, through
-  skl2onnx: MLPs only).
+  lr 0.003), each constant lr, batch 64, 30 epochs; "sklearn" (MLPClassifier (W, W), adam, through
+  skl2onnx: MLPs only); BERT: "adam" and "adam-low" (3e-4), as SGD does not train it from scratch (FAMILIES).
 - N = 2 and 3.
 
 Per set, fine-tuning with `onnxfuse.fuse(members, "nt", data=(x, y) train arrays, training=...)` and no `val`
@@ -33,6 +36,7 @@ Also: the default and distillation at E = 8 with fine-tuning seeds 1 and 2 (othe
 target compares the means of the three seeds (seed 0 alone is reported too).
 
     python benchmarks/recipe.py --mnist1d /tmp/mnist1d.npz            # every set
+    python benchmarks/recipe.py --families bert --only digits         # the transformer sets alone
     python benchmarks/recipe.py --quick --out /tmp/q                  # smoke run (see --help)
 
 Writes benchmarks/results/recipe.md and .json (or --out DIR). One thread (torch and onnxruntime).
@@ -40,6 +44,7 @@ Writes benchmarks/results/recipe.md and .json (or --out DIR). One thread (torch 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -55,7 +60,12 @@ GRID = [("sgd", 0.1), ("sgd", 0.05), ("sgd", 0.03), ("sgd", 0.01), ("sgd", 0.003
         ("adam", 1e-3), ("adam", 3e-4)]
 TIMING_FLOOR = 1.0          # seconds: shorter runs are timed again (the fastest repetition counts)
 SEEDS = (0, 1, 2)           # fine-tuning seeds of the default and distillation E = 8 runs
-MEMBER_RECIPES = {"adam": ("adam", 1e-3), "sgd-high": ("sgd", 0.1), "sgd-low": ("sgd", 0.003)}
+# member recipes per family: SGD from scratch does not train the tiny BERT (chance accuracy after 30 epochs at
+# 0.1, 0.03, 0.01 and 0.003), so its members differ by Adam's rate
+FAMILIES = {"mlp": ("adam", "sgd-high", "sgd-low", "sklearn"), "cnn": ("adam", "sgd-high", "sgd-low"),
+            "bert": ("adam", "adam-low")}
+MEMBER_RECIPES = {"adam": ("adam", 1e-3), "sgd-high": ("sgd", 0.1), "sgd-low": ("sgd", 0.003),
+                  "adam-low": ("adam", 3e-4)}
 
 
 def datasets(mnist1d_file, names):
@@ -74,6 +84,8 @@ def datasets(mnist1d_file, names):
 
 def net(dataset: str, family: str):
     import torch.nn as nn
+    if family == "bert":
+        return TokenClassifier.build()
     if family == "mlp":
         d, w = (64, 64) if dataset == "digits" else (40, 100)
         return mlp(d, w, w, 10)
@@ -85,6 +97,64 @@ def net(dataset: str, family: str):
 
 def shape_of(data, family):
     return (-1, *data["image"]) if family == "cnn" else (-1, data["train"][0].shape[1])
+
+
+def feeds(data, family, x) -> dict:
+    """The graph inputs for the samples x of a dataset (x as datasets() gives them: rows of floats in [0, 1]
+    for digits). "bert" reads every pixel of a digit as a token (its intensity 0..16, + 2), as a text model
+    reads a sentence, with an attention mask of ones."""
+    if family == "bert":
+        ids = (np.rint(x * 16) + 2).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return {"x": x.reshape(shape_of(data, family)) if family == "cnn" else x}
+
+
+def transformers_package():
+    """The transformers package: benchmarks/transformers.py, beside this file, has its name."""
+    here = Path(__file__).resolve().parent
+    saved = sys.path[:]
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != here]
+    try:
+        import transformers
+    finally:
+        sys.path = saved
+    return transformers
+
+
+class TokenClassifier:
+    """transformers' BertForSequenceClassification (tiny config, 10 labels) returning its logits."""
+
+    @staticmethod
+    def build():
+        import torch
+        hf = transformers_package()
+        config = hf.BertConfig(vocab_size=20, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=64, num_labels=10)
+
+        class Logits(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bert = hf.BertForSequenceClassification(config)
+
+            def forward(self, input_ids, attention_mask=None):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
+        return Logits()
+
+    @staticmethod
+    def export(model, example: dict):
+        """The new exporter (torch.onnx dynamo=True), batch and sequence dynamic, as one ModelProto."""
+        import tempfile
+        import onnx
+        import torch
+        args = tuple(torch.from_numpy(example[k]) for k in ("input_ids", "attention_mask"))
+        batch, seq = torch.export.Dim("batch", min=2), torch.export.Dim("seq", min=4)
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model.eval(), args, dynamo=True, input_names=["input_ids", "attention_mask"],
+                                        output_names=["logits"], verbose=False,
+                                        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+            program.save(f"{tmp}/m.onnx")
+            return onnx.load(f"{tmp}/m.onnx")
 
 
 def train_member(dataset, family, recipe, seed, data, epochs):
@@ -103,6 +173,10 @@ def train_member(dataset, family, recipe, seed, data, epochs):
     import torch
     torch.manual_seed(seed)
     opt_name, lr = MEMBER_RECIPES[recipe]
+    if family == "bert":
+        ids = feeds(data, family, x)["input_ids"]
+        model = fit(net(dataset, family), ids, y, epochs, lr, 64, momentum=None if opt_name == "adam" else 0.9)
+        return TokenClassifier.export(model, feeds(data, family, x[:2]))
     xs = x.reshape(shape_of(data, family))
     model = fit(net(dataset, family), xs, y, epochs, lr, 64, momentum=None if opt_name == "adam" else 0.9)
     buf = io.BytesIO()
@@ -123,8 +197,8 @@ def member(cache, dataset, family, recipe, seed, data, epochs):
     return model
 
 
-def accuracy(model, x, y) -> float:
-    return onnxfuse.evaluate([model], {"x": x, "y": y})[0]["accuracy"]
+def accuracy(model, inputs: dict, y) -> float:
+    return onnxfuse.evaluate([model], {**inputs, "y": y})[0]["accuracy"]
 
 
 def warm_up():
@@ -135,12 +209,12 @@ def warm_up():
 
 def run_set(members, data, family, grid):
     x, y = data["train"]
-    x = x.reshape(shape_of(data, family)) if family == "cnn" else x
+    x = feeds(data, family, x)
     xte, yte = data["test"]
-    xte = xte.reshape(shape_of(data, family)) if family == "cnn" else xte
-    train = {"x": x, "y": y}
+    xte = feeds(data, family, xte)
+    train = {**x, "y": y}
     out = {"members": [accuracy(m, xte, yte) for m in members]}
-    ens = onnxfuse.evaluate(members, {"x": xte, "y": yte}, ensemble=True)[-1]["accuracy"]
+    ens = onnxfuse.evaluate(members, {**xte, "y": yte}, ensemble=True)[-1]["accuracy"]
     out["ensemble"] = ens
 
     def tuned(calibrate=None, **training):
@@ -173,7 +247,7 @@ def run_set(members, data, family, grid):
         out[key]["same_as_fixed"] = fixed[0]["test"] == out[key]["test"]  # the run after the probes is that run
     for e in (3, 8):                       # reconstruction first, on the training inputs
         try:
-            out[f"calibrate E={e}"] = tuned(epochs=e, calibrate={"x": x})
+            out[f"calibrate E={e}"] = tuned(epochs=e, calibrate=x)
         except onnxfuse.OnnxFuseError as exc:
             out[f"calibrate E={e}"] = {"test": None, "error": str(exc)}
     out["grid E=8"] = {f"{opt} {lr:g}": tuned(epochs=8, optimizer=opt, lr=lr) for opt, lr in grid}
@@ -188,6 +262,7 @@ def main():
     ap.add_argument("--mnist1d", default=None)
     ap.add_argument("--only", default=None, help="comma-separated dataset names")
     ap.add_argument("--cache", default=None, help="folder that keeps the trained members for reruns")
+    ap.add_argument("--families", default=None, help="comma-separated, of " + ", ".join(FAMILIES))
     ap.add_argument("--member-seeds", default="0,1,2", help="training seeds of each set's 3 members (other seeds: "
                                                              "member sets not used to tune the recipe)")
     ap.add_argument("--name", default="recipe", help="results file name (default recipe: recipe.md, recipe.json)")
@@ -199,14 +274,11 @@ def main():
     data = datasets(args.mnist1d, names)
     member_epochs = {"digits": 2 if args.quick else 30, "mnist1d": 30}
     grid = [("sgd", 0.05), ("adam", 1e-3)] if args.quick else GRID
-    sets = []
-    for dataset in names:
-        for family in ("mlp",) if args.quick else ("mlp", "cnn"):
-            for recipe in ("adam", "sklearn") if args.quick else ("adam", "sgd-high", "sgd-low", "sklearn"):
-                if recipe == "sklearn" and family == "cnn":
-                    continue
-                for n in (2,) if args.quick else (2, 3):
-                    sets.append((dataset, family, recipe, n))
+    families = {"mlp": ("adam", "sklearn")} if args.quick else FAMILIES
+    if args.families:
+        families = {f: families[f] for f in args.families.split(",")}
+    sets = [(dataset, family, recipe, n) for dataset in names for family, recipes in families.items()
+            if family != "bert" or dataset == "digits" for recipe in recipes for n in ((2,) if args.quick else (2, 3))]
     results, cache = [], {}
     st, start = stamp(), time.perf_counter()        # the code that produced the numbers (stamped at the start)
     warm_up()

@@ -66,6 +66,26 @@ def test_small_batches_do_not_collapse_the_sample_cnns():
     assert (run(fusion.model, val["x"]).argmax(1) == val["y"]).mean() > 0.93
 
 
+def test_optimizer_auto_is_sgd_without_attention_and_adam_with_it():
+    from onnx import TensorProto, helper
+    fusion = onnxfuse.fuse(MLP, "nt", data=TRAIN, training={"epochs": 1})
+    options = fusion.summary["training"]["options"]
+    assert options["optimizer"] == "sgd" and options["optimizer_choice"]["how"] == "auto"
+    given = onnxfuse.fuse(MLP, "nt", data=TRAIN, training={"epochs": 1, "optimizer": "adam"})
+    assert given.summary["training"]["options"]["optimizer_choice"] == {"how": "given (--optimizer)"}
+
+    def graph(second):       # x [B, T, 4] times a transposed weight (a layer) or times itself (attention)
+        w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+        nodes = [helper.make_node("Transpose", [second], ["t"], perm=[1, 0] if second == "w" else [0, 2, 1]),
+                 helper.make_node("MatMul", ["x", "t"], ["y"], name="scores")]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w]))
+    assert training.choose_optimizer(graph("w"))[0] == "sgd"
+    name, why = training.choose_optimizer(graph("x"))
+    assert name == "adam" and "'scores'" in why
+
+
 def test_auto_lr_never_looks_at_val(tmp_path):
     bad_val = tmp_path / "val.npz"
     v = np.load(VAL)

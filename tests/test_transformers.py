@@ -108,7 +108,9 @@ def test_token_data_and_finetuning(exports, tmp_path):
     data = tmp_path / "train.npz"
     np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids), y=y)
     result = onnxfuse.fuse(members, "nt", data=data, val=data, output=tmp_path / "tuned.onnx",
-                           training={"epochs": 4, "optimizer": "adam", "lr": 3e-3, "batch_size": 32})
+                           training={"epochs": 4, "batch_size": 32})      # optimizer and lr auto
+    options = result.summary["training"]["options"]
+    assert options["optimizer"] == "adam" and options["optimizer_choice"]["how"] == "auto", options
     acc = result.summary["accuracy"]
     assert acc["result after fine-tuning"]["loss"] < acc["result before fine-tuning"]["loss"]
     assert acc["result after fine-tuning"]["accuracy"] > acc["result before fine-tuning"]["accuracy"]
@@ -143,3 +145,10 @@ def test_int64_tokens_accepted_and_checked(tmp_path, exports):
     np.savez(tmp_path / "float.npz", input_ids=ids.astype(np.float32), attention_mask=np.ones_like(ids))
     with pytest.raises(InputError, match="expects int64"):
         load_data(tmp_path / "float.npz", model)
+
+
+@pytest.mark.parametrize("family,exporter", PAIRS)
+def test_optimizer_auto_finds_attention_in_every_exporters_graph(exports, family, exporter):
+    from onnxfuse.training import choose_optimizer
+    name, why = choose_optimizer(onnx.load(exports(family, exporter, (0,))[0]))
+    assert name == "adam" and "attention" in why
