@@ -72,14 +72,12 @@ def main():
     for dataset, family, recipe in sets:
         d = data[dataset]
         members = [R.member(args.cache, dataset, family, recipe, s, d, 2 if args.quick else 30) for s in (0, 1)]
-        x, y = d["train"]
-        xte, yte = d["test"]
-        if family == "cnn":
-            x, xte = x.reshape(R.shape_of(d, family)), xte.reshape(R.shape_of(d, family))
+        (x, y), (xte, yte) = d["train"], d["test"]
+        x, xte = R.feeds(d, family, x), R.feeds(d, family, xte)
         best_member = max(R.accuracy(m, xte, yte) for m in members)
         for optimizer, batch in cases:
             def run(**extra):
-                f = onnxfuse.fuse(members, "nt", data={"x": x, "y": y},
+                f = onnxfuse.fuse(members, "nt", data={**x, "y": y},
                                   training=dict(epochs=epochs, batch_size=batch, optimizer=optimizer, **extra))
                 return R.accuracy(f.model, xte, yte), f.summary["training"]["options"]["lr"]
             fixed = FIXED[optimizer][1:3] if args.quick else FIXED[optimizer]
