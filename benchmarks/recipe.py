@@ -173,12 +173,10 @@ def train_member(dataset, family, recipe, seed, data, epochs):
     import torch
     torch.manual_seed(seed)
     opt_name, lr = MEMBER_RECIPES[recipe]
-    if family == "bert":
-        ids = feeds(data, family, x)["input_ids"]
-        model = fit(net(dataset, family), ids, y, epochs, lr, 64, momentum=None if opt_name == "adam" else 0.9)
-        return TokenClassifier.export(model, feeds(data, family, x[:2]))
-    xs = x.reshape(shape_of(data, family))
+    xs = feeds(data, family, x)["input_ids"] if family == "bert" else x.reshape(shape_of(data, family))
     model = fit(net(dataset, family), xs, y, epochs, lr, 64, momentum=None if opt_name == "adam" else 0.9)
+    if family == "bert":
+        return TokenClassifier.export(model, feeds(data, family, x[:2]))
     buf = io.BytesIO()
     export(model, torch.from_numpy(xs[:1]), buf)
     return onnx.load_from_string(buf.getvalue())
