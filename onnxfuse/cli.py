@@ -592,7 +592,8 @@ def _finish(result: api.Fusion, quiet: bool, as_json: bool) -> None:
     if s.get("beats_best_member") is False:       # never silently worse, even with --quiet or --json
         v = s["versus_best_member"]
         click.echo(f"onnxfuse: warning: the fused model is below the best member {v['best_member']} on {v['on']} "
-                   f"({v['metric']} {v['result']:.4g} vs {v['best_member_score']:.4g})", err=True)
+                   f"({v['metric']} {v['result']:.4g} vs {v['best_member_score']:.4g})"
+                   + (f"; {v['caveat']}" if "caveat" in v else ""), err=True)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return

@@ -146,11 +146,23 @@ def test_below_the_best_member_warns_and_require_gain_exits_3(tmp_path):
     assert v["result"] < v["best_member_score"]
     warning = [line for line in warned.stderr.splitlines() if "warning" in line]
     assert len(warning) == 1 and "below the best member digits_mlp_0.onnx" in warning[0]
+    assert "caveat" not in v and "fair comparison" not in warning[0]      # --val: no model saw it
 
     refused = cli(*args, "-o", tmp_path / "b.onnx", "--require-gain")
     assert refused.returncode == 3 and not (tmp_path / "b.onnx").exists()
     assert json.loads(refused.stdout)["beats_best_member"] is False
     assert "--require-gain" in refused.stderr and "nothing was written" in refused.stderr
+
+
+def test_without_val_the_verdict_says_the_members_may_have_seen_its_samples(tmp_path):
+    weak = weak_member(tmp_path)
+    done = cli("merge", MLP[0], weak, "-o", tmp_path / "a.onnx", "--data", TRAIN, "--epochs", "1", "--lr", "1e-5",
+               "--json")
+    assert done.returncode == 0, done.stderr
+    v = json.loads(done.stdout)["versus_best_member"]
+    assert "held-out 0.1 of" in v["on"] and "--val" in v["caveat"]
+    warning = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and v["caveat"] in warning[0]
 
 
 def test_a_result_that_beats_the_best_member_passes_require_gain(tmp_path):
