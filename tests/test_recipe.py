@@ -32,7 +32,7 @@ def test_auto_lr_reports_its_choice_and_equals_the_run_at_that_rate():
     assert {p["lr"] for p in choice["probes"]} == set(training.CANDIDATES["sgd"])
     best = min(p["holdout_loss"] for p in choice["probes"])
     assert options["lr"] == max(p["lr"] for p in choice["probes"]
-                                if p["holdout_loss"] <= best * (1 + training.TOLERANCE))
+                                if p["holdout_loss"] <= best * (1 + training.TOLERANCE["sgd"]))
     fixed = onnxfuse.fuse(MLP, "nt", data=TRAIN, training={"epochs": 2, "lr": options["lr"]})
     assert fixed.summary["training"]["options"]["lr_choice"] == {"how": "given (--lr)"}
     assert auto.model.SerializeToString() == fixed.model.SerializeToString()
@@ -73,6 +73,11 @@ def test_optimizer_auto_is_sgd_without_attention_and_adam_with_it():
     assert options["optimizer"] == "sgd" and options["optimizer_choice"]["how"] == "auto"
     given = onnxfuse.fuse(MLP, "nt", data=TRAIN, training={"epochs": 1, "optimizer": "adam"})
     assert given.summary["training"]["options"]["optimizer_choice"] == {"how": "given (--optimizer)"}
+    adam = given.summary["training"]["options"]        # Adam's own probe tolerance, tighter than SGD's
+    best = min(p["holdout_loss"] for p in adam["lr_choice"]["probes"])
+    assert adam["lr"] == max(p["lr"] for p in adam["lr_choice"]["probes"]
+                             if p["holdout_loss"] <= best * (1 + training.TOLERANCE["adam"]))
+    assert f"{1 + training.TOLERANCE['adam']:g} x the best" in adam["lr_choice"]["why"]
 
     def graph(second):       # x [B, T, 4] times a transposed weight (a layer) or times itself (attention)
         w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
